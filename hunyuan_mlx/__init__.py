@@ -1,0 +1,20 @@
+"""hunyuan-mlx: Tencent's HunYuan MoE V1 (Hunyuan-A13B) on MLX."""
+
+from .config import HunYuanMoEV1Config
+from .loading import load, load_model
+from .model import (
+    HunYuanMoEV1ForCausalLM,
+    HunYuanMoEV1ForSequenceClassification,
+    HunYuanMoEV1Model,
+)
+
+__version__ = "0.1.0"
+
+__all__ = [
+    "HunYuanMoEV1Config",
+    "HunYuanMoEV1ForCausalLM",
+    "HunYuanMoEV1ForSequenceClassification",
+    "HunYuanMoEV1Model",
+    "load",
+    "load_model",
+]
