@@ -15,6 +15,7 @@ from tqdm import tqdm
 from .config import HunYuanMoEV1Config
 from .model import HunYuanMoEV1ForCausalLM
 from .quantize import apply_quantization
+from .tokenizer import TIKTOKEN_FILE, TOKENIZER_JSON_FILE, HunYuanTokenizer
 
 # What a model needs from a Hub repo: configs, weights and tokenizer files, nothing else.
 HUB_PATTERNS = ["*.json", "*.safetensors", "*.tiktoken", "*.jinja"]
