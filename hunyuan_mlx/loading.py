@@ -148,8 +148,11 @@ def load_model(
     return model
 
 
-def load(path_or_repo: str | Path, lazy: bool = False) -> tuple[HunYuanMoEV1ForCausalLM, Any]:
-    """The model and its tokenizer (None when the checkpoint has no tokenizer files)."""
+def load(
+    path_or_repo: str | Path, lazy: bool = False
+) -> tuple[HunYuanMoEV1ForCausalLM, HunYuanTokenizer | None]:
+    """The model and its tokenizer (None when the checkpoint has no vocabulary file)."""
     model_path = resolve_model_path(path_or_repo)
     model = load_model(model_path, lazy=lazy)
-    return model, None
+    has_vocab = any((model_path / f).is_file() for f in (TIKTOKEN_FILE, TOKENIZER_JSON_FILE))
+    return model, HunYuanTokenizer.from_pretrained(model_path) if has_vocab else None
