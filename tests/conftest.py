@@ -1,0 +1,63 @@
+"""Shared fixtures: tiny random HunYuan checkpoints written by transformers, and the real files."""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Any
+
+import pytest
+
+SHARED = Path(__file__).resolve().parents[1].parent / "shared" / "hunyuan-a13b"
+
+# Small enough for a 2-core CPU, large enough that routing and GQA are non-trivial.
+TINY_CONFIG: dict[str, Any] = dict(
+    vocab_size=96,
+    hidden_size=64,
+    intermediate_size=32,
+    num_hidden_layers=2,
+    num_attention_heads=4,
+    num_key_value_heads=2,
+    head_dim=16,
+    num_experts=8,
+    moe_topk=2,
+    max_position_embeddings=64,
+    # Larger than transformers' 0.02 so that logits and routing scores are far from uniform.
+    initializer_range=0.1,
+)
+
+
+def shared_dir() -> Path:
+    """The real Hunyuan-A13B reference files; skips the test when they are absent."""
+    if not SHARED.is_dir():
+        pytest.skip(f"real Hunyuan-A13B files not found at {SHARED}")
+    return SHARED
+
+
+def build_torch_model(seed: int = 0, model_class: str = "HunYuanMoEV1ForCausalLM", **overrides):
+    """A transformers HunYuan model with random weights, norms included, in float32 eval mode."""
+    import torch
+    import transformers
+
+    config = transformers.HunYuanMoEV1Config(**{**TINY_CONFIG, **overrides})
+    torch.manual_seed(seed)
+    model = getattr(transformers, model_class)(config).eval()
+    with torch.no_grad():
+        for name, param in model.named_parameters():
+            if "layernorm" in name or name.endswith("norm.weight"):
+                param.copy_(1 + 0.2 * torch.randn_like(param))
+    return model
+
+
+def save_checkpoint(model, path: Path, max_shard_size: str | None = None) -> Path:
+    """`save_pretrained` (per-expert tensor names, as the release) into `path`."""
+    kwargs = {"max_shard_size": max_shard_size} if max_shard_size else {}
+    model.save_pretrained(path, **kwargs)
+    return path
+
+
+@pytest.fixture(scope="session")
+def tiny_checkpoint(tmp_path_factory) -> tuple[Path, Any]:
+    """(directory, transformers model) for the default tiny config, untied, several shards."""
+    model = build_torch_model()
+    path = save_checkpoint(model, tmp_path_factory.mktemp("tiny"), max_shard_size="40KB")
+    return path, model
