@@ -49,3 +49,27 @@ def apply_quantization(
         return module_params(path, quantization) or False
 
     nn.quantize(model, class_predicate=predicate)
+
+
+# Recipe name -> bits of everything but the routed experts (None: the same as the experts).
+# Routed experts hold over 90% of the weights, so keeping attention, the shared expert and the
+# embedding (also the head when tied) at higher precision costs little size.
+QUANT_RECIPES: dict[str, int | None] = {"uniform": None, "mixed_6": 6, "mixed_8": 8}
+DEFAULT_QUANT_RECIPE = "uniform"
+
+
+def is_routed_expert(path: str) -> bool:
+    """The stacked routed experts of a MoE layer (not the shared MLP, not the router)."""
+    return ".mlp.experts." in path
+
+
+def recipe_params(recipe: str, path: str, params: dict[str, Any]) -> dict[str, Any]:
+    """The parameters `recipe` gives module `path`; `params` are those of the routed experts."""
+    if recipe not in QUANT_RECIPES:
+        raise ValueError(f"Unknown quant recipe {recipe!r}; choose from {', '.join(QUANT_RECIPES)}")
+    high_bits = QUANT_RECIPES[recipe]
+    if high_bits is None or is_routed_expert(path):
+        return params
+    if params.get("mode", "affine") != "affine":
+        raise ValueError(f"Quant recipe {recipe!r} supports only the affine mode")
+    return {**params, "bits": max(high_bits, params["bits"])}
