@@ -1,0 +1,208 @@
+"""Loading: every accepted checkpoint layout, strictness, clear errors, lazy and eager memory."""
+
+from __future__ import annotations
+
+import json
+import shutil
+
+import mlx.core as mx
+import numpy as np
+import pytest
+import torch
+from conftest import build_torch_model, save_checkpoint
+from mlx.utils import tree_flatten
+from safetensors.torch import save_file
+
+from hunyuan_mlx import HunYuanMoEV1Config, load_model
+from hunyuan_mlx.weights import sanitize
+
+IDS = np.random.default_rng(0).integers(0, 96, (1, 24))
+
+
+def reference_logits(torch_model) -> np.ndarray:
+    with torch.no_grad():
+        return torch_model(torch.tensor(IDS)).logits.numpy()
+
+
+def assert_matches(model, torch_model) -> None:
+    got = np.array(model(mx.array(IDS)))
+    assert np.abs(got - reference_logits(torch_model)).max() <= 1e-4
+
+
+def read_tensors(path) -> dict[str, np.ndarray]:
+    """All tensors of a checkpoint directory, under their stored names."""
+    tensors = {}
+    for f in path.glob("*.safetensors"):
+        tensors.update({k: np.array(v) for k, v in mx.load(str(f)).items()})
+    return tensors
+
+
+def rewrite(path, tensors: dict[str, np.ndarray | torch.Tensor]) -> None:
+    """Replace a checkpoint's weights with one safetensors file holding `tensors`."""
+    for f in list(path.glob("*.safetensors")) + list(path.glob("*.index.json")):
+        f.unlink()
+    save_file(
+        {k: torch.as_tensor(np.asarray(v)).contiguous() for k, v in tensors.items()},
+        str(path / "model.safetensors"),
+    )
+
+
+@pytest.fixture
+def checkpoint(tiny_checkpoint, tmp_path):
+    """A private copy of the tiny sharded checkpoint, free to damage."""
+    path, torch_model = tiny_checkpoint
+    return shutil.copytree(path, tmp_path / "ckpt"), torch_model
+
+
+def test_release_layout(tmp_path):
+    """model_type "hunyuan", attention_head_dim, rope_scaling alpha, a head though tied."""
+    torch_model = build_torch_model(
+        tie_word_embeddings=True, rope_scaling={"type": "dynamic", "alpha": 1000.0, "factor": 1.0}
+    )
+    path = save_checkpoint(torch_model, tmp_path / "release")
+    config = json.loads((path / "config.json").read_text())
+    rope = config.pop("rope_parameters")
+    config.update(
+        model_type="hunyuan",
+        attention_head_dim=config.pop("head_dim"),
+        rope_theta=rope["rope_theta"],
+        rope_scaling={"type": "dynamic", "alpha": 1000.0, "factor": 1.0, "beta_fast": 32},
+        moe_intermediate_size=[config["intermediate_size"]] * 2,
+        num_shared_expert=[1, 1],
+        use_mixed_mlp_moe=True,
+        use_qk_norm=True,
+        use_cla=False,
+        cla_share_factor=2,
+    )
+    (path / "config.json").write_text(json.dumps(config))
+    tensors = read_tensors(path)  # per-expert names, as the release
+    tensors["lm_head.weight"] = tensors["model.embed_tokens.weight"] + 1.0  # must be ignored
+    rewrite(path, tensors)
+    assert_matches(load_model(path), torch_model)
+
+
+def test_transformers_fused_expert_parameters(checkpoint):
+    """transformers' in-memory names: experts.gate_up_proj (E, 2I, D), experts.down_proj."""
+    path, torch_model = checkpoint
+    state = torch_model.state_dict()
+    assert "model.layers.0.mlp.experts.gate_up_proj" in state
+    rewrite(path, state)
+    assert_matches(load_model(path), torch_model)
+
+
+def test_mlx_lm_switch_mlp_layout(checkpoint):
+    path, torch_model = checkpoint
+    ours = dict(tree_flatten(load_model(path).parameters()))
+    tensors = {}
+    for name, value in ours.items():
+        if ".experts.gate_up_proj." in name:
+            gate, up = np.split(np.array(value), 2, axis=1)
+            tensors[name.replace("experts.gate_up_proj", "switch_mlp.gate_proj")] = gate
+            tensors[name.replace("experts.gate_up_proj", "switch_mlp.up_proj")] = up
+        else:
+            tensors[name.replace(".experts.", ".switch_mlp.")] = np.array(value)
+    rewrite(path, tensors)
+    assert_matches(load_model(path), torch_model)
+
+
+def test_sanitize_is_idempotent(tiny_checkpoint):
+    path, _ = tiny_checkpoint
+    config = HunYuanMoEV1Config.from_pretrained(path)
+    raw = {}
+    for f in path.glob("*.safetensors"):
+        raw.update(mx.load(str(f)))
+    once = sanitize(raw, config)
+    twice = sanitize(once, config)
+    assert once.keys() == twice.keys()
+    assert all(mx.array_equal(once[k], twice[k]) for k in once)
+
+
+def test_missing_tensor(checkpoint):
+    path, torch_model = checkpoint
+    state = torch_model.state_dict()
+    del state["model.layers.1.self_attn.k_proj.weight"]
+    rewrite(path, state)
+    with pytest.raises(
+        ValueError, match=r"missing 1 tensors \(model\.layers\.1\.self_attn\.k_proj"
+    ):
+        load_model(path)
+
+
+def test_missing_expert(checkpoint):
+    path, _ = checkpoint
+    tensors = read_tensors(path)
+    del tensors["model.layers.0.mlp.experts.5.up_proj.weight"]
+    rewrite(path, tensors)
+    with pytest.raises(ValueError, match=r"model\.layers\.0\.mlp\.experts\.5\.up_proj\.weight"):
+        load_model(path)
+
+
+def test_unexpected_tensor(checkpoint):
+    path, torch_model = checkpoint
+    state = dict(torch_model.state_dict())
+    state["model.layers.0.mlp.extra_bias"] = torch.zeros(3)
+    rewrite(path, state)
+    with pytest.raises(
+        ValueError, match=r"1 unexpected tensors \(model\.layers\.0\.mlp\.extra_bias"
+    ):
+        load_model(path)
+
+
+def test_wrong_shape(checkpoint):
+    path, torch_model = checkpoint
+    state = dict(torch_model.state_dict())
+    state["model.norm.weight"] = torch.ones(65)
+    rewrite(path, state)
+    with pytest.raises(ValueError, match=r"model\.norm\.weight has shape \(65,\)"):
+        load_model(path)
+
+
+def test_truncated_file(checkpoint):
+    path, _ = checkpoint
+    shard = sorted(path.glob("model-*.safetensors"))[1]
+    data = shard.read_bytes()
+    shard.write_bytes(data[: len(data) - 100])
+    with pytest.raises(ValueError, match=f"{shard.name} is truncated"):
+        load_model(path)
+
+
+def test_shard_listed_in_index_but_absent(checkpoint):
+    path, _ = checkpoint
+    shard = sorted(path.glob("model-*.safetensors"))[2]
+    shard.unlink()
+    with pytest.raises(FileNotFoundError, match=f"{shard.name} is listed in"):
+        load_model(path)
+
+
+def test_missing_directory_and_weights(tmp_path):
+    with pytest.raises(FileNotFoundError, match="does not exist"):
+        load_model(tmp_path / "nowhere")
+    HunYuanMoEV1Config(num_hidden_layers=1).save_pretrained(tmp_path)
+    with pytest.raises(FileNotFoundError, match="No safetensors weights"):
+        load_model(tmp_path)
+
+
+def test_lazy_load_reads_weights_on_first_use(tiny_checkpoint):
+    path, torch_model = tiny_checkpoint
+    mx.clear_cache()
+    before = mx.get_active_memory()
+    model = load_model(path, lazy=True)
+    assert mx.get_active_memory() - before < 1024  # nothing read yet
+    assert_matches(model, torch_model)
+
+
+def test_eager_load_peak_memory_is_the_weights(tiny_checkpoint, tmp_path):
+    """A converted checkpoint (stacked experts) loads with peak memory within 10% of its size."""
+    path, _ = tiny_checkpoint
+    weights = dict(tree_flatten(load_model(path).parameters()))
+    size = sum(v.nbytes for v in weights.values())
+    mx.save_safetensors(str(tmp_path / "model.safetensors"), weights)
+    HunYuanMoEV1Config.from_pretrained(path).save_pretrained(tmp_path)
+    del weights
+    mx.clear_cache()
+    before = mx.get_active_memory()
+    mx.reset_peak_memory()
+    model = load_model(tmp_path)
+    assert mx.get_active_memory() - before >= size
+    assert mx.get_peak_memory() - before <= 1.1 * size
+    del model
