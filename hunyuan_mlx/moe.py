@@ -47,9 +47,17 @@ class GatheredLinear(nn.Module):
         self.weight = mx.random.uniform(-scale, scale, (num_experts, output_dims, input_dims))
 
     def __call__(self, x: mx.array, indices: mx.array, sorted_indices: bool = False) -> mx.array:
-        return mx.gather_mm(
-            x, self.weight.swapaxes(-1, -2), rhs_indices=indices, sorted_indices=sorted_indices
-        )
+        weight = self.weight.swapaxes(-1, -2)
+        if x.dtype != mx.float32 and mx.default_device().type == mx.DeviceType.cpu:
+            # MLX's CPU backend has gather_mm for float32 only; GPUs take every float type.
+            out = mx.gather_mm(
+                x.astype(mx.float32),
+                weight.astype(mx.float32),
+                rhs_indices=indices,
+                sorted_indices=sorted_indices,
+            )
+            return out.astype(x.dtype)
+        return mx.gather_mm(x, weight, rhs_indices=indices, sorted_indices=sorted_indices)
 
     def to_quantized(
         self, group_size: int | None = None, bits: int | None = None, mode: str = "affine"
