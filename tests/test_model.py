@@ -264,3 +264,21 @@ def test_per_layer_expert_counts_match_plain_reference(tmp_path):
     assert "gate" not in model.model.layers[1].mlp  # one expert: a dense MLP, no router
     ids = tokens(9, length=SEQ_LEN)
     assert max_diff(model(mx.array(ids)), plain_reference_logits(model, ids)) <= ATOL
+
+
+def test_cross_layer_attention_shares_keys_and_values():
+    """With use_cla, odd layers own no K/V projections and reuse their group's; the cache agrees."""
+    from conftest import TINY_CONFIG
+
+    from hunyuan_mlx import HunYuanMoEV1Config, HunYuanMoEV1ForCausalLM
+
+    config = HunYuanMoEV1Config(
+        **{**TINY_CONFIG, "num_hidden_layers": 4, "use_cla": True, "cla_share_factor": 2}
+    )
+    mx.random.seed(1)
+    model = HunYuanMoEV1ForCausalLM(config)
+    assert ["k_proj" in layer.self_attn for layer in model.layers] == [True, False, True, False]
+    ids = mx.array(tokens(10, length=12))
+    cache = model.make_cache()
+    steps = [model(ids[:, i : i + 1], cache=cache) for i in range(12)]
+    assert max_diff(mx.concatenate(steps, axis=1), model(ids)) <= ATOL
