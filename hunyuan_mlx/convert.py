@@ -95,6 +95,9 @@ COMPONENTS = (
     "head",
 )
 EXPERTS_RE = re.compile(r"^(model\.layers\.\d+\.mlp)\.(?:experts|switch_mlp)\.")
+PER_EXPERT_RE = re.compile(
+    r"^(model\.layers\.\d+\.mlp\.experts)\.\d+\.(gate|up|down)_proj\.weight$"
+)
 
 
 def parse_size(size: str | int) -> int:
@@ -316,6 +319,13 @@ def _check_mapping(source: _Source, expected: dict[str, tuple[int, ...]]) -> Non
     Catches missing, unexpected and misshapen tensors before anything is read or written.
     """
     produced = set()
+    for name, tensor in source.tensors.items():
+        shape = _per_expert_shape(name, expected)
+        if shape is not None and tensor.shape != shape:
+            raise ValueError(
+                f"Tensor {name} in {tensor.file} has shape {tensor.shape}, but the config "
+                f"implies {shape}"
+            )
     for names in source.groups.values():
         placeholders = {
             n: mx.zeros(source.tensors[n].shape, _dtype_of(source.tensors[n].dtype)) for n in names
@@ -337,6 +347,19 @@ def _check_mapping(source: _Source, expected: dict[str, tuple[int, ...]]) -> Non
     if missing:
         shown = ", ".join(missing[:5]) + (", ..." if len(missing) > 5 else "")
         raise ValueError(f"Checkpoint {source.path} is missing {len(missing)} tensors: {shown}")
+
+
+def _per_expert_shape(name: str, expected: dict[str, tuple[int, ...]]) -> tuple[int, ...] | None:
+    """The shape the model needs for one expert's unquantized projection, else None."""
+    match = PER_EXPERT_RE.match(name)
+    if match is None:
+        return None
+    prefix, proj = match.groups()
+    if proj == "down":
+        stacked = expected.get(f"{prefix}.down_proj.weight")
+        return stacked and stacked[1:]
+    stacked = expected.get(f"{prefix}.gate_up_proj.weight")
+    return stacked and (stacked[1] // 2, stacked[2])
 
 
 def _dtype_of(safetensors_dtype: str) -> mx.Dtype:
@@ -434,9 +457,8 @@ def convert(
         raise ValueError("Choose either quantize or dequantize, not both")
     if quantize:
         params = quant_params(q_bits, q_group_size, q_mode)
-        for high_bits in {QUANT_RECIPES.get(quant_recipe)} - {None}:
-            check_quant_params({**params, "bits": high_bits})
-        recipe_params(quant_recipe, "model.embed_tokens", params)  # rejects unknown recipes
+        # What the recipe gives a module other than a routed expert; rejects unknown recipes.
+        check_quant_params(recipe_params(quant_recipe, "model.embed_tokens", params))
     elif (q_bits, q_group_size, q_mode, quant_recipe) != (
         None,
         None,
