@@ -206,3 +206,22 @@ def test_eager_load_peak_memory_is_the_weights(tiny_checkpoint, tmp_path):
     assert mx.get_active_memory() - before >= size
     assert mx.get_peak_memory() - before <= 1.1 * size
     del model
+
+
+def test_hub_repo_id_downloads_only_what_loading_needs(tiny_checkpoint, monkeypatch):
+    """A repo id goes through huggingface_hub, asking for configs, safetensors and tokenizer."""
+    import huggingface_hub
+
+    path, torch_model = tiny_checkpoint
+    calls = []
+
+    def fake_snapshot_download(repo_id, allow_patterns=None, **kwargs):
+        calls.append((repo_id, allow_patterns))
+        return str(path)
+
+    monkeypatch.setattr(huggingface_hub, "snapshot_download", fake_snapshot_download)
+    assert_matches(load_model("tencent/Hunyuan-A13B-Instruct"), torch_model)
+    [(repo_id, patterns)] = calls
+    assert repo_id == "tencent/Hunyuan-A13B-Instruct"
+    assert "*.safetensors" in patterns and "*.json" in patterns
+    assert not any(p.endswith((".bin", ".pt", ".py")) or p == "*" for p in patterns)
