@@ -1,0 +1,218 @@
+"""Generation API and CLI on a tiny random checkpoint carrying the release's tokenizer files."""
+
+from __future__ import annotations
+
+import io
+import shutil
+import subprocess
+import sys
+from pathlib import Path
+
+import mlx.core as mx
+import pytest
+from conftest import build_torch_model, save_checkpoint, shared_dir
+
+from hunyuan_mlx import load
+from hunyuan_mlx.cli import DIM, RESET, GenerationSettings, ThinkingPrinter, settings_from_args
+from hunyuan_mlx.generate import build_parser, build_prompt, generate, main, stream_generate
+
+ROOT = Path(__file__).resolve().parents[1]
+RELEASE_FILES = ("hy.tiktoken", "tokenizer_config.json", "generation_config.json")
+EOS = 127960  # <|eos|>, the release's first stop id
+GREEDY = GenerationSettings(max_tokens=12)
+PROG_ERROR = "python -m hunyuan_mlx.generate: error: "
+
+
+@pytest.fixture(scope="session")
+def tiny_release(tmp_path_factory) -> Path:
+    """A tiny random model with the real 128,167-token vocabulary and the release's tokenizer
+    and generation config. Kept at a fixed place in the session's temp dir, so that the chat
+    tests, which import this fixture, reuse it instead of building it again."""
+    path = tmp_path_factory.getbasetemp() / "tiny_release"
+    if not (path / RELEASE_FILES[-1]).is_file():
+        shared = shared_dir()
+        # hidden 32 keeps the 128k-row embedding small; head_dim 32 allows KV quantization.
+        model = build_torch_model(
+            vocab_size=128167,
+            hidden_size=32,
+            intermediate_size=16,
+            head_dim=32,
+            max_position_embeddings=256,
+            tie_word_embeddings=True,
+        )
+        save_checkpoint(model, path)
+        for name in RELEASE_FILES:
+            shutil.copyfile(shared / name, path / name)
+    return path
+
+
+@pytest.fixture(scope="session")
+def loaded(tiny_release):
+    return load(tiny_release)
+
+
+def run_main(argv: list[str], capsys) -> tuple[int, str, str]:
+    """(exit status, stdout, stderr) of the generate CLI run in this process."""
+    try:
+        main(argv)
+        code = 0
+    except SystemExit as e:
+        code = e.code
+    out, err = capsys.readouterr()
+    return code, out, err
+
+
+def test_greedy_runs_repeat_and_stream_the_final_text(loaded):
+    model, tok = loaded
+    ids = build_prompt(tok, "Tell me about MLX.")
+    responses = list(stream_generate(model, tok, ids, GREEDY))
+    text = "".join(r.text for r in responses)
+    assert text and text == generate(model, tok, ids, GREEDY)
+    assert text == tok.decode([r.token for r in responses])
+    last = responses[-1]
+    assert (last.finish_reason, last.generation_tokens) == ("length", GREEDY.max_tokens)
+    assert last.prompt_tokens == len(ids)
+
+
+def test_max_tokens_respected(loaded):
+    model, tok = loaded
+    responses = list(stream_generate(model, tok, "Hello", GenerationSettings(max_tokens=3)))
+    assert len(responses) == 3 and responses[-1].generation_tokens == 3
+
+
+def test_seed_repeats_a_sampled_run(loaded):
+    model, tok = loaded
+    sampled = GenerationSettings(max_tokens=8, temp=1.0)
+    runs = []
+    for seed in (1, 1, 2):
+        mx.random.seed(seed)
+        runs.append(generate(model, tok, "Hello", sampled))
+    assert runs[0] == runs[1]
+    assert runs[0] != runs[2]
+
+
+def test_stops_at_release_eos(loaded):
+    """The model is made to emit <|eos|> as its third token: generation ends there, unshown."""
+    model, tok = loaded
+    steps = []
+
+    def eos_on_third(tokens: mx.array, logits: mx.array) -> mx.array:
+        steps.append(None)
+        return logits + 1e4 * (mx.arange(logits.shape[-1]) == EOS) if len(steps) == 3 else logits
+
+    responses = list(stream_generate(model, tok, "Hello", GREEDY, logits_processors=[eos_on_third]))
+    assert [r.token for r in responses][-1] == EOS and len(responses) == 3
+    assert responses[-1].finish_reason == "stop"
+    text = "".join(r.text for r in responses)
+    assert "<|eos|>" not in text and text == tok.decode([r.token for r in responses[:2]])
+
+
+def test_eos_option_replaces_stop_ids(loaded):
+    model, tok = loaded
+    tokens = [r.token for r in stream_generate(model, tok, "Hello", GREEDY)]
+    k = next(i for i, t in enumerate(tokens) if i and t not in tokens[:i])
+    responses = list(stream_generate(model, tok, "Hello", GREEDY, eos_token_ids=[tokens[k]]))
+    assert responses[-1].finish_reason == "stop"
+    assert "".join(r.text for r in responses) == tok.decode(tokens[:k])
+
+
+def test_kv_cache_options(loaded):
+    model, tok = loaded
+    quantized = GenerationSettings(max_tokens=6, kv_bits=4, kv_group_size=32, quantized_kv_start=0)
+    assert len(list(stream_generate(model, tok, "Hello", quantized))) == 6
+    rotating = GenerationSettings(max_tokens=20, max_kv_size=8)
+    assert len(list(stream_generate(model, tok, "Hello", rotating))) == 20
+
+
+def test_sampling_defaults_come_from_the_checkpoint(tiny_release):
+    args = build_parser().parse_args(["--model", "m", "--prompt", "p", "--top-k", "5"])
+    settings = settings_from_args(args, tiny_release)
+    assert (settings.temp, settings.top_p, settings.top_k) == (0.7, 0.8, 5)
+    assert settings.repetition_penalty == 1.05
+    assert GenerationSettings.from_checkpoint(tiny_release / "absent").temp == 0.0
+
+
+def test_cli_prints_the_api_text(loaded, tiny_release, capsys, monkeypatch):
+    """The CLI streams exactly the API's text, with the checkpoint's sampling defaults under the
+    flags given, and no ANSI codes when stdout is not a terminal."""
+    model, tok = loaded
+    monkeypatch.setattr(sys, "stdin", io.StringIO("Hi there"))
+    argv = ["--model", str(tiny_release), "-p", "-", "--no-think", "--temp", "0", "-m", "12"]
+    code, out, _ = run_main(argv, capsys)
+    settings = GenerationSettings.from_checkpoint(tiny_release, temp=0, max_tokens=12)
+    ids = build_prompt(tok, "Hi there", enable_thinking=False)
+    assert code == 0 and out == generate(model, tok, ids, settings) + "\n"
+
+
+def test_cli_missing_model_is_one_line(tmp_path):
+    """The real entry point (a subprocess: it pays seconds of imports) fails in one line."""
+    cmd = [sys.executable, "-m", "hunyuan_mlx.generate", "--model", str(tmp_path / "nope")]
+    result = subprocess.run(cmd + ["-p", "Hi"], capture_output=True, text=True, cwd=ROOT)
+    assert result.returncode == 1 and result.stdout == ""
+    assert result.stderr.startswith(PROG_ERROR) and result.stderr.count("\n") == 1
+    assert "does not exist" in result.stderr
+
+
+def test_cli_verbose_prints_stats(tiny_release, capsys):
+    code, out, err = run_main(
+        ["--model", str(tiny_release), "-p", "Hi", "-m", "4", "--verbose"], capsys
+    )
+    assert code == 0 and out.strip()
+    assert "Prompt: 3 tokens" in err and "Generation: 4 tokens" in err and "Peak memory" in err
+
+
+@pytest.mark.parametrize(
+    ("flags", "message"),
+    [
+        (["-p", "   "], "The prompt is empty"),
+        (["-p", "word " * 300], "more than 256 (the model's max_position_embeddings)"),
+        (["-p", "Hi there, how are you?", "--max-kv-size", "4"], "more than 4 (max_kv_size)"),
+        (["-p", "Hi", "--temp", "-1"], "temp must be >= 0"),
+        (["-p", "Hi", "--top-p", "0"], "top_p must be in (0, 1]"),
+        (["-p", "Hi", "--top-k", "-3"], "top_k must be >= 0"),
+        (["-p", "Hi", "--kv-bits", "7"], "kv_bits must be one of"),
+        (["-p", "Hi", "--max-tokens", "0"], "max_tokens must be > 0"),
+    ],
+)
+def test_cli_errors_are_one_line(tiny_release, capsys, flags, message):
+    code, out, err = run_main(["--model", str(tiny_release), *flags], capsys)
+    assert code == 1 and out == ""
+    assert err.startswith(PROG_ERROR) and message in err and err.count("\n") == 1
+
+
+def test_cli_empty_stdin_and_weightless_directory(tmp_path, tiny_release, capsys, monkeypatch):
+    monkeypatch.setattr(sys, "stdin", io.StringIO(" \n"))
+    code, _, err = run_main(["--model", str(tiny_release), "-p", "-"], capsys)
+    assert code == 1 and "The prompt is empty" in err
+    shutil.copyfile(tiny_release / "config.json", tmp_path / "config.json")
+    code, _, err = run_main(["--model", str(tmp_path), "-p", "Hi"], capsys)
+    assert code == 1 and err == f"{PROG_ERROR}No safetensors weights in {tmp_path}\n"
+
+
+REPLY = "<think>\nLet me see.\n</think>\n<answer>\nHello!\n</answer>"
+
+
+@pytest.mark.parametrize("cut", [1, 3, 8])
+def test_thinking_printer_dims_or_hides_reasoning(cut):
+    chunks = [REPLY[i : i + cut] for i in range(0, len(REPLY), cut)]
+    shown = {}
+    for mode in ("plain", "dim", "hide"):
+        out = io.StringIO()
+        printer = ThinkingPrinter(out, hide=mode == "hide", dim=mode == "dim")
+        for chunk in chunks:
+            printer.write(chunk)
+        printer.finish()
+        shown[mode] = out.getvalue()
+    assert shown["plain"] == REPLY
+    assert shown["dim"].replace(DIM, "").replace(RESET, "") == REPLY
+    assert shown["dim"].startswith(DIM + "<think>") and "</think>" + RESET in shown["dim"]
+    assert shown["dim"].endswith("\n<answer>\nHello!\n</answer>")
+    assert shown["hide"] == "\n<answer>\nHello!\n</answer>"
+
+
+def test_hidden_unfinished_reasoning_is_reported(capsys):
+    out = io.StringIO()
+    printer = ThinkingPrinter(out, hide=True)
+    printer.write("<think>\nStill thinking")
+    printer.finish()
+    assert out.getvalue() == "" and "did not finish" in capsys.readouterr().err
