@@ -23,8 +23,8 @@ GREEDY = GenerationSettings(max_tokens=12)
 PROG_ERROR = "python -m hunyuan_mlx.generate: error: "
 
 
-@pytest.fixture(scope="session")
-def tiny_release(tmp_path_factory) -> Path:
+@pytest.fixture(scope="session", name="tiny_release")
+def tiny_release_fixture(tmp_path_factory) -> Path:
     """A tiny random model with the real 128,167-token vocabulary and the release's tokenizer
     and generation config. Kept at a fixed place in the session's temp dir, so that the chat
     tests, which import this fixture, reuse it instead of building it again."""
@@ -46,8 +46,8 @@ def tiny_release(tmp_path_factory) -> Path:
     return path
 
 
-@pytest.fixture(scope="session")
-def loaded(tiny_release):
+@pytest.fixture(scope="session", name="loaded")
+def loaded_fixture(tiny_release):
     return load(tiny_release)
 
 

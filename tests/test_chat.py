@@ -1,0 +1,108 @@
+"""ChatSession keeps the KV cache between turns and prefills only what the cache lacks."""
+
+from __future__ import annotations
+
+import io
+
+import mlx.core as mx
+import pytest
+
+# The fixtures register under their names, `loaded` and `tiny_release`.
+from test_generate import EOS, loaded_fixture, tiny_release_fixture  # noqa: F401
+
+from hunyuan_mlx.chat import ChatSession, repl
+from hunyuan_mlx.cli import GenerationSettings
+
+GREEDY = GenerationSettings(max_tokens=8)
+
+
+class ScriptedReply:
+    """A logits processor making the model say `tokens`, one per generation step."""
+
+    def __init__(self, tokens: list[int]) -> None:
+        self.tokens = tokens
+        self.step = 0
+
+    def __call__(self, context: mx.array, logits: mx.array) -> mx.array:
+        if self.step >= len(self.tokens):
+            return logits
+        target = self.tokens[self.step]
+        self.step += 1
+        return logits + 1e4 * (mx.arange(logits.shape[-1]) == target)
+
+
+def reply_of(session: ChatSession, text: str) -> str:
+    return "".join(r.text for r in session.send(text))
+
+
+def fresh_reply(session: ChatSession, history: list[dict[str, str]], text: str) -> tuple[str, int]:
+    """The reply and prefill count of a new session like `session` that runs all of `history`."""
+    fresh = ChatSession(session.model, session.tokenizer, session.settings)
+    fresh.enable_thinking = session.enable_thinking
+    fresh.messages = [dict(m) for m in history]
+    return reply_of(fresh, text), fresh.prefilled
+
+
+def test_second_turn_prefills_only_the_new_tokens(loaded):
+    model, tok = loaded
+    answer = tok.encode("<answer>\nHello there.\n</answer>") + [EOS]
+    session = ChatSession(model, tok, GenerationSettings(max_tokens=32), enable_thinking=False)
+    session.logits_processors = [ScriptedReply(answer)]
+    first = reply_of(session, "Hi!")
+    assert first == "<answer>\nHello there.\n</answer>"
+    first_prompt = tok.apply_chat_template(
+        [{"role": "user", "content": "Hi!"}], enable_thinking=False
+    )
+    assert session.prefilled == len(first_prompt)
+    assert session.messages[-1]["content"] == "<think>\n\n</think>\n" + first
+
+    session.logits_processors = ()
+    history = [dict(m) for m in session.messages]
+    second = reply_of(session, "And then?")
+    # The new user turn as the template writes it, plus the empty think block: nothing else.
+    new_turn = tok.encode("<|startoftext|>And then?<|extra_0|><think>\n\n</think>\n")
+    assert session.prefilled == len(new_turn)
+    # Continuing from the cache gives what running the whole conversation gives.
+    expected, full = fresh_reply(session, history, "And then?")
+    assert second == expected and full == len(first_prompt) + len(answer) + len(new_turn)
+
+
+def test_mismatched_history_falls_back_to_the_common_prefix(loaded):
+    model, tok = loaded
+    session = ChatSession(model, tok, GREEDY)
+    reply_of(session, "Hi!")
+    # Random weights stop at max_tokens without <|eos|>, which the template adds: the cache
+    # lacks it. Editing the reply moves the first difference earlier still.
+    session.messages[-1]["content"] = "edited"
+    history = [dict(m) for m in session.messages]
+    second = reply_of(session, "And then?")
+    expected, full = fresh_reply(session, history, "And then?")
+    prompt = tok.apply_chat_template([{"role": "user", "content": "Hi!"}])
+    assert session.prefilled == full - len(prompt)
+    assert second == expected
+
+
+def test_repl_commands(loaded):
+    model, tok = loaded
+    session = ChatSession(model, tok, GenerationSettings(max_tokens=3))
+    too_long = "word " * 300
+    lines = iter(["Hello", too_long, "/no_think", "/reset", "Again", "/exit", "Never sent"])
+    out = io.StringIO()
+    repl(session, read=lambda _: next(lines), out=out)
+    shown = out.getvalue()
+    assert "[thinking off]" in shown and "[conversation reset]" in shown
+    assert "error: The prompt has" in shown
+    assert session.enable_thinking is False
+    assert [m["role"] for m in session.messages] == ["user", "assistant"]
+    assert session.messages[0]["content"] == "Again"
+    assert next(lines) == "Never sent"
+
+
+def test_empty_or_too_long_messages_are_refused(loaded):
+    model, tok = loaded
+    session = ChatSession(model, tok, GREEDY)
+    with pytest.raises(ValueError, match="more than 256"):
+        session.send("word " * 300)
+    with pytest.raises(ValueError, match="The prompt is empty"):
+        session.send(" ")
+    assert session.messages == []
