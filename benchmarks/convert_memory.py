@@ -19,6 +19,7 @@ import subprocess
 import sys
 import tempfile
 import time
+from collections.abc import Callable
 from pathlib import Path
 
 import mlx.core as mx
@@ -84,7 +85,19 @@ def release_tensors(config: dict):
     yield "lm_head.weight", (config["vocab_size"], d)
 
 
-def write_checkpoint(path: Path, config: dict, shard_bytes: int) -> list[Path]:
+def small_init(name: str, shape: tuple[int, ...]) -> mx.array:
+    """Norms at 1, every other weight N(0, 0.02): enough for a memory measurement."""
+    if "norm" in name:
+        return mx.ones(shape)
+    return 0.02 * mx.random.normal(shape)
+
+
+def write_checkpoint(
+    path: Path,
+    config: dict,
+    shard_bytes: int,
+    init: Callable[[str, tuple[int, ...]], mx.array] = small_init,
+) -> list[Path]:
     """Random bf16 weights in shards of about `shard_bytes`, with an index; one shard in memory."""
     path.mkdir(parents=True)
     (path / "config.json").write_text(json.dumps(config, indent=2))
@@ -99,9 +112,7 @@ def write_checkpoint(path: Path, config: dict, shard_bytes: int) -> list[Path]:
         shards[0] = {}
 
     for name, shape in release_tensors(config):
-        array = (0.02 * mx.random.normal(shape)).astype(mx.bfloat16)
-        if "norm" in name:
-            array = mx.ones(shape, mx.bfloat16)
+        array = init(name, shape).astype(mx.bfloat16)
         mx.eval(array)
         if shards[0] and size + array.nbytes > shard_bytes:
             flush()

@@ -1,7 +1,7 @@
 """Converter: every input layout, dtypes and quantization against transformers, shards, errors.
 
-CPU MLX runs `gather_mm` in float32 only, so a converted model is upcast before it runs: the
-comparisons measure what conversion loses (rounding, quantization), not low-precision compute.
+A converted model is upcast to float32 before it runs, so the comparisons measure what conversion
+loses (rounding, quantization), not low-precision compute.
 """
 
 from __future__ import annotations
@@ -324,6 +324,28 @@ def test_summary(converted, tiny_checkpoint, tmp_path, capsys):
     assert summary.precision["routed experts"] == {"4-bit affine g32": 2 * 8 * 3 * 64 * 32}
     assert summary.precision["router"] == {"float32": 2 * 8 * 64}
     assert "bits per weight" in capsys.readouterr().out
+
+
+def test_streams_shards_in_and_out(untied, tmp_path, monkeypatch):
+    """Output shards are written while input shards are still to be read."""
+    import hunyuan_mlx.convert as module
+
+    events = []
+    load, save = mx.load, mx.save_safetensors
+
+    def logged_load(file, *args, **kwargs):
+        events.append("load")
+        return load(file, *args, **kwargs)
+
+    def logged_save(file, arrays, *args, **kwargs):
+        events.append("save")
+        return save(file, arrays, *args, **kwargs)
+
+    monkeypatch.setattr(module.mx, "load", logged_load)
+    monkeypatch.setattr(module.mx, "save_safetensors", logged_save)
+    convert(untied[0], tmp_path / "out", dtype="float32", max_shard_size="150KB")
+    assert events.count("load") == 13 and events.count("save") > 3
+    assert events.index("save") < len(events) - 1 - events[::-1].index("load")
 
 
 # --- errors: a clear message, no output ---------------------------------------------------
