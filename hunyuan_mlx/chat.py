@@ -62,9 +62,11 @@ class ChatSession:
         self.cache = self.settings.make_cache(self.model)
         self.cached_tokens: list[int] = []
         self.prefilled = 0
+        self.reused = 0
 
     def send(self, user_text: str) -> Iterator[GenerationResponse]:
-        """Add a user turn and stream the reply; `prefilled` is how many prompt tokens it ran.
+        """Add a user turn and stream the reply; `prefilled` is how many prompt tokens it runs,
+        `reused` how many it takes from the cache.
 
         The reply joins the conversation as it streams, so stopping early keeps what was shown.
         """
@@ -76,6 +78,7 @@ class ChatSession:
         whole = tokens if self.settings.max_kv_size is None else new_tokens
         self.settings.check_prompt_fits(len(whole), self.model)
         self.prefilled = len(new_tokens)
+        self.reused = reused
         return self._stream(messages, tokens, new_tokens, self._reply_start(messages))
 
     def _stream(
@@ -169,6 +172,8 @@ def repl(
                 print_stream(responses, printer, verbose)
             except KeyboardInterrupt:
                 print("\n[interrupted]", file=out)
+            if verbose:
+                print(f"Cache: {session.reused} prompt tokens reused", file=sys.stderr)
 
 
 def build_parser() -> argparse.ArgumentParser:

@@ -107,7 +107,8 @@ class GenerationSettings:
             except json.JSONDecodeError as e:
                 raise ValueError(f"{file} is not valid JSON: {e}") from e
             values = {f: config[k] for k, f in SAMPLING_KEYS.items() if config.get(k) is not None}
-            if config.get("do_sample") is False:
+            # As in transformers, whose GenerationConfig is greedy unless do_sample is true.
+            if not config.get("do_sample", False):
                 values["temp"] = 0.0
         values.update({k: v for k, v in overrides.items() if v is not None})
         return cls(**values)

@@ -62,6 +62,7 @@ def test_second_turn_prefills_only_the_new_tokens(loaded):
     # The new user turn as the template writes it, plus the empty think block: nothing else.
     new_turn = tok.encode("<|startoftext|>And then?<|extra_0|><think>\n\n</think>\n")
     assert session.prefilled == len(new_turn)
+    assert session.reused == len(first_prompt) + len(answer)
     # Continuing from the cache gives what running the whole conversation gives.
     expected, full = fresh_reply(session, history, "And then?")
     assert second == expected and full == len(first_prompt) + len(answer) + len(new_turn)

@@ -124,12 +124,15 @@ def test_kv_cache_options(loaded):
     assert len(list(stream_generate(model, tok, "Hello", rotating))) == 20
 
 
-def test_sampling_defaults_come_from_the_checkpoint(tiny_release):
+def test_sampling_defaults_come_from_the_checkpoint(tiny_release, tmp_path):
     args = build_parser().parse_args(["--model", "m", "--prompt", "p", "--top-k", "5"])
     settings = settings_from_args(args, tiny_release)
     assert (settings.temp, settings.top_p, settings.top_k) == (0.7, 0.8, 5)
     assert settings.repetition_penalty == 1.05
-    assert GenerationSettings.from_checkpoint(tiny_release / "absent").temp == 0.0
+    assert GenerationSettings.from_checkpoint(tmp_path).temp == 0.0
+    # transformers samples only with do_sample true, whatever the temperature says.
+    (tmp_path / "generation_config.json").write_text('{"temperature": 0.7, "top_k": 20}')
+    assert GenerationSettings.from_checkpoint(tmp_path).temp == 0.0
 
 
 def test_cli_prints_the_api_text(loaded, tiny_release, capsys, monkeypatch):
