@@ -15,8 +15,8 @@ from mlx_lm.models.cache import can_trim_prompt_cache, trim_prompt_cache
 from .cli import (
     GenerationSettings,
     ThinkingPrinter,
+    add_common_arguments,
     add_generation_arguments,
-    add_model_arguments,
     cli_errors,
     prepare,
     print_stream,
@@ -72,14 +72,17 @@ class ChatSession:
         """
         require_text(user_text)
         messages = [*self.messages, {"role": "user", "content": user_text}]
-        tokens = self._render(messages, self.enable_thinking)
+        text = self.tokenizer.apply_chat_template(
+            messages, enable_thinking=self.enable_thinking, tokenize=False
+        )
+        tokens = self.tokenizer.encode(text)
         reused = self._reuse_cache(tokens)
         new_tokens = tokens[reused:]
         whole = tokens if self.settings.max_kv_size is None else new_tokens
         self.settings.check_prompt_fits(len(whole), self.model)
         self.prefilled = len(new_tokens)
         self.reused = reused
-        return self._stream(messages, tokens, new_tokens, self._reply_start(messages))
+        return self._stream(messages, tokens, new_tokens, self._reply_start(messages, text))
 
     def _stream(
         self,
@@ -104,20 +107,14 @@ class ChatSession:
             self.messages[-1]["content"] = reply
             yield response
 
-    def _render(self, messages: list[dict[str, str]], enable_thinking: bool | None) -> list[int]:
-        return self.tokenizer.apply_chat_template(messages, enable_thinking=enable_thinking)
-
-    def _reply_start(self, messages: list[dict[str, str]]) -> str:
-        """Text the template appends after the last message (empty unless thinking is off).
+    def _reply_start(self, messages: list[dict[str, str]], rendered: str) -> str:
+        """Text the template appended after the last message (empty unless thinking is off).
 
         It starts the assistant's reply, as the empty <think> block does in the release's
         training data, so it joins the assistant message and the next render matches the cache.
         """
-        full = self.tokenizer.apply_chat_template(
-            messages, enable_thinking=self.enable_thinking, tokenize=False
-        )
         bare = self.tokenizer.apply_chat_template(messages, tokenize=False)
-        return full[len(bare) :] if full.startswith(bare) else ""
+        return rendered[len(bare) :] if rendered.startswith(bare) else ""
 
     def _reuse_cache(self, tokens: list[int]) -> int:
         """Keep the cache's longest prefix of `tokens` (at least one token left to run)."""
@@ -181,7 +178,7 @@ def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(
         prog="python -m hunyuan_mlx.chat", description="Chat with a HunYuan model"
     )
-    add_model_arguments(parser)
+    add_common_arguments(parser)
     add_generation_arguments(parser, max_tokens=CHAT_MAX_TOKENS)
     return parser
 

@@ -143,8 +143,8 @@ class GenerationSettings:
             raise ValueError(f"The prompt has {n_tokens} tokens, more than {limit} ({source})")
 
 
-def add_model_arguments(parser: argparse.ArgumentParser) -> None:
-    """--model and the prompt options both CLIs take."""
+def add_common_arguments(parser: argparse.ArgumentParser) -> None:
+    """--model and the prompt and display flags both CLIs take."""
     parser.add_argument(
         "--model", required=True, help="Local checkpoint directory or Hugging Face repo id"
     )
@@ -176,7 +176,7 @@ def add_generation_arguments(parser: argparse.ArgumentParser, max_tokens: int) -
         "-m",
         type=int,
         default=max_tokens,
-        help="Maximum number of tokens to generate (-1: no limit)",
+        help="Maximum number of tokens to generate, -1 for no limit (default: %(default)s)",
     )
     sampling = [
         ("--temp", float, "Sampling temperature", d.temp),
@@ -195,7 +195,7 @@ def add_generation_arguments(parser: argparse.ArgumentParser, max_tokens: int) -
         "--repetition-context-size",
         type=int,
         default=d.repetition_context_size,
-        help="How many recent tokens the repetition penalty looks at",
+        help="How many recent tokens the repetition penalty looks at (default: %(default)s)",
     )
     parser.add_argument("--seed", type=int, default=None, help="PRNG seed")
     parser.add_argument(
@@ -214,19 +214,19 @@ def add_generation_arguments(parser: argparse.ArgumentParser, max_tokens: int) -
         "--kv-group-size",
         type=int,
         default=d.kv_group_size,
-        help="Group size for KV cache quantization.",
+        help="Group size for KV cache quantization (default: %(default)s)",
     )
     parser.add_argument(
         "--quantized-kv-start",
         type=int,
         default=d.quantized_kv_start,
-        help="When --kv-bits is set, start quantizing the KV cache from this step onwards.",
+        help="With --kv-bits, quantize the KV cache from this step on (default: %(default)s)",
     )
     parser.add_argument(
         "--prefill-step-size",
         type=int,
         default=d.prefill_step_size,
-        help="Number of prompt tokens to process at a time",
+        help="Number of prompt tokens to process at a time (default: %(default)s)",
     )
 
 

@@ -19,8 +19,8 @@ from .cli import (
     GENERATE_MAX_TOKENS,
     GenerationSettings,
     ThinkingPrinter,
+    add_common_arguments,
     add_generation_arguments,
-    add_model_arguments,
     cli_errors,
     prepare,
     print_stream,
@@ -109,7 +109,7 @@ def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(
         prog="python -m hunyuan_mlx.generate", description="Generate text with a HunYuan model"
     )
-    add_model_arguments(parser)
+    add_common_arguments(parser)
     parser.add_argument(
         "--prompt", "-p", required=True, help="Message to be processed by the model ('-': stdin)"
     )
