@@ -48,6 +48,8 @@ def build_prompt(
     """Token ids of one user turn through the chat template, or of the raw text."""
     require_text(prompt)
     if ignore_chat_template:
+        if system_prompt is not None or enable_thinking is not None:
+            raise ValueError("A system prompt or thinking switch needs the chat template")
         return tokenizer.encode(prompt)
     messages = [{"role": "system", "content": system_prompt}] if system_prompt else []
     messages.append({"role": "user", "content": prompt})

@@ -175,6 +175,7 @@ def test_cli_verbose_prints_stats(tiny_release, capsys):
         (["-p", "Hi", "--top-k", "-3"], "top_k must be >= 0"),
         (["-p", "Hi", "--kv-bits", "7"], "kv_bits must be one of"),
         (["-p", "Hi", "--max-tokens", "0"], "max_tokens must be > 0"),
+        (["-p", "Hi", "--ignore-chat-template", "--no-think"], "needs the chat template"),
     ],
 )
 def test_cli_errors_are_one_line(tiny_release, capsys, flags, message):
