@@ -76,10 +76,11 @@ class ChatSession:
             messages, enable_thinking=self.enable_thinking, tokenize=False
         )
         tokens = self.tokenizer.encode(text)
+        # Without a rotating window the whole conversation must fit; with one, this turn.
+        added = len(tokens) - (0 if self.settings.max_kv_size is None else len(self.cached_tokens))
+        self.settings.check_prompt_fits(added, self.model)
         reused = self._reuse_cache(tokens)
         new_tokens = tokens[reused:]
-        whole = tokens if self.settings.max_kv_size is None else new_tokens
-        self.settings.check_prompt_fits(len(whole), self.model)
         self.prefilled = len(new_tokens)
         self.reused = reused
         return self._stream(messages, tokens, new_tokens, self._reply_start(messages, text))

@@ -69,14 +69,16 @@ def stream_generate(
     """Yield mlx-lm `GenerationResponse`s (text segment, token, timing) until an eos id or
     `max_tokens`. A string prompt is encoded as is: use `build_prompt` for the chat template.
 
-    `prompt_cache` (updated in place) continues an earlier generation; `eos_token_ids` replaces
-    the tokenizer's stop ids; `logits_processors` run after the repetition penalty.
+    A prompt longer than the context allowed is refused, except when continuing a `prompt_cache`
+    (updated in place): its owner knows what the cache holds. `eos_token_ids` replaces the
+    tokenizer's stop ids; `logits_processors` run after the repetition penalty.
     """
     settings = settings or GenerationSettings()
     ids = tokenizer.encode(prompt) if isinstance(prompt, str) else list(prompt)
     if not ids:
         raise ValueError("The prompt is empty")
-    settings.check_prompt_fits(len(ids), model)
+    if prompt_cache is None:
+        settings.check_prompt_fits(len(ids), model)
     wrapper = tokenizer.for_mlx_lm()
     if eos_token_ids is not None:
         wrapper.eos_token_ids = eos_token_ids

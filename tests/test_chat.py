@@ -107,3 +107,13 @@ def test_empty_or_too_long_messages_are_refused(loaded):
     with pytest.raises(ValueError, match="The prompt is empty"):
         session.send(" ")
     assert session.messages == []
+
+
+def test_rotating_window_checks_each_turn_not_the_conversation(loaded):
+    model, tok = loaded
+    session = ChatSession(model, tok, GenerationSettings(max_tokens=8, max_kv_size=16))
+    for text in ("Hi", "And?", "More!"):
+        assert len(list(session.send(text))) == 8
+    assert len(tok.apply_chat_template(session.messages)) > 16
+    with pytest.raises(ValueError, match=r"more than 16 \(max_kv_size\)"):
+        session.send("word " * 20)
