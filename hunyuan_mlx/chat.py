@@ -11,6 +11,7 @@ from typing import TextIO
 from mlx_lm.chat import DEFAULT_MAX_TOKENS as CHAT_MAX_TOKENS
 from mlx_lm.generate import GenerationResponse
 from mlx_lm.models.cache import can_trim_prompt_cache, trim_prompt_cache
+from mlx_lm.sample_utils import LogitsProcessor
 
 from .cli import (
     GenerationSettings,
@@ -21,7 +22,7 @@ from .cli import (
     prepare,
     print_stream,
 )
-from .generate import LogitsProcessor, require_text, stream_generate
+from .generate import require_text, stream_generate
 from .model import HunYuanMoEV1ForCausalLM
 from .tokenizer import HunYuanTokenizer
 

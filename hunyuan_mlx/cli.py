@@ -25,7 +25,7 @@ from mlx_lm.generate import (
     GenerationResponse,
 )
 from mlx_lm.models.cache import RotatingKVCache, make_prompt_cache
-from mlx_lm.sample_utils import make_logits_processors, make_sampler
+from mlx_lm.sample_utils import LogitsProcessor, Sampler, make_logits_processors, make_sampler
 
 from .loading import load, resolve_model_path
 from .model import HunYuanMoEV1ForCausalLM
@@ -113,11 +113,11 @@ class GenerationSettings:
         values.update({k: v for k, v in overrides.items() if v is not None})
         return cls(**values)
 
-    def sampler(self) -> Any:
+    def sampler(self) -> Sampler:
         """mlx-lm's sampler for these settings (greedy at temp 0)."""
         return make_sampler(self.temp, top_p=self.top_p, min_p=self.min_p, top_k=self.top_k)
 
-    def logits_processors(self) -> list[Any]:
+    def logits_processors(self) -> list[LogitsProcessor]:
         """mlx-lm's repetition penalty, when one is set."""
         return make_logits_processors(
             repetition_penalty=self.repetition_penalty,

@@ -8,12 +8,13 @@ from __future__ import annotations
 
 import argparse
 import sys
-from collections.abc import Callable, Iterator, Sequence
+from collections.abc import Iterator, Sequence
 from typing import Any
 
 import mlx.core as mx
 from mlx_lm.generate import GenerationResponse
 from mlx_lm.generate import stream_generate as mlx_lm_stream_generate
+from mlx_lm.sample_utils import LogitsProcessor
 
 from .cli import (
     GENERATE_MAX_TOKENS,
@@ -27,8 +28,6 @@ from .cli import (
 )
 from .model import HunYuanMoEV1ForCausalLM
 from .tokenizer import HunYuanTokenizer
-
-LogitsProcessor = Callable[[mx.array, mx.array], mx.array]
 
 
 def require_text(prompt: str) -> str:
