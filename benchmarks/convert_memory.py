@@ -13,26 +13,36 @@ from __future__ import annotations
 
 import argparse
 import json
-import resource
+import multiprocessing
 import shutil
 import subprocess
 import sys
 import tempfile
 import time
 from collections.abc import Callable
+from concurrent.futures import ProcessPoolExecutor
 from pathlib import Path
 
 import mlx.core as mx
 
 REPO = Path(__file__).resolve().parents[1]
 MB = 2**20
+# The child's own peak: VmHWM restarts at exec, whereas ru_maxrss starts from the parent's RSS at
+# fork; on macOS (no /proc) ru_maxrss is in bytes and posix_spawn does not inherit it.
 CHILD = """
-import resource, sys, json
+import json, resource, sys
+from pathlib import Path
 from hunyuan_mlx.convert import convert
 args = json.loads(sys.argv[1])
 if args is not None:
     convert(**args)
-print(json.dumps({"peak_rss_mb": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024}))
+status = Path("/proc/self/status")
+if status.exists():
+    line = next(x for x in status.read_text().splitlines() if x.startswith("VmHWM:"))
+    peak_mb = int(line.split()[1]) / 1024
+else:
+    peak_mb = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 2**20
+print(json.dumps({"peak_rss_mb": peak_mb}))
 """
 
 
@@ -139,8 +149,6 @@ def child_peak_rss(convert_kwargs: dict | None) -> tuple[float, float]:
         check=True,
     )
     seconds = time.perf_counter() - start
-    # RUSAGE_CHILDREN agrees (it is the largest child so far); the child's own figure is per run.
-    assert resource.getrusage(resource.RUSAGE_CHILDREN).ru_maxrss > 0
     return json.loads(result.stdout.strip().splitlines()[-1])["peak_rss_mb"], seconds
 
 
@@ -159,7 +167,9 @@ def main() -> None:
     workdir = Path(tempfile.mkdtemp(dir=args.workdir, prefix="convert_memory."))
     try:
         src = workdir / "src"
-        files = write_checkpoint(src, config, args.shard_mb * MB)
+        # Written in a child, so that this process stays small.
+        with ProcessPoolExecutor(1, mp_context=multiprocessing.get_context("spawn")) as pool:
+            files = pool.submit(write_checkpoint, src, config, args.shard_mb * MB).result()
         checkpoint_mb = sum(f.stat().st_size for f in files) / MB
         layer_experts_mb = args.experts * 3 * args.width * args.hidden * 2 / MB
         bound_mb = max(f.stat().st_size for f in files) / MB + args.shard_mb + layer_experts_mb

@@ -81,6 +81,7 @@ SIZE_UNITS = {
     "MIB": 2**20,
     "GIB": 2**30,
 }
+QUANTIZE_BLOCK_ELEMENTS = 2**24  # weights quantized per evaluation (64 MB of float32)
 # Bytes a safetensors header spends per tensor beyond its name, with room to spare.
 HEADER_BYTES_PER_TENSOR = 128
 HEADER_BYTES_BASE = 64
@@ -127,6 +128,23 @@ def quant_params(bits: int | None, group_size: int | None, mode: str) -> dict[st
     }
     check_quant_params(params)
     return params
+
+
+def quantize_in_blocks(array: mx.array, params: dict[str, Any]) -> tuple[mx.array, ...]:
+    """`mx.quantize`, evaluated a block of rows at a time: groups lie within rows, so the result
+    is the same, but MLX's float32 working copy is one block, not (say) a layer's experts."""
+    mx.eval(array)
+    rows = array.reshape(-1, array.shape[-1])
+    step = max(1, QUANTIZE_BLOCK_ELEMENTS // array.shape[-1])
+    blocks = []
+    for start in range(0, rows.shape[0], step):
+        block = mx.quantize(rows[start : start + step], **params)
+        mx.eval(*block)
+        blocks.append(block)
+    del rows
+    packed = tuple(mx.concatenate(parts).reshape(*array.shape[:-1], -1) for parts in zip(*blocks))
+    mx.eval(*packed)
+    return packed
 
 
 def check_quant_params(params: dict[str, Any]) -> None:
@@ -504,8 +522,7 @@ def convert(
             elif module_quant != params:
                 quantization[path] = dict(module_quant)
         if module_quant is not None:
-            packed = mx.quantize(array.astype(out_dtype), **module_quant)
-            mx.eval(*packed)
+            packed = quantize_in_blocks(array.astype(out_dtype), module_quant)
             for suffix, part in zip(("weight", "scales", "biases"), packed):
                 writer.add(f"{path}.{suffix}", part)
         else:
@@ -519,6 +536,8 @@ def convert(
 
     mlx_path.parent.mkdir(parents=True, exist_ok=True)
     tmp = Path(tempfile.mkdtemp(prefix=f".{mlx_path.name}.", suffix=".tmp", dir=mlx_path.parent))
+    # Freed buffers go back to the system at once instead of into MLX's cache.
+    cache_limit = mx.set_cache_limit(0)
     try:
         writer = _ShardWriter(tmp, max_bytes)
         pending: dict[str, dict[str, mx.array]] = defaultdict(dict)
@@ -552,6 +571,8 @@ def convert(
     except BaseException:
         shutil.rmtree(tmp, ignore_errors=True)
         raise
+    finally:
+        mx.set_cache_limit(cache_limit)
 
     summary = ConversionSummary(
         mlx_path=mlx_path,
