@@ -125,11 +125,13 @@ def load_model(
     path_or_repo: str | Path,
     lazy: bool = False,
     model_class: type[nn.Module] = HunYuanMoEV1ForCausalLM,
+    adapter_path: str | Path | None = None,
 ) -> nn.Module:
     """Build the model from config.json and fill it from the checkpoint's safetensors.
 
     With `lazy` the weights stay unevaluated and are read from the files on first use;
-    otherwise they are evaluated here, one layer at a time.
+    otherwise they are evaluated here, one layer at a time. `adapter_path` applies the
+    adapters of a `hunyuan_mlx.lora` run.
     """
     model_path = resolve_model_path(path_or_repo)
     config = HunYuanMoEV1Config.from_pretrained(model_path)
@@ -140,6 +142,10 @@ def load_model(
     check_weights_match(model, weights, model_path)
     model.load_weights(list(weights.items()))
     del weights
+    if adapter_path is not None:
+        from .adapters import load_adapters
+
+        load_adapters(model, adapter_path)
     model.eval()
     if not lazy:
         for layer in tqdm(model.model.layers, desc="Loading", unit="layer", disable=None):
@@ -149,10 +155,10 @@ def load_model(
 
 
 def load(
-    path_or_repo: str | Path, lazy: bool = False
+    path_or_repo: str | Path, lazy: bool = False, adapter_path: str | Path | None = None
 ) -> tuple[HunYuanMoEV1ForCausalLM, HunYuanTokenizer | None]:
-    """The model and its tokenizer (None when the checkpoint has no vocabulary file)."""
+    """The model (with adapters, if given) and its tokenizer (None when it has no vocabulary)."""
     model_path = resolve_model_path(path_or_repo)
-    model = load_model(model_path, lazy=lazy)
+    model = load_model(model_path, lazy=lazy, adapter_path=adapter_path)
     has_vocab = any((model_path / f).is_file() for f in (TIKTOKEN_FILE, TOKENIZER_JSON_FILE))
     return model, HunYuanTokenizer.from_pretrained(model_path) if has_vocab else None
