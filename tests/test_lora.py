@@ -1,0 +1,372 @@
+"""LoRA training, adapters, resume and fuse on tiny models, with the real tokenizer and car data.
+
+The vocabulary head dominates the cost of a 128k-vocabulary model on a CPU, so the training tests
+run a model whose vocabulary is just the ids the car slice uses: the examples are tokenized with
+the real tokenizer and chat template, then their ids are renumbered densely. The CLI test uses a
+full-vocabulary model on a few very short records.
+"""
+
+from __future__ import annotations
+
+import json
+import shutil
+import warnings
+from pathlib import Path
+
+import mlx.core as mx
+import numpy as np
+import pytest
+from conftest import build_torch_model, save_checkpoint, shared_dir
+from mlx.utils import tree_flatten
+from mlx_lm.tuner.callbacks import TrainingCallback
+from mlx_lm.tuner.trainer import iterate_batches
+
+from hunyuan_mlx import load, load_model
+from hunyuan_mlx.adapters import LoRAGatheredLinear, dequantized_weight, prepare_model
+from hunyuan_mlx.data import load_examples, read_jsonl
+from hunyuan_mlx.fuse import fuse
+from hunyuan_mlx.fuse import main as fuse_main
+from hunyuan_mlx.fuse import save_checkpoint as save_mlx_checkpoint
+from hunyuan_mlx.lora import LoRAConfig, masked_loss, optimizer_file, train
+from hunyuan_mlx.lora import main as lora_main
+from hunyuan_mlx.model import IGNORE_INDEX
+from hunyuan_mlx.quantize import apply_quantization
+from hunyuan_mlx.tokenizer import HunYuanTokenizer
+
+TOKENIZER_FILES = ("hy.tiktoken", "tokenizer_config.json", "generation_config.json")
+MODEL_SHAPE = dict(
+    hidden_size=32,
+    intermediate_size=32,
+    num_attention_heads=4,
+    num_key_value_heads=2,
+    head_dim=8,
+    num_experts=8,
+    moe_topk=2,
+    max_position_embeddings=256,
+    tie_word_embeddings=True,
+)
+MAX_SEQ_LENGTH = 128
+# Quick to train: a high learning rate and every layer, experts included.
+TRAIN_OPTIONS = dict(
+    fine_tune_type="lora",
+    num_layers=-1,
+    batch_size=4,
+    learning_rate=2e-3,
+    max_seq_length=MAX_SEQ_LENGTH,
+    val_batches=-1,
+    steps_per_report=5,
+    steps_per_eval=10,
+    save_every=10,
+)
+
+
+class Recorder(TrainingCallback):
+    def __init__(self) -> None:
+        self.train: list[dict] = []
+        self.val: list[dict] = []
+
+    def on_train_loss_report(self, train_info: dict) -> None:
+        self.train.append(train_info)
+
+    def on_val_loss_report(self, val_info: dict) -> None:
+        self.val.append(val_info)
+
+
+def write_model(path: Path, vocab_size: int) -> Path:
+    save_checkpoint(build_torch_model(vocab_size=vocab_size, **MODEL_SHAPE), path)
+    for name in TOKENIZER_FILES:
+        shutil.copyfile(shared_dir() / name, path / name)
+    return path
+
+
+@pytest.fixture(scope="session")
+def tokenizer() -> HunYuanTokenizer:
+    return HunYuanTokenizer.from_pretrained(shared_dir())
+
+
+@pytest.fixture(scope="session")
+def car_splits(tmp_path_factory, tokenizer):
+    """(train, valid, vocab size): 64 + 16 car examples with densely renumbered token ids."""
+    lines = (shared_dir() / "car" / "train.jsonl").read_text(encoding="utf-8").splitlines()
+    directory = tmp_path_factory.mktemp("car")
+    splits = []
+    for name, chunk in (("train", lines[:64]), ("valid", lines[64:80])):
+        (directory / f"{name}.jsonl").write_text("\n".join(chunk) + "\n", encoding="utf-8")
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore")  # a few long titles are truncated
+            splits.append(load_examples(directory / f"{name}.jsonl", tokenizer, MAX_SEQ_LENGTH))
+    ids = sorted({t for split in splits for tokens, _ in split for t in tokens})
+    dense = {t: i for i, t in enumerate(ids)}
+    train_set, valid_set = (
+        [([dense[t] for t in tokens], offset) for tokens, offset in s] for s in splits
+    )
+    return train_set, valid_set, len(ids)
+
+
+@pytest.fixture(scope="session")
+def dense_model_dir(tmp_path_factory, car_splits) -> Path:
+    return write_model(tmp_path_factory.mktemp("dense"), car_splits[2])
+
+
+@pytest.fixture(scope="session")
+def trained(tmp_path_factory, dense_model_dir, car_splits):
+    """(model, adapter dir, recorder) after 30 LoRA iterations on the car slice."""
+    train_set, valid_set, _ = car_splits
+    adapter_path = tmp_path_factory.mktemp("adapters")
+    model = load_model(dense_model_dir)
+    recorder = Recorder()
+    config = LoRAConfig(iters=30, adapter_path=str(adapter_path), **TRAIN_OPTIONS)
+    train(model, train_set, valid_set, config, recorder)
+    model.eval()
+    return model, adapter_path, recorder
+
+
+def probe(vocab_size: int) -> mx.array:
+    return mx.array(np.random.default_rng(0).integers(0, vocab_size, (2, 12)))
+
+
+def test_training_and_validation_losses_fall(trained):
+    _, adapter_path, recorder = trained
+    train_losses = [r["train_loss"] for r in recorder.train]
+    val_losses = [r["val_loss"] for r in recorder.val]
+    assert [r["iteration"] for r in recorder.train] == [5, 10, 15, 20, 25, 30]
+    assert [r["iteration"] for r in recorder.val] == [0, 9, 19, 29]
+    assert train_losses[-1] < 0.8 * train_losses[0]
+    assert val_losses[-1] < 0.85 * val_losses[0]
+    for key in ("learning_rate", "iterations_per_second", "tokens_per_second", "peak_memory"):
+        assert recorder.train[-1][key] > 0
+    names = {p.name for p in adapter_path.iterdir()}
+    for it in (10, 20, 30):
+        assert {f"{it:07d}_adapters.safetensors", f"{it:07d}_optimizer.safetensors"} <= names
+    assert {"adapters.safetensors", "optimizer.safetensors", "adapter_config.json"} <= names
+    config = json.loads((adapter_path / "adapter_config.json").read_text())
+    assert "mlp.experts.gate_up_proj" in config["lora_parameters"]["keys"]
+
+
+def test_adapters_reload_to_identical_logits(trained, dense_model_dir, car_splits):
+    model, adapter_path, _ = trained
+    reloaded, _ = load(dense_model_dir, adapter_path=adapter_path)
+    x = probe(car_splits[2])
+    assert mx.array_equal(model(x), reloaded(x))
+    base = load_model(dense_model_dir)
+    assert not mx.allclose(base(x), model(x), atol=1e-3)
+
+
+def test_fused_model_matches_base_plus_adapters(trained, dense_model_dir, car_splits, tmp_path):
+    model, adapter_path, _ = trained
+    fuse_main(
+        [
+            "--model",
+            str(dense_model_dir),
+            "--adapter-path",
+            str(adapter_path),
+            "--save-path",
+            str(tmp_path / "fused"),
+        ]
+    )
+    fused = load_model(tmp_path / "fused")
+    x = probe(car_splits[2])
+    assert mx.allclose(fused(x), model(x), atol=1e-4, rtol=0)
+    assert (tmp_path / "fused" / "hy.tiktoken").is_file()
+    assert not any("lora" in name for name, _ in tree_flatten(fused.parameters()))
+
+
+def test_qlora_on_quantized_base_and_fuse(dense_model_dir, car_splits, tmp_path):
+    """Adapters train over a 4-bit base; fused with --dequantize they match exactly, and fused
+    re-quantized they load as a quantized checkpoint."""
+    train_set, valid_set, vocab_size = car_splits
+    base = load_model(dense_model_dir)
+    base.config.quantization = {"group_size": 32, "bits": 4, "mode": "affine"}
+    apply_quantization(base, base.config.quantization)
+    quantized_dir = save_mlx_checkpoint(base, base.config, dense_model_dir, tmp_path / "q4")
+
+    model = load_model(quantized_dir)
+    config = LoRAConfig(iters=4, adapter_path=str(tmp_path / "ad"), **TRAIN_OPTIONS)
+    train(model, train_set, valid_set, config)
+    model.eval()
+    experts = model.layers[0].mlp.experts.gate_up_proj
+    assert isinstance(experts, LoRAGatheredLinear) and "scales" in experts.linear
+    assert experts.lora_a.dtype == mx.float32
+
+    x = probe(vocab_size)
+    plain = fuse(quantized_dir, tmp_path / "ad", tmp_path / "f32", dequantize=True)
+    assert "quantization" not in json.loads((plain / "config.json").read_text())
+    assert mx.allclose(load_model(plain)(x), model(x), atol=1e-4, rtol=0)
+    requantized = fuse(quantized_dir, tmp_path / "ad", tmp_path / "f4")
+    assert json.loads((requantized / "config.json").read_text())["quantization"]["bits"] == 4
+    # Re-quantized with the base's parameters: within a quantization step of the exact sum,
+    # which has moved further than that from the base.
+    experts = load_model(requantized).layers[0].mlp.experts.gate_up_proj
+    exact = load_model(plain).layers[0].mlp.experts.gate_up_proj.weight
+    assert experts.bits == 4 and experts.group_size == 32
+    step = mx.abs(mx.repeat(experts.scales, 32, axis=-1))
+    assert mx.all(mx.abs(dequantized_weight(experts) - exact) <= step)
+    base_experts = load_model(quantized_dir).layers[0].mlp.experts.gate_up_proj
+    assert mx.any(mx.abs(dequantized_weight(base_experts) - exact) > step)
+
+
+def test_resume_continues_steps_and_optimizer(dense_model_dir, car_splits, tmp_path):
+    train_set, valid_set, _ = car_splits
+    options = {**TRAIN_OPTIONS, "save_every": 3, "steps_per_eval": 100}
+
+    def run(directory: str, iters: int, resume: str | None = None):
+        model = load_model(dense_model_dir)
+        config = LoRAConfig(
+            iters=iters, adapter_path=directory, resume_adapter_file=resume, **options
+        )
+        recorder = Recorder()
+        train(model, train_set, valid_set, config, recorder)
+        return recorder
+
+    run(str(tmp_path / "straight"), 6)
+    run(str(tmp_path / "first"), 3)
+    resumed = run(
+        str(tmp_path / "second"), 6, str(tmp_path / "first" / "0000003_adapters.safetensors")
+    )
+    assert [r["iteration"] for r in resumed.train] == [5, 6]
+    assert (tmp_path / "second" / "0000006_adapters.safetensors").is_file()
+    straight = mx.load(str(tmp_path / "straight" / "adapters.safetensors"))
+    second = mx.load(str(tmp_path / "second" / "adapters.safetensors"))
+    for name, value in straight.items():
+        assert mx.allclose(second[name], value, atol=1e-6), name
+    state = mx.load(str(optimizer_file(tmp_path / "second" / "adapters.safetensors")))
+    assert state["step"].item() == 6
+
+
+def test_expert_lora_gradient_only_for_routed_experts(dense_model_dir, monkeypatch):
+    model = load_model(dense_model_dir)
+    prepare_model(model, "lora", -1, {"keys": ["experts"]})
+    for _, module in model.named_modules():
+        if isinstance(module, LoRAGatheredLinear):
+            module.lora_b = mx.random.normal(module.lora_b.shape)
+    used: dict[int, set[int]] = {}
+    call = LoRAGatheredLinear.__call__
+
+    def spy(self, x, indices, sorted_indices=False):
+        used.setdefault(id(self), set()).update(np.array(indices).ravel().tolist())
+        return call(self, x, indices, sorted_indices)
+
+    monkeypatch.setattr(LoRAGatheredLinear, "__call__", spy)
+    batch = mx.array([[5, 17, 3]])
+
+    def loss(params):
+        model.update(params)
+        return model(batch).astype(mx.float32).sum()
+
+    grads = dict(tree_flatten(mx.grad(loss)(model.trainable_parameters())))
+    modules = {name: m for name, m in model.named_modules() if isinstance(m, LoRAGatheredLinear)}
+    assert modules
+    for name, module in modules.items():
+        experts = used[id(module)]
+        assert 0 < len(experts) < 8
+        for leaf in ("lora_a", "lora_b"):
+            grad = np.array(grads[f"{name}.{leaf}"])
+            for e in range(8):
+                if e in experts:
+                    assert np.abs(grad[e]).max() > 0, (name, leaf, e)
+                else:
+                    assert np.all(grad[e] == 0), (name, leaf, e)
+
+
+def test_prompt_tokens_carry_no_loss(tokenizer, tmp_path):
+    record = json.loads((shared_dir() / "car" / "train.jsonl").open(encoding="utf-8").readline())
+    (tmp_path / "chat.jsonl").write_text(json.dumps(record, ensure_ascii=False) + "\n")
+    prompt, answer = record["messages"][1]["content"], record["messages"][2]["content"]
+    (tmp_path / "pc.jsonl").write_text(json.dumps({"prompt": prompt, "completion": answer}) + "\n")
+    for name in ("chat.jsonl", "pc.jsonl"):
+        [(tokens, offset)] = load_examples(tmp_path / name, tokenizer, 512)
+        assert offset > 0
+        assert tokenizer.decode(tokens[offset:]) == answer + "<|eos|>"
+        [(unmasked_tokens, zero)] = load_examples(
+            tmp_path / name, tokenizer, 512, mask_prompt=False
+        )
+        assert unmasked_tokens == tokens and zero == 0
+
+    # The training loss over a padded batch counts exactly the answer tokens.
+    rng = np.random.default_rng(0)
+    logits = mx.array(rng.normal(size=(1, len(tokens) - 1, 50)).astype(np.float32))
+    small = [t % 50 for t in tokens]
+    batch, lengths = next(iterate_batches([(small, offset)], 1, 512))
+    assert batch.shape[1] > len(tokens)  # padded
+
+    class Fixed:
+        def __call__(self, inputs):
+            return mx.pad(logits, [(0, 0), (0, inputs.shape[1] - logits.shape[1]), (0, 0)])
+
+    loss, ntokens = masked_loss(Fixed(), batch, lengths)
+    assert ntokens.item() == len(tokens) - offset
+    labels = np.array(small)
+    labels[:offset] = IGNORE_INDEX
+    targets = labels[1:]
+    log_probs = logits[0] - mx.logsumexp(logits[0], axis=-1, keepdims=True)
+    expected = -np.mean(
+        [np.array(log_probs)[i, t] for i, t in enumerate(targets) if t != IGNORE_INDEX]
+    )
+    assert loss.item() == pytest.approx(expected, rel=1e-5)
+
+
+def test_malformed_lines_name_file_and_line(tokenizer, tmp_path):
+    good = json.dumps({"text": "hello"})
+    cases = {
+        "broken.jsonl": (f"{good}\n{{not json\n", "broken.jsonl, line 2: not valid JSON"),
+        "array.jsonl": (f"{good}\n\n[1, 2]\n", "array.jsonl, line 3: expected a JSON object"),
+        "mixed.jsonl": (f'{good}\n{{"prompt": "a", "completion": "b"}}\n', "mixed.jsonl, line 2"),
+        "type.jsonl": (f'{good}\n{{"text": 3}}\n', "type.jsonl, line 2: 'text' must be a str"),
+        "unknown.jsonl": ('{"question": "a"}\n', "unknown.jsonl, line 1: unknown record format"),
+        "roles.jsonl": (
+            '{"messages": [{"role": "user", "content": "hi"}]}\n',
+            "line 1: with the prompt",
+        ),
+    }
+    for name, (text, message) in cases.items():
+        (tmp_path / name).write_text(text)
+        with pytest.raises(ValueError, match=message):
+            load_examples(tmp_path / name, tokenizer, 64)
+    (tmp_path / "text.jsonl").write_text(good + "\n")
+    with pytest.raises(ValueError, match="no prompt to mask"):
+        load_examples(tmp_path / "text.jsonl", tokenizer, 64, mask_prompt=True)
+    assert read_jsonl(tmp_path / "text.jsonl") == [(1, {"text": "hello"})]
+
+
+def test_truncation_warning_counts_examples(tokenizer, tmp_path):
+    records = [{"text": "word " * n} for n in (2, 40, 60)]
+    (tmp_path / "t.jsonl").write_text("".join(json.dumps(r) + "\n" for r in records))
+    with pytest.warns(UserWarning, match="2 of 3 examples are longer than max_seq_length=16"):
+        examples = load_examples(tmp_path / "t.jsonl", tokenizer, 16)
+    assert [len(tokens) for tokens, _ in examples] == [4, 16, 16]
+
+
+def test_cli_with_yaml_config_full_vocabulary(tmp_path_factory, tokenizer, capsys):
+    """`python -m hunyuan_mlx.lora -c config.yaml` end to end on the real vocabulary."""
+    tmp = tmp_path_factory.mktemp("cli")
+    model_dir = write_model(tmp / "model", 128167)
+    data = tmp / "data"
+    data.mkdir()
+    records = [{"prompt": f"车系{i}", "completion": f"奥迪q{i}"} for i in range(4)]
+    for split in ("train", "valid", "test"):
+        (data / f"{split}.jsonl").write_text(
+            "".join(json.dumps(r, ensure_ascii=False) + "\n" for r in records)
+        )
+    config_file = tmp / "lora.yaml"
+    config_file.write_text(
+        f"model: {model_dir}\ndata: {data}\ntrain: true\nbatch_size: 2\niters: 2\n"
+        "val_batches: 1\ntest_batches: 1\nsteps_per_report: 1\nlora_rank: 4\nlora_alpha: 8\n"
+        "lora_targets: [attention, experts]\nlr_schedule: cosine\nwarmup: 1\n"
+    )
+    adapters = tmp / "adapters"
+    lora_main(
+        ["-c", str(config_file), "--adapter-path", str(adapters), "--test", "--num-layers", "1"]
+    )
+    out = capsys.readouterr().out
+    assert "Iter 2: Train loss" in out and "Test loss" in out
+    config = json.loads((adapters / "adapter_config.json").read_text())
+    assert config["lora_parameters"]["scale"] == 2.0
+    assert config["num_layers"] == 1 and config["lr_schedule"] == "cosine"
+    assert "self_attn.q_proj" in config["lora_parameters"]["keys"]
+    assert "mlp.shared_mlp.up_proj" not in config["lora_parameters"]["keys"]
+    model, _ = load(model_dir, adapter_path=adapters)
+    assert isinstance(model.layers[1].mlp.experts.down_proj, LoRAGatheredLinear)
+    assert not isinstance(model.layers[0].mlp.experts.down_proj, LoRAGatheredLinear)
+    with pytest.raises(ValueError, match="unknown keys lora_rnak"):
+        config_file.write_text("lora_rnak: 4\n")
+        lora_main(["-c", str(config_file)])
