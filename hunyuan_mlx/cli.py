@@ -149,6 +149,9 @@ def add_common_arguments(parser: argparse.ArgumentParser) -> None:
         "--model", required=True, help="Local checkpoint directory or Hugging Face repo id"
     )
     parser.add_argument(
+        "--adapter-path", default=None, help="Directory of trained LoRA/DoRA adapters to apply"
+    )
+    parser.add_argument(
         "--system-prompt", default=None, help="System prompt to be used for the chat template"
     )
     parser.add_argument(
@@ -242,7 +245,7 @@ def prepare(
     """Model, tokenizer and settings for parsed CLI flags; seeds the PRNG when asked to."""
     model_path = resolve_model_path(args.model)
     settings = settings_from_args(args, model_path)
-    model, tokenizer = load(model_path)
+    model, tokenizer = load(model_path, adapter_path=args.adapter_path)
     if tokenizer is None:
         raise FileNotFoundError(f"No tokenizer (hy.tiktoken or tokenizer.json) in {model_path}")
     if args.seed is not None:

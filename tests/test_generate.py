@@ -176,6 +176,7 @@ def test_cli_verbose_prints_stats(tiny_release, capsys):
         (["-p", "Hi", "--kv-bits", "7"], "kv_bits must be one of"),
         (["-p", "Hi", "--max-tokens", "0"], "max_tokens must be > 0"),
         (["-p", "Hi", "--ignore-chat-template", "--no-think"], "needs the chat template"),
+        (["-p", "Hi", "--adapter-path", "/nonexistent"], "No adapter_config.json"),
     ],
 )
 def test_cli_errors_are_one_line(tiny_release, capsys, flags, message):
