@@ -8,6 +8,7 @@ full-vocabulary model on a few very short records.
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import shutil
 import warnings
@@ -370,3 +371,37 @@ def test_cli_with_yaml_config_full_vocabulary(tmp_path_factory, tokenizer, capsy
     with pytest.raises(ValueError, match="unknown keys lora_rnak"):
         config_file.write_text("lora_rnak: 4\n")
         lora_main(["-c", str(config_file)])
+
+
+def test_grad_checkpoint_dora_and_full(dense_model_dir, car_splits, tmp_path):
+    """Gradient checkpointing changes no numbers; DoRA and full fine-tuning train and reload."""
+    train_set, valid_set, vocab_size = car_splits
+    x = probe(vocab_size)
+
+    def run(name: str, **options):
+        model = load_model(dense_model_dir)
+        config = LoRAConfig(**{**TRAIN_OPTIONS, "iters": 2, "adapter_path": str(tmp_path / name)})
+        train(model, train_set, None, dataclasses.replace(config, **options))
+        model.eval()
+        return model, mx.load(str(tmp_path / name / "adapters.safetensors"))
+
+    _, plain = run("plain")
+    checkpointed, recomputed = run("checkpointed", grad_checkpoint=True)
+    assert type(checkpointed.layers[0]).__name__.startswith("Checkpointed")
+    assert type(load_model(dense_model_dir).layers[0]).__name__ == "HunYuanMoEV1DecoderLayer"
+    for name, value in plain.items():
+        assert mx.allclose(recomputed[name], value, atol=1e-5), name
+
+    with pytest.raises(ValueError, match="DoRA is not supported on the routed experts"):
+        run("dora-experts", fine_tune_type="dora")
+    for name, options in {
+        "dora": dict(fine_tune_type="dora", lora_targets=["attention", "shared_mlp"]),
+        "full": dict(fine_tune_type="full", num_layers=1),
+    }.items():
+        model, weights = run(name, **options)
+        reloaded, _ = load(dense_model_dir, adapter_path=tmp_path / name)
+        assert mx.allclose(reloaded(x), model(x), atol=1e-6)
+        fused = fuse(dense_model_dir, tmp_path / name, tmp_path / f"{name}-fused")
+        assert mx.allclose(load_model(fused)(x), model(x), atol=1e-4, rtol=0)
+    assert all(key.startswith("model.layers.1.") for key in weights)
+    assert "model.layers.1.mlp.experts.gate_up_proj.weight" in weights
