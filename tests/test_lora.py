@@ -25,6 +25,8 @@ from mlx_lm.tuner.trainer import iterate_batches
 from hunyuan_mlx import load, load_model
 from hunyuan_mlx.adapters import LoRAGatheredLinear, dequantized_weight, prepare_model
 from hunyuan_mlx.data import load_examples, read_jsonl
+from hunyuan_mlx.evaluate_car import extract_answer, read_test_set, score
+from hunyuan_mlx.evaluate_car import main as evaluate_car_main
 from hunyuan_mlx.fuse import fuse
 from hunyuan_mlx.fuse import main as fuse_main
 from hunyuan_mlx.fuse import save_checkpoint as save_mlx_checkpoint
@@ -337,10 +339,15 @@ def test_truncation_warning_counts_examples(tokenizer, tmp_path):
     assert [len(tokens) for tokens, _ in examples] == [4, 16, 16]
 
 
-def test_cli_with_yaml_config_full_vocabulary(tmp_path_factory, tokenizer, capsys):
+@pytest.fixture(scope="session")
+def full_vocab_model_dir(tmp_path_factory) -> Path:
+    return write_model(tmp_path_factory.mktemp("full_vocab"), 128167)
+
+
+def test_cli_with_yaml_config_full_vocabulary(tmp_path_factory, full_vocab_model_dir, capsys):
     """`python -m hunyuan_mlx.lora -c config.yaml` end to end on the real vocabulary."""
     tmp = tmp_path_factory.mktemp("cli")
-    model_dir = write_model(tmp / "model", 128167)
+    model_dir = full_vocab_model_dir
     data = tmp / "data"
     data.mkdir()
     records = [{"prompt": f"车系{i}", "completion": f"奥迪q{i}"} for i in range(4)]
@@ -405,3 +412,44 @@ def test_grad_checkpoint_dora_and_full(dense_model_dir, car_splits, tmp_path):
         assert mx.allclose(load_model(fused)(x), model(x), atol=1e-4, rtol=0)
     assert all(key.startswith("model.layers.1.") for key in weights)
     assert "model.layers.1.mlp.experts.gate_up_proj.weight" in weights
+
+
+def test_car_scoring():
+    assert (
+        extract_answer("<think>\n\n</think>\n<answer>\n奥迪q5l；宝马x5\n</answer>")
+        == "奥迪q5l；宝马x5"
+    )
+    assert extract_answer("<answer>\nds525") == "ds525"
+    assert extract_answer("<think>x</think>无") == "无"
+    scores = score(
+        ["奥迪q5l；宝马x5", "无", "ds525", "无"], ["宝马x5；奥迪q5l", "无", "ds5", "cr-v"]
+    )
+    assert scores["exact_match"] == 0.5
+    assert scores["precision"] == pytest.approx(2 / 3)
+    assert scores["recall"] == pytest.approx(2 / 4)
+    assert scores["f1"] == pytest.approx(2 * (2 / 3) * 0.5 / (2 / 3 + 0.5))
+
+
+def test_evaluate_car_command(full_vocab_model_dir, tmp_path, capsys):
+    test_file = shared_dir() / "car" / "test.json"
+    scores = evaluate_car_main(
+        [
+            "--model",
+            str(full_vocab_model_dir),
+            "--data",
+            str(test_file),
+            "--limit",
+            "2",
+            "--max-tokens",
+            "3",
+            "--output",
+            str(tmp_path / "out.jsonl"),
+        ]
+    )
+    assert scores["examples"] == 2 and 0 <= scores["f1"] <= 1
+    rows = [json.loads(line) for line in (tmp_path / "out.jsonl").read_text().splitlines()]
+    assert [set(r) for r in rows] == [{"input", "label", "prediction"}] * 2
+    assert json.loads(capsys.readouterr().out.splitlines()[-1]) == scores
+    (tmp_path / "bad.json").write_text('{"input": "x", "label": "y"}\n{"input": "x"}\n')
+    with pytest.raises(ValueError, match="bad.json, line 2"):
+        read_test_set(tmp_path / "bad.json")
