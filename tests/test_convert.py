@@ -16,7 +16,7 @@ import mlx.core as mx
 import numpy as np
 import pytest
 import torch
-from conftest import TINY_CONFIG, build_torch_model, save_checkpoint
+from conftest import TINY_CONFIG, build_torch_model, save_checkpoint, shared_dir
 from safetensors.numpy import save_file
 
 from hunyuan_mlx import load_model
@@ -172,6 +172,24 @@ def test_release_layout(release, tmp_path):
     assert len(vocab) == 259
     assert (out / "hy.tiktoken").is_file() and (out / "generation_config.json").is_file()
     assert not (out / "tokenization_hy.py").exists()
+
+
+def test_real_tokenizer_files_need_no_remote_code(tiny_checkpoint, tmp_path):
+    """With the release's tokenizer files, the output loads in transformers without its code."""
+    from transformers import AutoTokenizer
+
+    from hunyuan_mlx.tokenizer import HunYuanTokenizer
+
+    src = shutil.copytree(tiny_checkpoint[0], tmp_path / "src")
+    for name in ("hy.tiktoken", "tokenizer_config.json", "generation_config.json"):
+        shutil.copyfile(shared_dir() / name, src / name)
+    out = tmp_path / "out"
+    convert(src, out)
+    text = "Hello, 世界! <|startoftext|>This is   a test\n\n 123456"
+    expected = HunYuanTokenizer.from_tiktoken(src / "hy.tiktoken").encode(text)
+    assert HunYuanTokenizer.from_tokenizer_json(out / "tokenizer.json").encode(text) == expected
+    assert AutoTokenizer.from_pretrained(out).encode(text, add_special_tokens=False) == expected
+    assert json.loads((out / "generation_config.json").read_text())["top_k"] == 20
 
 
 def test_release_layout_4bit_quantizes_the_tied_embedding(release, tmp_path):
