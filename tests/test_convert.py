@@ -6,6 +6,7 @@ loses (rounding, quantization), not low-precision compute.
 
 from __future__ import annotations
 
+import importlib
 import json
 import shutil
 import subprocess
@@ -25,6 +26,8 @@ from hunyuan_mlx.loading import INDEX_FILE
 from hunyuan_mlx.moe import QuantizedGatheredLinear
 
 REPO = Path(__file__).resolve().parents[1]
+# The module, even where the package exports a function of the same name.
+module = importlib.import_module("hunyuan_mlx.convert")
 IDS = np.random.default_rng(0).integers(0, TINY_CONFIG["vocab_size"], (2, 24))
 ALPHA_ROPE = {"type": "dynamic", "alpha": 1000.0, "factor": 1.0}
 # Documented error bounds on the tiny random model (measured, with margin). Quantization error
@@ -346,8 +349,6 @@ def test_summary(converted, tiny_checkpoint, tmp_path, capsys):
 
 def test_streams_shards_in_and_out(untied, tmp_path, monkeypatch):
     """Output shards are written while input shards are still to be read."""
-    import hunyuan_mlx.convert as module
-
     events = []
     load, save = mx.load, mx.save_safetensors
 
@@ -485,8 +486,6 @@ def test_never_overwrites_the_source(damaged):
 
 
 def test_interrupt_removes_the_partial_output(untied, tmp_path, monkeypatch):
-    import hunyuan_mlx.convert as module
-
     calls = []
 
     def interrupted_save(*args, **kwargs):
@@ -511,6 +510,15 @@ def test_cli_error_is_one_line(tmp_path, capsys):
     assert main(["--hf-path", str(tmp_path / "nowhere"), "--mlx-path", str(tmp_path / "o")]) == 1
     err = capsys.readouterr().err.strip()
     assert err.startswith("error: ") and "\n" not in err
+
+
+def test_cli_interrupt_exits_130(untied, tmp_path, monkeypatch, capsys):
+    def interrupted(*args, **kwargs):
+        raise KeyboardInterrupt
+
+    monkeypatch.setattr(module, "convert", interrupted)
+    assert main(["--hf-path", str(untied[0]), "--mlx-path", str(tmp_path / "o")]) == 130
+    assert capsys.readouterr().err.startswith("error: interrupted")
 
 
 def test_cli_wrapper_and_module(damaged, tmp_path):
