@@ -122,8 +122,8 @@ def quant_params(bits: int | None, group_size: int | None, mode: str) -> dict[st
         raise ValueError(f"Unknown quantization mode {mode!r}; choose from {list(Q_MODE_DEFAULTS)}")
     default_group_size, default_bits = Q_MODE_DEFAULTS[mode]
     params = {
-        "group_size": group_size or default_group_size,
-        "bits": bits or default_bits,
+        "group_size": default_group_size if group_size is None else group_size,
+        "bits": default_bits if bits is None else bits,
         "mode": mode,
     }
     check_quant_params(params)
