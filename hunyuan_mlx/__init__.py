@@ -1,6 +1,7 @@
 """hunyuan-mlx: Tencent's HunYuan MoE V1 (Hunyuan-A13B) on MLX."""
 
 from .config import HunYuanMoEV1Config
+from .convert import convert
 from .loading import load, load_model
 from .model import (
     HunYuanMoEV1ForCausalLM,
@@ -15,6 +16,7 @@ __all__ = [
     "HunYuanMoEV1ForCausalLM",
     "HunYuanMoEV1ForSequenceClassification",
     "HunYuanMoEV1Model",
+    "convert",
     "load",
     "load_model",
 ]
