@@ -312,8 +312,8 @@ def device_name() -> str:
     return f"{mx.default_device()} {info.get('device_name', '')} {info.get('architecture', '')}"
 
 
-def main() -> None:
-    ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+def add_model_args(ap: argparse.ArgumentParser) -> None:
+    """The options that shape the random model (shared with profile_decode.py)."""
     ap.add_argument("--config", default=str(DEFAULT_CONFIG))
     ap.add_argument("--layers", type=int, default=0, help="0: the release's 32")
     ap.add_argument("--width-scale", type=float, default=1.0, help="scales hidden, heads, MLPs")
@@ -324,13 +324,18 @@ def main() -> None:
     ap.add_argument("--recipe", choices=("uniform", "mixed"), default="uniform")
     ap.add_argument("--dtype", choices=("bfloat16", "float16"), default="bfloat16")
     ap.add_argument("--embed-scale", type=float, default=4.0, help="embedding/head value scale")
+    ap.add_argument("--prefill-step", type=int, default=2048, help="generate_step's default")
+    ap.add_argument("--seed", type=int, default=0)
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    add_model_args(ap)
     ap.add_argument("--prompt-lens", default="512,4096")
     ap.add_argument("--gen", type=int, default=64, help="tokens decoded after each prompt")
     ap.add_argument("--rounds", type=int, default=3, help="timed rounds, after one warm-up")
-    ap.add_argument("--prefill-step", type=int, default=2048, help="generate_step's default")
-    ap.add_argument("--models", default="ours,mlxlm")
+    ap.add_argument("--models", default="ours,mlxlm", help="of ours, mlxlm, ours_plain")
     ap.add_argument("--no-agreement", action="store_true")
-    ap.add_argument("--seed", type=int, default=0)
     ap.add_argument("--out", default=None, help="also write the JSON lines here")
     args = ap.parse_args()
 

@@ -1,0 +1,200 @@
+"""Decode-step variants at full A13B shape: where a token's time goes, and what fusing saves.
+
+Builds the model as `bench_generate.py` does, prefills one prompt per variant, then times greedy
+decode (pipelined as mlx-lm's generate_step) for each variant, interleaved over rounds, and the host
+time to build one step's graph (no evaluation). Variants patch this project's model at runtime, so
+that they can be measured before any layout change is made for real:
+
+- mlxlm: mlx-lm's model on the same weights;
+- plain: this project with its fast paths off;
+- fast: this project as it is (compiled decode step);
+- fast+qkv: q/k/v projections fused into one quantized matmul (concatenated copies, measurement
+  only);
+- fast+qkv+shared: and the shared expert's gate/up fused likewise.
+
+    python benchmarks/profile_decode.py --prompt 512 --gen 64 --rounds 3
+"""
+
+from __future__ import annotations
+
+import argparse
+import contextlib
+import json
+import statistics
+import sys
+import time
+from pathlib import Path
+
+import mlx.core as mx
+import mlx.nn as nn
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+
+import bench_generate as bg  # noqa: E402
+
+from hunyuan_mlx import model as model_module  # noqa: E402
+from hunyuan_mlx import moe as moe_module  # noqa: E402
+
+
+def fuse(linears: list[nn.Module]) -> nn.QuantizedLinear:
+    """One quantized linear whose output is the given ones' outputs concatenated."""
+    first = linears[0]
+    out = nn.QuantizedLinear(first.group_size, 8, False, first.group_size, first.bits)
+    out.weight = mx.concatenate([m.weight for m in linears])
+    out.scales = mx.concatenate([m.scales for m in linears])
+    out.biases = mx.concatenate([m.biases for m in linears])
+    mx.eval(out.parameters())
+    return out
+
+
+def fused_pre(self, x, offset):
+    attn = self.self_attn
+    B, L, _ = x.shape
+    h = self.input_layernorm(x)
+    nq = attn.num_heads * attn.head_dim
+    nk = attn.num_key_value_heads * attn.head_dim
+    q, k, v = mx.split(self.qkv_fused(h), [nq, nq + nk], axis=-1)
+    shared_kv = (k, v)
+    queries = q.reshape(B, L, attn.num_heads, -1).transpose(0, 2, 1, 3)
+    keys, values = (
+        t.reshape(B, L, attn.num_key_value_heads, -1).transpose(0, 2, 1, 3) for t in shared_kv
+    )
+    queries = attn.rotary_emb(queries, offset)
+    keys = attn.rotary_emb(keys, offset)
+    if "query_layernorm" in attn:
+        queries = attn.query_layernorm(queries)
+        keys = attn.key_layernorm(keys)
+    return queries, keys, values, shared_kv
+
+
+def fused_shared_call(self, x):
+    inter = self.down_proj.weight.shape[-1] * 32 // self.down_proj.bits
+    gate, up = mx.split(self.gate_up_fused(x), [inter], axis=-1)
+    return self.down_proj(nn.silu(gate) * up)
+
+
+def decode(model, prompt, n_gen, prefill_step):
+    from mlx_lm.models.cache import make_prompt_cache
+
+    cache = make_prompt_cache(model)
+    p = prompt
+    while p.size > 1:
+        n = min(prefill_step, p.size - 1)
+        model(p[:n][None], cache=cache)
+        mx.eval([c.state for c in cache])
+        p = p[n:]
+
+    def step(tok):
+        logits = model(tok[None], cache=cache)[:, -1, :]
+        return mx.argmax(logits, axis=-1)
+
+    y = step(p)
+    mx.eval(y)
+    toks = []
+    mx.synchronize()
+    t = time.perf_counter()
+    for _ in range(n_gen):
+        nxt = step(y)
+        mx.async_eval(nxt)
+        toks.append(y.item())
+        y = nxt
+    dt = time.perf_counter() - t
+    # Host time to build one step's graph alone: one more step, timed before its evaluation.
+    t = time.perf_counter()
+    nxt = step(y)
+    build_ms = (time.perf_counter() - t) * 1e3
+    mx.eval(nxt)
+    return n_gen / dt, build_ms, toks
+
+
+def main():
+    ap = argparse.ArgumentParser()
+    ap.add_argument("--prompt", type=int, default=512)
+    ap.add_argument("--gen", type=int, default=64)
+    ap.add_argument("--rounds", type=int, default=3)
+    ap.add_argument("--variants", default="mlxlm,plain,fast,fast+qkv,fast+qkv+shared")
+    ap.add_argument("--out", default=None)
+    bg.add_model_args(ap)
+    args = ap.parse_args()
+    sink = open(args.out, "w") if args.out else None
+    mx.random.seed(args.seed)
+    cfg = bg.release_config(args)
+    args._layers = cfg["num_hidden_layers"]
+    ours = bg.build_ours(cfg, args)
+    variants = args.variants.split(",")
+    theirs = bg.build_mlxlm(cfg, ours, args) if "mlxlm" in variants else None
+    layout = bg.ExpertLayout(ours, theirs) if theirs is not None else None
+    ours.eval()
+    if theirs is not None:
+        theirs.eval()
+    prompt = mx.random.randint(0, cfg["vocab_size"], (args.prompt,), key=mx.random.key(7))
+    prompt = prompt.astype(mx.uint32)
+    Layer = model_module.HunYuanMoEV1DecoderLayer
+    MLP = moe_module.HunYuanMoEV1MLP
+    original_pre, original_mlp = Layer._decode_pre, MLP.__call__
+    need_qkv = any("qkv" in v for v in variants)
+    need_shared = any("shared" in v for v in variants)
+    for layer in ours.layers:
+        a = layer.self_attn
+        if need_qkv:
+            layer.qkv_fused = fuse([a.q_proj, a.k_proj, a.v_proj])
+        if need_shared and "shared_mlp" in layer.mlp:
+            s = layer.mlp.shared_mlp
+            s.gate_up_fused = fuse([s.gate_proj, s.up_proj])
+
+    @contextlib.contextmanager
+    def variant(name):
+        Layer._decode_pre = fused_pre if "qkv" in name else original_pre
+        MLP.__call__ = fused_shared_call if "shared" in name else original_mlp
+        for layer in ours.layers:
+            layer._decode_fns = None  # retrace with the patched functions
+        ctx = moe_module.fast_paths(False) if name == "plain" else contextlib.nullcontext()
+        try:
+            with ctx:
+                yield
+        finally:
+            Layer._decode_pre, MLP.__call__ = original_pre, original_mlp
+
+    res: dict[str, list] = {}
+    ref_tokens = {}
+    for rnd in range(args.rounds + 1):
+        order = variants if rnd % 2 == 0 else variants[::-1]
+        for name in order:
+            if layout is not None:
+                layout.activate("mlxlm" if name == "mlxlm" else "ours")
+            with variant(name):
+                tps, build_ms, toks = decode(
+                    theirs if name == "mlxlm" else ours, prompt, args.gen, args.prefill_step
+                )
+            rec = {
+                "kind": "decode",
+                "round": rnd,
+                "variant": name,
+                "tps": tps,
+                "build_ms": build_ms,
+            }
+            if rnd == 0:
+                ref_tokens[name] = toks
+            else:
+                res.setdefault(name, []).append((tps, build_ms))
+            rec["tokens_equal_fast"] = toks == ref_tokens.get("fast", toks)
+            bg.log(rec, sink)
+    for name, vals in res.items():
+        tps = [v[0] for v in vals]
+        bg.log(
+            {
+                "kind": "summary",
+                "variant": name,
+                "tps_median": statistics.median(tps),
+                "tps_min": min(tps),
+                "tps_max": max(tps),
+                "build_ms_median": statistics.median(v[1] for v in vals),
+            },
+            sink,
+        )
+    print(json.dumps({"device": bg.device_name(), "versions": bg.versions()}))
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,176 @@
+"""Every fast path gives the plain path's logits (and transformers' to 1e-4 in float32)."""
+
+from __future__ import annotations
+
+import mlx.core as mx
+import mlx.nn as nn
+import numpy as np
+import pytest
+import torch
+
+from hunyuan_mlx import load_model, moe
+from hunyuan_mlx.config import HunYuanMoEV1Config
+from hunyuan_mlx.model import HunYuanMoEV1ForCausalLM
+from hunyuan_mlx.moe import GatheredGLU
+from hunyuan_mlx.quantize import apply_quantization
+
+ATOL = 1e-4
+
+
+@pytest.fixture
+def always_fast(monkeypatch):
+    """Take the padded prefill path from the first routed row on this backend."""
+    monkeypatch.setitem(moe.PADDED_MIN_ROWS, moe.backend(), 1)
+
+
+@pytest.fixture
+def spy(monkeypatch):
+    """Records, per GatheredGLU call, whether the padded path produced the result."""
+    taken = []
+    original = GatheredGLU.padded
+
+    def padded(self, x, indices):
+        out = original(self, x, indices)
+        taken.append(out is not None)
+        return out
+
+    monkeypatch.setattr(GatheredGLU, "padded", padded)
+    return taken
+
+
+def tiny_model(quantized: bool, seed: int = 0) -> HunYuanMoEV1ForCausalLM:
+    mx.random.seed(seed)
+    config = HunYuanMoEV1Config(
+        vocab_size=200,
+        hidden_size=128,
+        intermediate_size=64,
+        num_hidden_layers=2,
+        num_attention_heads=4,
+        num_key_value_heads=2,
+        head_dim=32,
+        num_experts=16,
+        moe_topk=4,
+        rope_scaling={"type": "dynamic", "alpha": 1000.0},
+    )
+    model = HunYuanMoEV1ForCausalLM(config)
+    if quantized:
+        apply_quantization(model, {"group_size": 32, "bits": 4})
+    model.eval()
+    mx.eval(model.parameters())
+    return model
+
+
+def max_diff(a: mx.array, b: mx.array) -> float:
+    return mx.abs(a.astype(mx.float32) - b.astype(mx.float32)).max().item()
+
+
+@pytest.mark.parametrize("group", [3, 32])  # experts per batched matmul
+@pytest.mark.parametrize("quantized", [False, True])
+@pytest.mark.parametrize("tokens", [2, 7, 64])  # 2 tokens x 4 of 16 experts: some unused
+def test_padded_experts_equal_gathered(quantized, tokens, group, always_fast, spy, monkeypatch):
+    monkeypatch.setattr(moe, "PADDED_EXPERT_GROUP", group)
+    glu = GatheredGLU(128, 64, 16)
+    if quantized:
+        nn.quantize(glu, 32, 4)
+    glu.eval()
+    x = mx.random.normal((1, tokens, 128))
+    indices = mx.argsort(mx.random.uniform(shape=(1, tokens, 16)), axis=-1)[..., :4]
+    fast = glu(x, indices)
+    with moe.fast_paths(False):
+        plain = glu(x, indices)
+    assert spy == [True]
+    assert fast.shape == plain.shape == (1, tokens, 4, 128)
+    assert max_diff(fast, plain) <= 1e-5
+
+
+@pytest.mark.parametrize("quantized", [False, True])
+def test_chunked_prefill_and_decode_logits_equal_plain(quantized, always_fast, spy):
+    """The generation loop's calls (prefill chunks with a cache, then single tokens)."""
+    model = tiny_model(quantized)
+    ids = mx.random.randint(0, 200, (1, 70))
+
+    def run():
+        cache = model.make_cache()
+        out = [model(ids[:, a:b], cache=cache) for a, b in ((0, 40), (40, 69), (69, 70))]
+        return mx.concatenate(out, axis=1)
+
+    fast = run()
+    assert any(spy)
+    assert all(layer._decode_fns is not None for layer in model.layers)  # compiled decode ran
+    with moe.fast_paths(False):
+        plain = run()
+    assert max_diff(fast, plain) <= ATOL
+
+
+def test_compiled_decode_sees_new_weights():
+    """The compiled decode step takes the layer's parameters as inputs: no stale weights."""
+    model = tiny_model(quantized=True)
+    ids = mx.random.randint(0, 200, (1, 12))
+
+    def last_logits():
+        cache = model.make_cache()
+        model(ids[:, :-1], cache=cache)
+        return model(ids[:, -1:], cache=cache)
+
+    last_logits()  # compiles
+    layer = model.layers[1]
+    layer.mlp.shared_mlp.down_proj.scales = layer.mlp.shared_mlp.down_proj.scales * 2
+    layer.post_attention_layernorm.weight = layer.post_attention_layernorm.weight * 0.5
+    fast = last_logits()
+    with moe.fast_paths(False):
+        plain = last_logits()
+    assert max_diff(fast, plain) <= ATOL
+
+
+def test_fast_path_matches_transformers(tiny_checkpoint, always_fast, spy):
+    path, torch_model = tiny_checkpoint
+    model = load_model(path)
+    ids = np.random.default_rng(3).integers(0, 96, (1, 40))
+    with torch.no_grad():
+        ref = torch_model(torch.tensor(ids)).logits.float().numpy()
+    ours = np.array(model(mx.array(ids)).astype(mx.float32))
+    assert all(spy) and spy
+    assert np.abs(ours - ref).max() <= ATOL
+
+
+def test_training_and_compile_take_the_gathered_path(always_fast, spy):
+    model = tiny_model(quantized=False)
+    ids = mx.random.randint(0, 200, (1, 30))
+    with moe.fast_paths(False):
+        plain = model(ids)
+    model.train()
+    assert max_diff(model(ids), plain) == 0.0
+    assert spy == []  # not even tried while training
+    model.eval()
+    compiled = mx.compile(lambda t: model(t))
+    assert max_diff(compiled(ids), plain) <= ATOL
+    assert spy and not any(spy)  # tried, declined: no host read inside mx.compile
+
+
+def test_wrapped_projection_takes_the_gathered_path(always_fast, spy):
+    """An adapter around a projection (LoRA) must see its own call: no padded path then."""
+
+    class Wrapper(nn.Module):
+        def __init__(self, inner):
+            super().__init__()
+            self.inner = inner
+
+        def __call__(self, x, indices, sorted_indices=False):
+            return self.inner(x, indices, sorted_indices=sorted_indices)
+
+    glu = GatheredGLU(128, 64, 16)
+    glu.eval()
+    x = mx.random.normal((1, 20, 128))
+    indices = mx.argsort(mx.random.uniform(shape=(1, 20, 16)), axis=-1)[..., :4]
+    with moe.fast_paths(False):
+        plain = glu(x, indices)
+    glu.down_proj = Wrapper(glu.down_proj)
+    assert max_diff(glu(x, indices), plain) == 0.0
+    assert spy == [False]
+
+
+def test_fast_paths_context_restores_state():
+    before = moe.padded_min_rows()
+    with moe.fast_paths(False):
+        assert moe.padded_min_rows() is None
+    assert moe.padded_min_rows() == before
