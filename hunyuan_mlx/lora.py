@@ -223,6 +223,23 @@ def validate(model: nn.Module, dataset: list, config: LoRAConfig, num_batches: i
     return loss
 
 
+def training_step(
+    model: nn.Module, optimizer: optim.Optimizer
+) -> tuple[Callable[[mx.array, mx.array], tuple[mx.array, mx.array]], list[Any]]:
+    """A compiled step (loss, gradients, optimizer update) on `(batch, lengths)`, returning the
+    loss and token count, and the state it updates (evaluate it after each step)."""
+    loss_and_grad = nn.value_and_grad(model, masked_loss)
+    state = [model.state, optimizer.state, mx.random.state]
+
+    @partial(mx.compile, inputs=state, outputs=state)
+    def step(batch: mx.array, lengths: mx.array) -> tuple[mx.array, mx.array]:
+        (loss, tokens), grads = loss_and_grad(model, batch, lengths)
+        optimizer.update(model, grads)
+        return loss, tokens
+
+    return step, state
+
+
 def train(
     model: nn.Module,
     train_set: list,
@@ -250,15 +267,7 @@ def train(
     if config.grad_checkpoint:
         checkpoint_layers(model)
 
-    loss_and_grad = nn.value_and_grad(model, masked_loss)
-    state = [model.state, optimizer.state, mx.random.state]
-
-    @partial(mx.compile, inputs=state, outputs=state)
-    def step(batch: mx.array, lengths: mx.array) -> tuple[mx.array, mx.array]:
-        (loss, tokens), grads = loss_and_grad(model, batch, lengths)
-        optimizer.update(model, grads)
-        return loss, tokens
-
+    step, state = training_step(model, optimizer)
     batches: Iterator = iterate_batches(
         train_set, config.batch_size, config.max_seq_length, loop=True, seed=config.seed
     )
