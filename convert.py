@@ -2,7 +2,7 @@
 
 import sys
 
-from hunyuan_mlx.convert import main
+from hunyuan_mlx.converter import main
 
 if __name__ == "__main__":
     sys.exit(main())

@@ -32,7 +32,7 @@ MB = 2**20
 CHILD = """
 import json, resource, sys
 from pathlib import Path
-from hunyuan_mlx.convert import convert
+from hunyuan_mlx.converter import convert
 args = json.loads(sys.argv[1])
 if args is not None:
     convert(**args)

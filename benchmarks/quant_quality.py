@@ -28,7 +28,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 from convert_memory import release_config, write_checkpoint  # noqa: E402
 
 from hunyuan_mlx import load_model  # noqa: E402
-from hunyuan_mlx.convert import convert  # noqa: E402
+from hunyuan_mlx.converter import convert  # noqa: E402
 
 # label -> convert() quantization arguments
 RECIPES: dict[str, dict] = {

@@ -1,7 +1,7 @@
 """hunyuan-mlx: Tencent's HunYuan MoE V1 (Hunyuan-A13B) on MLX."""
 
 from .config import HunYuanMoEV1Config
-from .convert import convert
+from .converter import convert
 from .loading import load, load_model
 from .model import (
     HunYuanMoEV1ForCausalLM,

@@ -6,7 +6,6 @@ loses (rounding, quantization), not low-precision compute.
 
 from __future__ import annotations
 
-import importlib
 import json
 import shutil
 import subprocess
@@ -20,14 +19,13 @@ import torch
 from conftest import TINY_CONFIG, build_torch_model, save_checkpoint, shared_dir
 from safetensors.numpy import save_file
 
+from hunyuan_mlx import converter as module
 from hunyuan_mlx import load_model
-from hunyuan_mlx.convert import build_parser, convert, main, parse_size
+from hunyuan_mlx.converter import build_parser, convert, main, parse_size
 from hunyuan_mlx.loading import INDEX_FILE
 from hunyuan_mlx.moe import QuantizedGatheredLinear
 
 REPO = Path(__file__).resolve().parents[1]
-# The module, even where the package exports a function of the same name.
-module = importlib.import_module("hunyuan_mlx.convert")
 IDS = np.random.default_rng(0).integers(0, TINY_CONFIG["vocab_size"], (2, 24))
 ALPHA_ROPE = {"type": "dynamic", "alpha": 1000.0, "factor": 1.0}
 # Documented error bounds on the tiny random model (measured, with margin). Quantization error
