@@ -101,7 +101,10 @@ def evaluate(
 
 
 def build_parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(description="Exact match and micro F1 of car-series names.")
+    parser = argparse.ArgumentParser(
+        prog="python -m hunyuan_mlx.evaluate_car",
+        description="Exact match and micro F1 of car-series names.",
+    )
     parser.add_argument("--model", required=True, help="Local model directory or Hub repo id.")
     parser.add_argument("--adapter-path", help="Adapters of a hunyuan_mlx.lora run.")
     parser.add_argument("--data", required=True, help="A test.json of {input, label} lines.")

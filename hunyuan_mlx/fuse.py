@@ -62,7 +62,9 @@ def fuse(
 
 
 def build_parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(description="Fuse trained adapters into a HunYuan model.")
+    parser = argparse.ArgumentParser(
+        prog="python -m hunyuan_mlx.fuse", description="Fuse trained adapters into a HunYuan model."
+    )
     parser.add_argument("--model", required=True, help="Local model directory or Hub repo id.")
     parser.add_argument(
         "--adapter-path",

@@ -346,12 +346,15 @@ def run(config: LoRAConfig, callback: TrainingCallback | None = None) -> None:
 def build_parser() -> argparse.ArgumentParser:
     """CLI flags for every `LoRAConfig` field; unset flags stay None so YAML values can apply."""
     d = LoRAConfig()
-    p = argparse.ArgumentParser(description="LoRA, DoRA or full fine-tuning of HunYuan MoE V1.")
+    p = argparse.ArgumentParser(
+        prog="python -m hunyuan_mlx.lora",
+        description="LoRA, DoRA or full fine-tuning of HunYuan MoE V1.",
+    )
     p.add_argument("--model", help="Local model directory or Hub repo id.")
     p.add_argument("--train", action="store_true", default=None, help="Train.")
     p.add_argument("--test", action="store_true", default=None, help="Report the test loss.")
     p.add_argument("--data", help=f"Directory with train/valid/test.jsonl (default: {d.data}).")
-    p.add_argument("--fine-tune-type", choices=FINE_TUNE_TYPES, help="default: lora")
+    p.add_argument("--fine-tune-type", choices=FINE_TUNE_TYPES, help=f"default: {d.fine_tune_type}")
     p.add_argument(
         "--num-layers", type=int, help=f"Last layers to tune, -1 all (default: {d.num_layers})."
     )
@@ -371,7 +374,12 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--lr-schedule", choices=LR_SCHEDULES, help=f"default: {d.lr_schedule}")
     p.add_argument("--warmup", type=int, help=f"Linear warm-up iterations (default: {d.warmup}).")
     p.add_argument("--max-seq-length", type=int, help=f"default: {d.max_seq_length}")
-    p.add_argument("--grad-checkpoint", action="store_true", default=None)
+    p.add_argument(
+        "--grad-checkpoint",
+        action="store_true",
+        default=None,
+        help="Recompute layer activations in the backward pass: less memory, more time.",
+    )
     p.add_argument(
         "--mask-prompt",
         action=argparse.BooleanOptionalAction,
