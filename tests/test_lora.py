@@ -33,6 +33,7 @@ from hunyuan_mlx.fuse import save_checkpoint as save_mlx_checkpoint
 from hunyuan_mlx.lora import LoRAConfig, masked_loss, optimizer_file, train
 from hunyuan_mlx.lora import main as lora_main
 from hunyuan_mlx.model import IGNORE_INDEX
+from hunyuan_mlx.moe import fast_paths
 from hunyuan_mlx.quantize import apply_quantization
 from hunyuan_mlx.tokenizer import HunYuanTokenizer
 
@@ -453,3 +454,19 @@ def test_evaluate_car_command(full_vocab_model_dir, tmp_path, capsys):
     (tmp_path / "bad.json").write_text('{"input": "x", "label": "y"}\n{"input": "x"}\n')
     with pytest.raises(ValueError, match="bad.json, line 2"):
         read_test_set(tmp_path / "bad.json")
+
+
+def test_adapters_under_inference_fast_paths(trained, car_splits):
+    """Prefill of many rows and cached single-token steps give the adapted model's own logits."""
+    model, _, _ = trained
+    tokens = mx.array(np.random.default_rng(1).integers(0, car_splits[2], (1, 300)))
+
+    def prefill_and_step():
+        cache = model.make_cache()
+        return model(tokens[:, :-1], cache), model(tokens[:, -1:], cache)
+
+    fast = prefill_and_step()
+    with fast_paths(False):
+        plain = prefill_and_step()
+    for a, b in zip(fast, plain):
+        assert mx.allclose(a, b, atol=1e-4, rtol=0)
