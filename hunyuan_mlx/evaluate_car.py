@@ -15,6 +15,8 @@ from collections.abc import Iterable
 from pathlib import Path
 from typing import Any
 
+from .data import read_jsonl
+
 NAME_SEPARATOR = "；"
 NO_NAME = "无"
 # The system prompt of car/train.jsonl.
@@ -62,19 +64,10 @@ def score(predictions: Iterable[str], labels: Iterable[str]) -> dict[str, float]
 def read_test_set(path: str | Path, limit: int | None = None) -> list[dict[str, str]]:
     """The `{"input", "label"}` records of a test file; a bad line is an error naming it."""
     records = []
-    with open(path, encoding="utf-8") as f:
-        for number, line in enumerate(f, 1):
-            if not line.strip():
-                continue
-            try:
-                record = json.loads(line)
-            except json.JSONDecodeError as e:
-                raise ValueError(f"{path}, line {number}: not valid JSON ({e.msg})") from None
-            if not (isinstance(record, dict) and {"input", "label"} <= record.keys()):
-                raise ValueError(f"{path}, line {number}: expected an object with input and label")
-            records.append(record)
-            if limit is not None and len(records) == limit:
-                break
+    for number, record in read_jsonl(path)[:limit]:
+        if not {"input", "label"} <= record.keys():
+            raise ValueError(f"{path}, line {number}: expected an object with input and label")
+        records.append(record)
     return records
 
 
