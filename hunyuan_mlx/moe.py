@@ -122,8 +122,10 @@ class QuantizedGatheredLinear(nn.Module):
 _fast_paths_enabled = True
 
 # Routed rows (tokens x k) from which a call takes the padded path, by backend; None: never.
-# CUDA and CPU measured (BENCHMARKS.md); Apple GPUs keep sorted gather_qmm until measured there.
-PADDED_MIN_ROWS = {"cuda": 512, "cpu": 512, "metal": None}
+# Measured (BENCHMARKS.md): on CUDA, dequantizing a layer's experts costs about what gather_qmm
+# spends on ~350 rows; on the CPU, whose bf16 gather_qmm is far slower, the padded path wins from
+# a few dozen rows. Apple GPUs keep sorted gather_qmm until measured there.
+PADDED_MIN_ROWS = {"cuda": 512, "cpu": 64, "metal": None}
 # Experts per batched matmul: bounds the dense weights alive at once (32 of A13B's experts: 1.6 GB
 # of bf16 gate+up, 0.8 GB of down) to keep prefill's peak memory within 10% of the weights.
 PADDED_EXPERT_GROUP = 32
