@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 from pathlib import Path
 from typing import Any
 
@@ -53,6 +54,21 @@ def save_checkpoint(model, path: Path, max_shard_size: str | None = None) -> Pat
     kwargs = {"max_shard_size": max_shard_size} if max_shard_size else {}
     model.save_pretrained(path, **kwargs)
     return path
+
+
+def rewrite_as_release_config(path: Path, **extra: Any) -> None:
+    """Rewrite a transformers save's config.json as the original release writes its own:
+    model_type "hunyuan", attention_head_dim, rope_theta + rope_scaling (`extra` added)."""
+    config = json.loads((path / "config.json").read_text())
+    rope = config.pop("rope_parameters")
+    config.update(
+        model_type="hunyuan",
+        attention_head_dim=config.pop("head_dim"),
+        rope_theta=rope.pop("rope_theta"),
+        rope_scaling={k: v for k, v in rope.items() if k != "rope_type"},
+        **extra,
+    )
+    (path / "config.json").write_text(json.dumps(config))
 
 
 @pytest.fixture(scope="session")

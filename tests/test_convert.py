@@ -16,7 +16,13 @@ import mlx.core as mx
 import numpy as np
 import pytest
 import torch
-from conftest import TINY_CONFIG, build_torch_model, save_checkpoint, shared_dir
+from conftest import (
+    TINY_CONFIG,
+    build_torch_model,
+    rewrite_as_release_config,
+    save_checkpoint,
+    shared_dir,
+)
 from safetensors.numpy import save_file
 
 from hunyuan_mlx import converter as module
@@ -92,16 +98,9 @@ def release(tmp_path_factory) -> tuple[Path, np.ndarray]:
     with an lm_head.weight anyway, tokenizer files with remote-code entries."""
     torch_model = build_torch_model(seed=1, tie_word_embeddings=True, rope_scaling=ALPHA_ROPE)
     path = save_checkpoint(torch_model, tmp_path_factory.mktemp("release"), "40KB")
-    config = json.loads((path / "config.json").read_text())
-    rope = config.pop("rope_parameters")
-    config.update(
-        model_type="hunyuan",
-        attention_head_dim=config.pop("head_dim"),
-        rope_theta=rope["rope_theta"],
-        rope_scaling={"type": "dynamic", "alpha": 1000.0, "factor": 1.0},
-        auto_map={"AutoModelForCausalLM": "hunyuan.HunYuanMoEV1ForCausalLM"},
+    rewrite_as_release_config(
+        path, auto_map={"AutoModelForCausalLM": "hunyuan.HunYuanMoEV1ForCausalLM"}
     )
-    (path / "config.json").write_text(json.dumps(config))
     head = torch_model.state_dict()["model.embed_tokens.weight"].numpy() + 1.0  # must be ignored
     save_file({"lm_head.weight": head}, str(path / "model-head.safetensors"))
     index = json.loads((path / INDEX_FILE).read_text())

@@ -2,14 +2,13 @@
 
 from __future__ import annotations
 
-import json
 import shutil
 
 import mlx.core as mx
 import numpy as np
 import pytest
 import torch
-from conftest import build_torch_model, save_checkpoint
+from conftest import build_torch_model, rewrite_as_release_config, save_checkpoint
 from mlx.utils import tree_flatten
 from safetensors.torch import save_file
 
@@ -60,21 +59,16 @@ def test_release_layout(tmp_path):
         tie_word_embeddings=True, rope_scaling={"type": "dynamic", "alpha": 1000.0, "factor": 1.0}
     )
     path = save_checkpoint(torch_model, tmp_path / "release")
-    config = json.loads((path / "config.json").read_text())
-    rope = config.pop("rope_parameters")
-    config.update(
-        model_type="hunyuan",
-        attention_head_dim=config.pop("head_dim"),
-        rope_theta=rope["rope_theta"],
-        rope_scaling={"type": "dynamic", "alpha": 1000.0, "factor": 1.0, "beta_fast": 32},
-        moe_intermediate_size=[config["intermediate_size"]] * 2,
-        num_shared_expert=[1, 1],
+    layers = torch_model.config.num_hidden_layers
+    rewrite_as_release_config(
+        path,
+        moe_intermediate_size=[torch_model.config.intermediate_size] * layers,
+        num_shared_expert=[1] * layers,
         use_mixed_mlp_moe=True,
         use_qk_norm=True,
         use_cla=False,
         cla_share_factor=2,
     )
-    (path / "config.json").write_text(json.dumps(config))
     tensors = read_tensors(path)  # per-expert names, as the release
     tensors["lm_head.weight"] = tensors["model.embed_tokens.weight"] + 1.0  # must be ignored
     rewrite(path, tensors)
