@@ -199,7 +199,11 @@ class GatheredGLU(nn.Module):
     def __call__(self, x: mx.array, indices: mx.array) -> mx.array:
         """x (..., D), indices (..., k) -> each chosen expert's output, (..., k, D)."""
         limit = padded_min_rows()
-        if limit is not None and indices.size >= limit and not self.training:
+        rows = indices.size
+        if not self.training and (
+            (limit is not None and rows >= limit)
+            or (rows >= SORT_THRESHOLD and self.sorted_gather_mm_unsafe())
+        ):
             out = self.padded(x, indices)
             if out is not None:
                 return out
@@ -218,6 +222,17 @@ class GatheredGLU(nn.Module):
         if do_sort:
             out = scatter_unsort(out, inverse_order, indices.shape)
         return out.squeeze(-2)
+
+    def sorted_gather_mm_unsafe(self) -> bool:
+        """Unquantized experts on CUDA: MLX 0.32.4's sorted `gather_mm` there returned NaN or
+        wrong rows at A13B shape and hit an illegal memory access at 320 rows (BENCHMARKS.md),
+        so such calls take the padded path (no dequantization needed) whatever `fast_paths` says.
+        """
+        return (
+            backend() == "cuda"
+            and type(self.gate_up_proj) is GatheredLinear
+            and type(self.down_proj) is GatheredLinear
+        )
 
     def padded(self, x: mx.array, indices: mx.array) -> mx.array | None:
         """The same result as batched matmuls over (used experts, capacity, D) rows.

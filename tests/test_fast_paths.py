@@ -205,3 +205,23 @@ def test_padded_bf16_at_least_as_accurate_as_gathered(always_fast):
         plain = rel(glu(x, indices))
     assert fast <= 1e-2  # bf16 rounding
     assert fast <= plain * 1.05
+
+
+def test_unquantized_experts_avoid_sorted_gather_mm_on_cuda(monkeypatch, spy):
+    """MLX 0.32.4's sorted gather_mm is broken on CUDA: unquantized experts go padded there."""
+    glu = GatheredGLU(128, 64, 16)
+    glu.eval()
+    x = mx.random.normal((1, 20, 128))  # 80 rows: sorted, under CUDA's padded threshold
+    indices = mx.argsort(mx.random.uniform(shape=(1, 20, 16)), axis=-1)[..., :4]
+    with moe.fast_paths(False):
+        gathered = glu(x, indices)
+    assert spy == []
+    monkeypatch.setattr(moe, "backend", lambda: "cuda")
+    with moe.fast_paths(False):
+        out = glu(x, indices)
+    assert spy == [True]
+    assert max_diff(out, gathered) <= 1e-5
+    nn.quantize(glu, 32, 4)  # quantized experts use gather_qmm, which is fine there
+    with moe.fast_paths(False):
+        glu(x, indices)
+    assert spy == [True]
