@@ -40,11 +40,8 @@ class CausalLMOutput:
 
 
 @dataclass
-class SequenceClassifierOutput:
-    logits: mx.array
-    loss: mx.array | None = None
-    past_key_values: list[Any] | None = None
-    hidden_states: tuple[mx.array, ...] | None = None
+class SequenceClassifierOutput(CausalLMOutput):
+    """The same fields; `logits` are pooled per row, (B, num_labels)."""
 
 
 class HunYuanMoEV1Attention(nn.Module):
