@@ -20,7 +20,7 @@ from mlx_lm.tuner.dora import DoRALinear
 from mlx_lm.tuner.lora import LoRALinear
 from mlx_lm.utils import dequantize_model as dequantize_mlx_lm_layers
 
-from .moe import GatheredLinear, QuantizedGatheredLinear
+from .moe import GatheredLinear, QuantizedGatheredLinear, dense_expert_weight
 
 ADAPTER_FILE = "adapters.safetensors"
 ADAPTER_CONFIG_FILE = "adapter_config.json"
@@ -73,20 +73,6 @@ def gathered_dims(linear: nn.Module) -> tuple[int, int, int]:
     return num_experts, output_dims, packed
 
 
-def dequantized_weight(linear: nn.Module) -> mx.array:
-    """The (E, out, in) weight of a gathered linear, dequantized if it is quantized."""
-    if not isinstance(linear, QuantizedGatheredLinear):
-        return linear.weight
-    return mx.dequantize(
-        linear.weight,
-        linear.scales,
-        linear.get("biases"),
-        group_size=linear.group_size,
-        bits=linear.bits,
-        mode=linear.mode,
-    )
-
-
 class LoRAGatheredLinear(nn.Module):
     """A (quantized) `GatheredLinear` plus a float32 rank-r update `scale * B_e A_e` per expert e.
 
@@ -116,7 +102,7 @@ class LoRAGatheredLinear(nn.Module):
 
     def fuse(self, dequantize: bool = False) -> nn.Module:
         """The base with the update added, re-quantized as the base was unless `dequantize`."""
-        weight = dequantized_weight(self.linear)
+        weight = dense_expert_weight(self.linear)
         num_experts, output_dims, input_dims = weight.shape
         fused = GatheredLinear(input_dims, output_dims, num_experts)
         delta = self.scale * (self.lora_b @ self.lora_a)
@@ -242,7 +228,7 @@ def dequantize_model(model: nn.Module) -> nn.Module:
         if isinstance(module, QuantizedGatheredLinear):
             num_experts, output_dims, input_dims = gathered_dims(module)
             linear = GatheredLinear(input_dims, output_dims, num_experts)
-            linear.weight = dequantized_weight(module)
+            linear.weight = dense_expert_weight(module)
             plain.append((name, linear))
     if plain:
         model.update_modules(tree_unflatten(plain))

@@ -23,7 +23,7 @@ from mlx_lm.tuner.callbacks import TrainingCallback
 from mlx_lm.tuner.trainer import iterate_batches
 
 from hunyuan_mlx import load, load_model
-from hunyuan_mlx.adapters import LoRAGatheredLinear, dequantized_weight, prepare_model
+from hunyuan_mlx.adapters import LoRAGatheredLinear, prepare_model
 from hunyuan_mlx.data import load_examples, read_jsonl
 from hunyuan_mlx.evaluate_car import extract_answer, read_test_set, score
 from hunyuan_mlx.evaluate_car import main as evaluate_car_main
@@ -33,7 +33,7 @@ from hunyuan_mlx.fuse import save_checkpoint as save_mlx_checkpoint
 from hunyuan_mlx.lora import LoRAConfig, masked_loss, optimizer_file, train
 from hunyuan_mlx.lora import main as lora_main
 from hunyuan_mlx.model import IGNORE_INDEX
-from hunyuan_mlx.moe import fast_paths
+from hunyuan_mlx.moe import dense_expert_weight, fast_paths
 from hunyuan_mlx.quantize import apply_quantization
 from hunyuan_mlx.tokenizer import HunYuanTokenizer
 
@@ -204,9 +204,9 @@ def test_qlora_on_quantized_base_and_fuse(dense_model_dir, car_splits, tmp_path)
     exact = load_model(plain).layers[0].mlp.experts.gate_up_proj.weight
     assert experts.bits == 4 and experts.group_size == 32
     step = mx.abs(mx.repeat(experts.scales, 32, axis=-1))
-    assert mx.all(mx.abs(dequantized_weight(experts) - exact) <= step)
+    assert mx.all(mx.abs(dense_expert_weight(experts) - exact) <= step)
     base_experts = load_model(quantized_dir).layers[0].mlp.experts.gate_up_proj
-    assert mx.any(mx.abs(dequantized_weight(base_experts) - exact) > step)
+    assert mx.any(mx.abs(dense_expert_weight(base_experts) - exact) > step)
 
 
 def test_resume_continues_steps_and_optimizer(dense_model_dir, car_splits, tmp_path):
