@@ -56,6 +56,21 @@ def save_checkpoint(model, path: Path, max_shard_size: str | None = None) -> Pat
     return path
 
 
+def as_mlx_lm_layout(tensors: dict[str, Any]) -> dict[str, Any]:
+    """This project's tensors under mlx-lm's names: `switch_mlp`, gate and up stacked apart."""
+    import numpy as np
+
+    out = {}
+    for name, value in tensors.items():
+        if ".experts.gate_up_proj." in name:
+            gate, up = np.split(np.array(value), 2, axis=1)
+            out[name.replace("experts.gate_up_proj", "switch_mlp.gate_proj")] = gate
+            out[name.replace("experts.gate_up_proj", "switch_mlp.up_proj")] = up
+        else:
+            out[name.replace(".experts.", ".switch_mlp.")] = np.array(value)
+    return out
+
+
 def rewrite_as_release_config(path: Path, **extra: Any) -> None:
     """Rewrite a transformers save's config.json as the original release writes its own:
     model_type "hunyuan", attention_head_dim, rope_theta + rope_scaling (`extra` added)."""

@@ -18,6 +18,7 @@ import pytest
 import torch
 from conftest import (
     TINY_CONFIG,
+    as_mlx_lm_layout,
     build_torch_model,
     rewrite_as_release_config,
     save_checkpoint,
@@ -290,14 +291,7 @@ def test_mlx_lm_switch_mlp_layout_requantizes(converted, tmp_path):
     """mlx-lm's layout and per-module entries (switch_mlp paths) read back; -q re-quantizes."""
     four_bit = converted(quantize=True, dtype="float32", q_group_size=32)
     src = shutil.copytree(four_bit, tmp_path / "src")
-    tensors = {}
-    for name, value in read_weights(src).items():
-        if ".experts.gate_up_proj." in name:
-            gate, up = np.split(np.array(value), 2, axis=1)
-            tensors[name.replace("experts.gate_up_proj", "switch_mlp.gate_proj")] = gate
-            tensors[name.replace("experts.gate_up_proj", "switch_mlp.up_proj")] = up
-        else:
-            tensors[name.replace(".experts.", ".switch_mlp.")] = np.array(value)
+    tensors = as_mlx_lm_layout(read_weights(src))
     config = json.loads((src / "config.json").read_text())
     config["quantization"] = {
         k.replace(".experts.", ".switch_mlp."): v for k, v in config["quantization"].items()

@@ -8,7 +8,7 @@ import mlx.core as mx
 import numpy as np
 import pytest
 import torch
-from conftest import build_torch_model, rewrite_as_release_config, save_checkpoint
+from conftest import as_mlx_lm_layout, build_torch_model, rewrite_as_release_config, save_checkpoint
 from mlx.utils import tree_flatten
 from safetensors.torch import save_file
 
@@ -87,15 +87,7 @@ def test_transformers_fused_expert_parameters(checkpoint):
 def test_mlx_lm_switch_mlp_layout(checkpoint):
     path, torch_model = checkpoint
     ours = dict(tree_flatten(load_model(path).parameters()))
-    tensors = {}
-    for name, value in ours.items():
-        if ".experts.gate_up_proj." in name:
-            gate, up = np.split(np.array(value), 2, axis=1)
-            tensors[name.replace("experts.gate_up_proj", "switch_mlp.gate_proj")] = gate
-            tensors[name.replace("experts.gate_up_proj", "switch_mlp.up_proj")] = up
-        else:
-            tensors[name.replace(".experts.", ".switch_mlp.")] = np.array(value)
-    rewrite(path, tensors)
+    rewrite(path, as_mlx_lm_layout(ours))
     assert_matches(load_model(path), torch_model)
 
 
