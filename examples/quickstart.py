@@ -54,6 +54,7 @@ def write_random_checkpoint(path: Path, layers: int, hidden: int) -> None:
     )
     path.mkdir(parents=True)
     (path / "config.json").write_text(json.dumps(config))
+    mx.random.seed(0)  # the same random weights, and so the same output, every run
     model = hunyuan_mlx.HunYuanMoEV1ForCausalLM(hunyuan_mlx.HunYuanMoEV1Config.from_dict(config))
     tensors = {}
     for name, value in tree_flatten(model.parameters()):
