@@ -54,7 +54,7 @@ class GatheredLinear(nn.Module):
 
     def __call__(self, x: mx.array, indices: mx.array, sorted_indices: bool = False) -> mx.array:
         weight = self.weight.swapaxes(-1, -2)
-        if x.dtype != mx.float32 and mx.default_device().type == mx.DeviceType.cpu:
+        if x.dtype != mx.float32 and backend() == "cpu":
             # MLX's CPU backend has gather_mm for float32 only; GPUs take every float type.
             out = mx.gather_mm(
                 x.astype(mx.float32),
