@@ -12,6 +12,7 @@ import mlx.nn as nn
 from mlx.utils import tree_flatten
 from tqdm import tqdm
 
+from .adapters import load_adapters
 from .config import HunYuanMoEV1Config
 from .model import HunYuanMoEV1ForCausalLM
 from .quantize import apply_quantization
@@ -143,8 +144,6 @@ def load_model(
     model.load_weights(list(weights.items()))
     del weights
     if adapter_path is not None:
-        from .adapters import load_adapters
-
         load_adapters(model, adapter_path)
     model.eval()
     if not lazy:
