@@ -50,22 +50,11 @@ def fuse(linears: list[nn.Module]) -> nn.QuantizedLinear:
 
 def fused_pre(self, x, offset):
     attn = self.self_attn
-    B, L, _ = x.shape
     h = self.input_layernorm(x)
     nq = attn.num_heads * attn.head_dim
     nk = attn.num_key_value_heads * attn.head_dim
     q, k, v = mx.split(self.qkv_fused(h), [nq, nq + nk], axis=-1)
-    shared_kv = (k, v)
-    queries = q.reshape(B, L, attn.num_heads, -1).transpose(0, 2, 1, 3)
-    keys, values = (
-        t.reshape(B, L, attn.num_key_value_heads, -1).transpose(0, 2, 1, 3) for t in shared_kv
-    )
-    queries = attn.rotary_emb(queries, offset)
-    keys = attn.rotary_emb(keys, offset)
-    if "query_layernorm" in attn:
-        queries = attn.query_layernorm(queries)
-        keys = attn.key_layernorm(keys)
-    return queries, keys, values, shared_kv
+    return *attn.heads(q, (k, v), offset), (k, v)
 
 
 def fused_shared_call(self, x):

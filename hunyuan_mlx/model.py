@@ -77,17 +77,8 @@ class HunYuanMoEV1Attention(nn.Module):
         B, L, _ = x.shape
         if shared_kv is None:
             shared_kv = (self.k_proj(x), self.v_proj(x))
-        queries = self.q_proj(x).reshape(B, L, self.num_heads, -1).transpose(0, 2, 1, 3)
-        keys, values = (
-            t.reshape(B, L, self.num_key_value_heads, -1).transpose(0, 2, 1, 3) for t in shared_kv
-        )
-
         offset = cache.offset if cache is not None else 0
-        queries = self.rotary_emb(queries, offset, position_ids)
-        keys = self.rotary_emb(keys, offset, position_ids)
-        if "query_layernorm" in self:
-            queries = self.query_layernorm(queries)
-            keys = self.key_layernorm(keys)
+        queries, keys, values = self.heads(self.q_proj(x), shared_kv, offset, position_ids)
         if cache is not None:
             keys, values = cache.update_and_fetch(keys, values)
 
@@ -95,6 +86,26 @@ class HunYuanMoEV1Attention(nn.Module):
             queries, keys, values, cache=cache, scale=self.scale, mask=mask
         )
         return self.o_proj(out.transpose(0, 2, 1, 3).reshape(B, L, -1)), shared_kv
+
+    def heads(
+        self,
+        queries: mx.array,
+        shared_kv: tuple[mx.array, mx.array],
+        offset: int | mx.array,
+        position_ids: mx.array | None = None,
+    ) -> tuple[mx.array, mx.array, mx.array]:
+        """Projections (B, L, heads * head_dim) -> (B, heads, L, head_dim): RoPE, then QK-norm."""
+        B, L, _ = queries.shape
+        queries = queries.reshape(B, L, self.num_heads, -1).transpose(0, 2, 1, 3)
+        keys, values = (
+            t.reshape(B, L, self.num_key_value_heads, -1).transpose(0, 2, 1, 3) for t in shared_kv
+        )
+        queries = self.rotary_emb(queries, offset, position_ids)
+        keys = self.rotary_emb(keys, offset, position_ids)
+        if "query_layernorm" in self:
+            queries = self.query_layernorm(queries)
+            keys = self.key_layernorm(keys)
+        return queries, keys, values
 
 
 class HunYuanMoEV1DecoderLayer(nn.Module):
@@ -153,19 +164,9 @@ class HunYuanMoEV1DecoderLayer(nn.Module):
 
     def _decode_pre(self, x: mx.array, offset: mx.array):
         attn = self.self_attn
-        B, L, _ = x.shape
         h = self.input_layernorm(x)
         shared_kv = (attn.k_proj(h), attn.v_proj(h))
-        queries = attn.q_proj(h).reshape(B, L, attn.num_heads, -1).transpose(0, 2, 1, 3)
-        keys, values = (
-            t.reshape(B, L, attn.num_key_value_heads, -1).transpose(0, 2, 1, 3) for t in shared_kv
-        )
-        queries = attn.rotary_emb(queries, offset)
-        keys = attn.rotary_emb(keys, offset)
-        if "query_layernorm" in attn:
-            queries = attn.query_layernorm(queries)
-            keys = attn.key_layernorm(keys)
-        return queries, keys, values, shared_kv
+        return *attn.heads(attn.q_proj(h), shared_kv, offset), shared_kv
 
     def _decode_post(self, x: mx.array, attn_out: mx.array) -> mx.array:
         B, _, L, _ = attn_out.shape
