@@ -32,8 +32,8 @@ def dense(p):
     return w.astype(mx.float32)
 
 
-def reference(glu, x, indices):
-    """(tokens, k, D) float32, one expert at a time."""
+def reference(glu, x, indices, weights):
+    """(tokens, D) float32, one expert at a time."""
     inter = glu.intermediate_size
     w_gu, w_dn = dense(glu.gate_up_proj), dense(glu.down_proj)
     xf = x.reshape(-1, x.shape[-1]).astype(mx.float32)
@@ -45,7 +45,7 @@ def reference(glu, x, indices):
         h = nn.silu(h[:, :inter]) * h[:, inter:]
         out[mx.array(t), mx.array(j)] = h @ w_dn[int(e)].T
         mx.eval(out)
-    return out
+    return (out * weights.reshape(*idx.shape, 1)).sum(axis=1)
 
 
 def relerr(out, ref):
@@ -69,7 +69,8 @@ def main():
                 for t in token_counts:
                     x = mx.random.normal((1, t, d)).astype(dtype)
                     indices = mx.argsort(mx.random.uniform(shape=(1, t, e)), axis=-1)[..., :k]
-                    ref = reference(glu, x, indices)
+                    weights = mx.softmax(mx.random.normal((1, t, k)), axis=-1)
+                    ref = reference(glu, x, indices, weights)
                     rec = {
                         "D": d,
                         "E": e,
@@ -80,10 +81,10 @@ def main():
                         "rows": t * k,
                     }
                     with moe.fast_paths(False):
-                        plain = glu(x, indices)
+                        plain = glu(x, indices, weights)
                     old = dict(moe.PADDED_MIN_ROWS)
                     moe.PADDED_MIN_ROWS[moe.backend()] = 1
-                    padded = glu(x, indices)
+                    padded = glu(x, indices, weights)
                     moe.PADDED_MIN_ROWS.update(old)
                     rec["plain_is_padded"] = bool(
                         t * k >= moe.SORT_THRESHOLD and glu.sorted_gather_mm_unsafe()
@@ -94,13 +95,13 @@ def main():
                     )
                     print(json.dumps(rec), flush=True)
                     if d > 128 and not quant and dtype == mx.bfloat16 and t == 40:
-                        last = (glu, x, indices, ref, rec)
+                        last = (glu, x, indices, weights, ref, rec)
                 if last is None or last[0] is not glu:
                     del glu
-    glu, x, indices, ref, rec = last
+    glu, x, indices, weights, ref, rec = last
     glu.sorted_gather_mm_unsafe = lambda: False  # MLX's sorted gather_mm, as the plain path had
     with moe.fast_paths(False):
-        raw = glu(x, indices)
+        raw = glu(x, indices, weights)
     o = raw.reshape(ref.shape).astype(mx.float32)
     print(
         json.dumps(

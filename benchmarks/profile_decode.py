@@ -18,10 +18,13 @@ that they can be measured before any layout change is made for real:
 from __future__ import annotations
 
 import argparse
+import collections
 import contextlib
 import json
+import re
 import statistics
 import sys
+import tempfile
 import time
 from pathlib import Path
 
@@ -81,20 +84,45 @@ def decode(model, prompt, n_gen, prefill_step):
     y = step(p)
     mx.eval(y)
     toks = []
+    host = [0.0, 0.0, 0.0]  # building the graph, async_eval (encoding kernels), waiting
     mx.synchronize()
     t = time.perf_counter()
     for _ in range(n_gen):
+        t0 = time.perf_counter()
         nxt = step(y)
+        t1 = time.perf_counter()
         mx.async_eval(nxt)
+        t2 = time.perf_counter()
         toks.append(y.item())
+        t3 = time.perf_counter()
         y = nxt
+        for j, d in enumerate((t1 - t0, t2 - t1, t3 - t2)):
+            host[j] += d * 1e3 / n_gen
     dt = time.perf_counter() - t
-    # Host time to build one step's graph alone: one more step, timed before its evaluation.
-    t = time.perf_counter()
-    nxt = step(y)
-    build_ms = (time.perf_counter() - t) * 1e3
-    mx.eval(nxt)
-    return n_gen / dt, build_ms, toks
+    # Steps on an idle GPU: building the graph, encoding its kernels (async_eval), then what the
+    # GPU still has to run (medians of 8).
+    idle = []
+    for _ in range(8):
+        mx.synchronize()
+        t0 = time.perf_counter()
+        nxt = step(y)
+        t1 = time.perf_counter()
+        mx.async_eval(nxt)
+        t2 = time.perf_counter()
+        mx.eval(nxt)
+        idle.append(((t1 - t0) * 1e3, (t2 - t1) * 1e3, (time.perf_counter() - t2) * 1e3))
+        y = nxt
+    idle_ms = [statistics.median(v[j] for v in idle) for j in range(3)]
+    return n_gen / dt, idle_ms, host, toks, primitives(step(y))
+
+
+def primitives(out: mx.array) -> dict[str, int]:
+    """Primitives in one decode step's graph, by name (what the backend encodes per token)."""
+    with tempfile.TemporaryDirectory() as tmp:
+        path = Path(tmp) / "step.dot"
+        mx.export_to_dot(str(path), out)
+        names = re.findall(r'label ="([A-Za-z_]+)"', path.read_text())
+    return dict(collections.Counter(names).most_common())
 
 
 def main():
@@ -153,7 +181,7 @@ def main():
             if layout is not None:
                 layout.activate("mlxlm" if name == "mlxlm" else "ours")
             with variant(name):
-                tps, build_ms, toks = decode(
+                tps, idle_ms, host, toks, prims = decode(
                     theirs if name == "mlxlm" else ours, prompt, args.gen, args.prefill_step
                 )
             rec = {
@@ -161,12 +189,19 @@ def main():
                 "round": rnd,
                 "variant": name,
                 "tps": tps,
-                "build_ms": build_ms,
+                "idle_build_ms": idle_ms[0],
+                "idle_encode_ms": idle_ms[1],
+                "idle_gpu_tail_ms": idle_ms[2],
+                "primitives": sum(prims.values()),
+                "step_build_ms": host[0],
+                "step_async_eval_ms": host[1],
+                "step_wait_ms": host[2],
             }
             if rnd == 0:
                 ref_tokens[name] = toks
+                rec["primitive_counts"] = prims
             else:
-                res.setdefault(name, []).append((tps, build_ms))
+                res.setdefault(name, []).append((tps, *idle_ms))
             rec["tokens_equal_fast"] = toks == ref_tokens.get("fast", toks)
             bg.log(rec, sink)
     for name, vals in res.items():
@@ -178,7 +213,9 @@ def main():
                 "tps_median": statistics.median(tps),
                 "tps_min": min(tps),
                 "tps_max": max(tps),
-                "build_ms_median": statistics.median(v[1] for v in vals),
+                "idle_build_ms_median": statistics.median(v[1] for v in vals),
+                "idle_encode_ms_median": statistics.median(v[2] for v in vals),
+                "idle_gpu_tail_ms_median": statistics.median(v[3] for v in vals),
             },
             sink,
         )

@@ -2,7 +2,11 @@
 
 Each variant issues `--depth` calls on distinct weight sets and random expert choices, evaluated
 together, and reports the time per call (median of `--reps`). Checks the sorted variant's output
-against the unsorted one.
+against the unsorted one, and each split variant's against one call.
+
+Split variants run a token's top-8 experts as several `gather_qmm` calls of fewer rows
+(`split4`: 4 + 4, `split7`: 7 + 1, `split1`: 8 x 1); `head_*` is the tied 128167 x 4096 head at one
+token, as one `quantized_matmul` or as chunks of at most 16384 rows concatenated.
 
     python benchmarks/profile_decode_kernels.py
 """
@@ -17,7 +21,8 @@ import time
 
 import mlx.core as mx
 
-D, INTER, E, K = 4096, 3072, 64, 8
+D, INTER, E, K, VOCAB = 4096, 3072, 64, 8, 128167
+SPLITS = {"split4": [4, 4], "split7": [7, 1], "split1": [1] * 8}
 
 
 def qrand(shape, bits=4, gs=64):
@@ -55,7 +60,8 @@ def main():
     sq = [qrand((D, D)) for _ in range(args.sets)]
     wide = [qrand((2 * INTER, D)) for _ in range(args.sets)]
     half = [qrand((INTER, D)) for _ in range(args.sets)]
-    mx.eval(gu, gu9, dn, sq, wide, half)
+    head = qrand((VOCAB, D))
+    mx.eval(gu, gu9, dn, sq, wide, half, head)
     x = mx.random.normal((1, 1, D)).astype(mx.bfloat16)
     xh = mx.random.normal((1, 1, INTER)).astype(mx.bfloat16)
     mx.eval(x, xh)
@@ -75,6 +81,26 @@ def main():
     def qm(xx, w):
         return mx.quantized_matmul(xx, *w, transpose=True, group_size=64, bits=4)
 
+    def split_gq(xx, w, ii, sizes):
+        """One token's top-8 as several calls of `sizes` choices, concatenated (..., 8, 1, N)."""
+        bounds = [sum(sizes[:j]) for j in range(1, len(sizes))]
+        parts = mx.split(ii, bounds, axis=-1) if bounds else [ii]
+        xs = mx.split(xx, bounds, axis=-3) if bounds and xx.shape[-3] > 1 else [xx] * len(parts)
+        return mx.concatenate([gq(a, w, b) for a, b in zip(xs, parts)], axis=-3)
+
+    def split_chain(xx, ws, sizes):
+        return lambda: [split_gq(xx, ws[i % args.sets], idxs[i], sizes) for i in range(n)]
+
+    def head_chunks(xx, rows):
+        w, sc, b = head
+        return mx.concatenate(
+            [
+                qm(xx, (w[a : a + rows], sc[a : a + rows], b[a : a + rows]))
+                for a in range(0, VOCAB, rows)
+            ],
+            axis=-1,
+        )
+
     xe = mx.expand_dims(x, (-2, -3))  # (1, 1, 1, 1, D)
     xr = mx.broadcast_to(x.reshape(1, 1, D), (K, 1, D))  # 8 rows, one per choice
     xhe = mx.broadcast_to(xh.reshape(1, 1, 1, 1, INTER), (1, 1, K, 1, INTER))
@@ -90,6 +116,11 @@ def main():
         ],
         "down_top8_unsorted": lambda: [gq(xhe, dn[i % s], idxs[i]) for i in range(n)],
         "down_top8_sorted": lambda: [gq(xhr, dn[i % s], sorted_idxs[i], True) for i in range(n)],
+        **{f"gate_up_top8_{k}": split_chain(xe, gu, v) for k, v in SPLITS.items()},
+        **{f"down_top8_{k}": split_chain(xhe, dn, v) for k, v in SPLITS.items()},
+        "head_one_call": lambda: [qm(x, head) for _ in range(n // 8)],
+        "head_chunks_16384": lambda: [head_chunks(x, 16384) for _ in range(n // 8)],
+        "head_chunks_8192": lambda: [head_chunks(x, 8192) for _ in range(n // 8)],
         "qmv_4096x4096": lambda: [qm(x, sq[i % s]) for i in range(n)],
         "qmv_6144x4096": lambda: [qm(x, wide[i % s]) for i in range(n)],
         "qmv_3072x4096": lambda: [qm(x, half[i % s]) for i in range(n)],
@@ -102,6 +133,15 @@ def main():
     b = gq(xr, gu[0], sorted_idxs[0], True).reshape(K, -1)
     err = (mx.abs(a[order].astype(mx.float32) - b.astype(mx.float32)).max()).item()
     print(json.dumps({"kind": "check", "sorted_vs_unsorted_max_abs": err}))
+    for name, sz in SPLITS.items():
+        for label, xx, w in (("gate_up", xe, gu[0]), ("down", xhe, dn[0])):
+            one = gq(xx, w, idxs[0]).astype(mx.float32)
+            split = split_gq(xx, w, idxs[0], sz).astype(mx.float32)
+            rel = (mx.abs(one - split).max() / mx.abs(one).max()).item()
+            print(json.dumps({"kind": "check", "op": f"{label}_{name}", "rel_max_diff": rel}))
+    one = qm(x, head).astype(mx.float32)
+    rel = (mx.abs(one - head_chunks(x, 16384).astype(mx.float32)).max() / mx.abs(one).max()).item()
+    print(json.dumps({"kind": "check", "op": "head_chunks_16384", "rel_max_diff": rel}))
 
 
 if __name__ == "__main__":

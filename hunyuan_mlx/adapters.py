@@ -91,13 +91,20 @@ class LoRAGatheredLinear(nn.Module):
         self.lora_a = mx.random.uniform(-bound, bound, (num_experts, rank, input_dims))
         self.lora_b = mx.zeros((num_experts, output_dims, rank))
 
-    def __call__(self, x: mx.array, indices: mx.array, sorted_indices: bool = False) -> mx.array:
-        y = self.linear(x, indices, sorted_indices=sorted_indices)
+    def __call__(
+        self,
+        x: mx.array,
+        indices: mx.array,
+        sorted_indices: bool = False,
+        lhs_indices: mx.array | None = None,
+    ) -> mx.array:
+        y = self.linear(x, indices, sorted_indices=sorted_indices, lhs_indices=lhs_indices)
         h = self.dropout(x).astype(self.lora_a.dtype)
-        for factor in (self.lora_a, self.lora_b):
-            h = mx.gather_mm(
-                h, factor.swapaxes(-1, -2), rhs_indices=indices, sorted_indices=sorted_indices
-            )
+        # The first product picks x's rows as the base did; its output is one row per index.
+        h = mx.gather_mm(
+            h, self.lora_a.swapaxes(-1, -2), lhs_indices, indices, sorted_indices=sorted_indices
+        )
+        h = mx.gather_mm(h, self.lora_b.swapaxes(-1, -2), rhs_indices=indices)
         return y + (self.scale * h).astype(y.dtype)
 
     def fuse(self, dequantize: bool = False) -> nn.Module:

@@ -44,6 +44,22 @@ class SequenceClassifierOutput(CausalLMOutput):
     """The same fields; `logits` are pooled per row, (B, num_labels)."""
 
 
+def split_heads(x: mx.array, num_heads: int) -> mx.array:
+    """(B, L, heads * head_dim) -> (B, heads, L, head_dim)."""
+    B, L, _ = x.shape
+    if L == 1:  # the same layout without a transpose: one graph node fewer a decode step
+        return x.reshape(B, num_heads, 1, -1)
+    return x.reshape(B, L, num_heads, -1).transpose(0, 2, 1, 3)
+
+
+def merge_heads(x: mx.array) -> mx.array:
+    """(B, heads, L, head_dim) -> (B, L, heads * head_dim), the inverse of `split_heads`."""
+    B, _, L, _ = x.shape
+    if L == 1:
+        return x.reshape(B, 1, -1)
+    return x.transpose(0, 2, 1, 3).reshape(B, L, -1)
+
+
 class HunYuanMoEV1Attention(nn.Module):
     """GQA attention; RoPE first, then RMSNorm of each query and key head (QK-norm)."""
 
@@ -74,7 +90,6 @@ class HunYuanMoEV1Attention(nn.Module):
         position_ids: mx.array | None = None,
     ) -> tuple[mx.array, tuple[mx.array, mx.array]]:
         """Returns the output and the (unrotated) key/value projections for CLA sharing."""
-        B, L, _ = x.shape
         if shared_kv is None:
             shared_kv = (self.k_proj(x), self.v_proj(x))
         offset = cache.offset if cache is not None else 0
@@ -85,7 +100,7 @@ class HunYuanMoEV1Attention(nn.Module):
         out = scaled_dot_product_attention(
             queries, keys, values, cache=cache, scale=self.scale, mask=mask
         )
-        return self.o_proj(out.transpose(0, 2, 1, 3).reshape(B, L, -1)), shared_kv
+        return self.o_proj(merge_heads(out)), shared_kv
 
     def heads(
         self,
@@ -95,11 +110,8 @@ class HunYuanMoEV1Attention(nn.Module):
         position_ids: mx.array | None = None,
     ) -> tuple[mx.array, mx.array, mx.array]:
         """Projections (B, L, heads * head_dim) -> (B, heads, L, head_dim): RoPE, then QK-norm."""
-        B, L, _ = queries.shape
-        queries = queries.reshape(B, L, self.num_heads, -1).transpose(0, 2, 1, 3)
-        keys, values = (
-            t.reshape(B, L, self.num_key_value_heads, -1).transpose(0, 2, 1, 3) for t in shared_kv
-        )
+        queries = split_heads(queries, self.num_heads)
+        keys, values = (split_heads(t, self.num_key_value_heads) for t in shared_kv)
         queries = self.rotary_emb(queries, offset, position_ids)
         keys = self.rotary_emb(keys, offset, position_ids)
         if "query_layernorm" in self:
@@ -169,8 +181,7 @@ class HunYuanMoEV1DecoderLayer(nn.Module):
         return *attn.heads(attn.q_proj(h), shared_kv, offset), shared_kv
 
     def _decode_post(self, x: mx.array, attn_out: mx.array) -> mx.array:
-        B, _, L, _ = attn_out.shape
-        h = x + self.self_attn.o_proj(attn_out.transpose(0, 2, 1, 3).reshape(B, L, -1))
+        h = x + self.self_attn.o_proj(merge_heads(attn_out))
         return h + self.mlp(self.post_attention_layernorm(h))
 
 

@@ -18,6 +18,7 @@ from collections.abc import Iterator
 
 import mlx.core as mx
 import mlx.nn as nn
+import numpy as np
 
 from .config import HunYuanMoEV1Config
 
@@ -40,8 +41,13 @@ def gather_sort(x: mx.array, indices: mx.array) -> tuple[mx.array, mx.array, mx.
 
 
 def scatter_unsort(x: mx.array, inverse_order: mx.array, shape: tuple[int, ...]) -> mx.array:
-    """Undo `gather_sort`: rows back in token order, reshaped to `shape` (..., k) + x's tail."""
-    return mx.unflatten(x[inverse_order], 0, shape)
+    """Undo `gather_sort`: rows (N*k, 1, D) back in token order, as `shape` (..., k) + (D,)."""
+    return mx.unflatten(x.squeeze(-2)[inverse_order], 0, shape)
+
+
+def weighted_sum(out: mx.array, weights: mx.array) -> mx.array:
+    """Each token's expert outputs (..., k, D) summed with their float32 weights (..., k)."""
+    return (out * weights[..., None]).sum(axis=-2).astype(out.dtype)
 
 
 class GatheredLinear(nn.Module):
@@ -52,18 +58,26 @@ class GatheredLinear(nn.Module):
         scale = math.sqrt(1 / input_dims)
         self.weight = mx.random.uniform(-scale, scale, (num_experts, output_dims, input_dims))
 
-    def __call__(self, x: mx.array, indices: mx.array, sorted_indices: bool = False) -> mx.array:
+    def __call__(
+        self,
+        x: mx.array,
+        indices: mx.array,
+        sorted_indices: bool = False,
+        lhs_indices: mx.array | None = None,
+    ) -> mx.array:
+        """Row r of x's batch (`lhs_indices`, default: broadcast) times expert `indices[r]`."""
         weight = self.weight.swapaxes(-1, -2)
         if x.dtype != mx.float32 and backend() == "cpu":
             # MLX's CPU backend has gather_mm for float32 only; GPUs take every float type.
             out = mx.gather_mm(
                 x.astype(mx.float32),
                 weight.astype(mx.float32),
-                rhs_indices=indices,
+                lhs_indices,
+                indices,
                 sorted_indices=sorted_indices,
             )
             return out.astype(x.dtype)
-        return mx.gather_mm(x, weight, rhs_indices=indices, sorted_indices=sorted_indices)
+        return mx.gather_mm(x, weight, lhs_indices, indices, sorted_indices=sorted_indices)
 
     def to_quantized(
         self, group_size: int | None = None, bits: int | None = None, mode: str = "affine"
@@ -93,12 +107,19 @@ class QuantizedGatheredLinear(nn.Module):
             self.biases = biases[0]
         self.freeze()
 
-    def __call__(self, x: mx.array, indices: mx.array, sorted_indices: bool = False) -> mx.array:
+    def __call__(
+        self,
+        x: mx.array,
+        indices: mx.array,
+        sorted_indices: bool = False,
+        lhs_indices: mx.array | None = None,
+    ) -> mx.array:
         return mx.gather_qmm(
             x,
             self.weight,
             self.scales,
             self.get("biases"),
+            lhs_indices=lhs_indices,
             rhs_indices=indices,
             transpose=True,
             group_size=self.group_size,
@@ -196,8 +217,9 @@ class GatheredGLU(nn.Module):
         self.gate_up_proj = GatheredLinear(hidden_size, 2 * intermediate_size, num_experts)
         self.down_proj = GatheredLinear(intermediate_size, hidden_size, num_experts)
 
-    def __call__(self, x: mx.array, indices: mx.array) -> mx.array:
-        """x (..., D), indices (..., k) -> each chosen expert's output, (..., k, D)."""
+    def __call__(self, x: mx.array, indices: mx.array, weights: mx.array) -> mx.array:
+        """x (..., D), expert ids and weights (..., k) -> the weighted sum of the chosen experts'
+        outputs, (..., D)."""
         limit = padded_min_rows()
         rows = indices.size
         if not self.training and (
@@ -206,22 +228,36 @@ class GatheredGLU(nn.Module):
         ):
             out = self.padded(x, indices)
             if out is not None:
-                return out
-        x = mx.expand_dims(x, (-2, -3))
+                return weighted_sum(out, weights)
         indices = mx.stop_gradient(indices)
-        do_sort = indices.size >= SORT_THRESHOLD
-        rows, row_indices = x, indices
-        if do_sort:
-            rows, row_indices, inverse_order = gather_sort(x, indices)
+        if rows >= SORT_THRESHOLD:
+            rows, row_indices, inverse_order = gather_sort(mx.expand_dims(x, (-2, -3)), indices)
+            out = self.glu(rows, row_indices, sorted_indices=True)
+            return weighted_sum(scatter_unsort(out, inverse_order, indices.shape), weights)
+        # Few rows (decode). Every graph node costs host time here, so: row indices as constants
+        # rather than the arange gather_qmm would build, the weights folded into the down
+        # projection's input (it is linear), and one sum over the (k, 1) rows of each token.
+        k = indices.shape[-1]
+        tokens = rows // k
+        token_rows = np.arange(tokens, dtype=np.uint32).repeat(k).reshape(indices.shape)
+        choice_rows = np.arange(rows, dtype=np.uint32).reshape(indices.shape)
         gate, up = mx.split(
-            self.gate_up_proj(rows, row_indices, sorted_indices=do_sort),
+            self.gate_up_proj(mx.expand_dims(x, -2), indices, lhs_indices=mx.array(token_rows)),
             [self.intermediate_size],
             axis=-1,
         )
-        out = self.down_proj(nn.silu(gate) * up, row_indices, sorted_indices=do_sort)
-        if do_sort:
-            out = scatter_unsort(out, inverse_order, indices.shape)
-        return out.squeeze(-2)
+        h = nn.silu(gate) * up * weights[..., None, None].astype(x.dtype)
+        out = self.down_proj(h, indices, lhs_indices=mx.array(choice_rows))
+        return out.sum(axis=(-3, -2))
+
+    def glu(self, x: mx.array, indices: mx.array, sorted_indices: bool = False) -> mx.array:
+        """The experts on gathered rows: x (..., 1, D), indices (...) -> (..., 1, D)."""
+        gate, up = mx.split(
+            self.gate_up_proj(x, indices, sorted_indices=sorted_indices),
+            [self.intermediate_size],
+            axis=-1,
+        )
+        return self.down_proj(nn.silu(gate) * up, indices, sorted_indices=sorted_indices)
 
     def sorted_gather_mm_unsafe(self) -> bool:
         """Unquantized experts on CUDA: MLX 0.32.4's sorted `gather_mm` there returned NaN or
@@ -326,23 +362,28 @@ class HunYuanMoEV1Moe(nn.Module):
 
     def route(self, x: mx.array) -> tuple[mx.array, mx.array]:
         """Top-k expert ids and their float32 weights, (..., k) each."""
-        probs = mx.softmax(self.gate(x), axis=-1, precise=True)
+        logits = self.gate(x)
         k = self.top_k
-        indices = mx.stop_gradient(mx.argpartition(-probs, kth=k - 1, axis=-1)[..., :k])
-        weights = mx.take_along_axis(probs, indices, axis=-1)
-        # Unlike mlx-lm's hunyuan.py, renormalise as the reference does (norm_topk_prob).
+        # Softmax is monotonic: the top-k logits are the top-k probabilities.
+        indices = mx.stop_gradient(mx.argpartition(logits, kth=-k, axis=-1)[..., -k:])
         if self.norm_topk_prob:
-            weights = weights / weights.sum(axis=-1, keepdims=True)
-        return indices, weights
+            # Unlike mlx-lm's hunyuan.py, renormalise as the reference does. Renormalised top-k
+            # probabilities are exactly the softmax of the top-k logits (the full softmax's
+            # denominator cancels): one small softmax instead of a full one, a sum and a divide.
+            return indices, mx.softmax(
+                mx.take_along_axis(logits, indices, axis=-1), axis=-1, precise=True
+            )
+        probs = mx.softmax(logits, axis=-1, precise=True)
+        return indices, mx.take_along_axis(probs, indices, axis=-1)
 
     def __call__(self, x: mx.array) -> mx.array:
         if self.num_experts == 1:
             # Softmax over one expert is 1: every token goes to expert 0 with weight 1.
-            y = self.experts(x, mx.zeros((*x.shape[:-1], 1), dtype=mx.uint32)).squeeze(-2)
+            indices = mx.zeros((*x.shape[:-1], 1), dtype=mx.uint32)
+            weights = mx.ones(indices.shape, dtype=mx.float32)
         else:
             indices, weights = self.route(x)
-            y = self.experts(x, indices)
-            y = (y * weights[..., None]).sum(axis=-2).astype(x.dtype)
+        y = self.experts(x, indices, weights)
         if "shared_mlp" in self:
             y = y + self.shared_mlp(x)
         return y

@@ -60,6 +60,12 @@ def tiny_model(quantized: bool, seed: int = 0) -> HunYuanMoEV1ForCausalLM:
     return model
 
 
+def routing(tokens: int, num_experts: int = 16, k: int = 4) -> tuple[mx.array, mx.array]:
+    """Random top-k expert ids and renormalised weights for (1, tokens)."""
+    indices = mx.argsort(mx.random.uniform(shape=(1, tokens, num_experts)), axis=-1)[..., :k]
+    return indices, mx.softmax(mx.random.normal((1, tokens, k)), axis=-1)
+
+
 def max_diff(a: mx.array, b: mx.array) -> float:
     return mx.abs(a.astype(mx.float32) - b.astype(mx.float32)).max().item()
 
@@ -74,12 +80,12 @@ def test_padded_experts_equal_gathered(quantized, tokens, group, always_fast, sp
         nn.quantize(glu, 32, 4)
     glu.eval()
     x = mx.random.normal((1, tokens, 128))
-    indices = mx.argsort(mx.random.uniform(shape=(1, tokens, 16)), axis=-1)[..., :4]
-    fast = glu(x, indices)
+    indices, weights = routing(tokens)
+    fast = glu(x, indices, weights)
     with moe.fast_paths(False):
-        plain = glu(x, indices)
+        plain = glu(x, indices, weights)
     assert spy == [True]
-    assert fast.shape == plain.shape == (1, tokens, 4, 128)
+    assert fast.shape == plain.shape == (1, tokens, 128)
     assert max_diff(fast, plain) <= 1e-5
 
 
@@ -155,17 +161,17 @@ def test_wrapped_projection_takes_the_gathered_path(always_fast, spy):
             super().__init__()
             self.inner = inner
 
-        def __call__(self, x, indices, sorted_indices=False):
-            return self.inner(x, indices, sorted_indices=sorted_indices)
+        def __call__(self, x, indices, sorted_indices=False, lhs_indices=None):
+            return self.inner(x, indices, sorted_indices, lhs_indices)
 
     glu = GatheredGLU(128, 64, 16)
     glu.eval()
     x = mx.random.normal((1, 20, 128))
-    indices = mx.argsort(mx.random.uniform(shape=(1, 20, 16)), axis=-1)[..., :4]
+    indices, weights = routing(20)
     with moe.fast_paths(False):
-        plain = glu(x, indices)
+        plain = glu(x, indices, weights)
     glu.down_proj = Wrapper(glu.down_proj)
-    assert max_diff(glu(x, indices), plain) == 0.0
+    assert max_diff(glu(x, indices, weights), plain) == 0.0
     assert spy == [False]
 
 
@@ -185,7 +191,7 @@ def test_padded_bf16_at_least_as_accurate_as_gathered(always_fast):
     glu.eval()
     tokens = 50
     x = mx.random.normal((1, tokens, 128)).astype(mx.bfloat16)
-    indices = mx.argsort(mx.random.uniform(shape=(1, tokens, 16)), axis=-1)[..., :4]
+    indices, weights = routing(tokens)
 
     def dense(p):
         w = mx.dequantize(p.weight, p.scales, p.biases, group_size=32, bits=4)
@@ -194,15 +200,15 @@ def test_padded_bf16_at_least_as_accurate_as_gathered(always_fast):
     w_gu, w_dn = dense(glu.gate_up_proj), dense(glu.down_proj)
     h = mx.einsum("td,tkod->tko", x[0].astype(mx.float32), w_gu[indices[0]])
     h = nn.silu(h[..., :64]) * h[..., 64:]
-    ref = mx.einsum("tki,tkoi->tko", h, w_dn[indices[0]])[None]
+    ref = (mx.einsum("tki,tkoi->tko", h, w_dn[indices[0]]) * weights[0, ..., None]).sum(-2)[None]
 
     def rel(a):
         a = a.astype(mx.float32)
         return (mx.linalg.norm((a - ref).flatten()) / mx.linalg.norm(ref.flatten())).item()
 
-    fast = rel(glu(x, indices))
+    fast = rel(glu(x, indices, weights))
     with moe.fast_paths(False):
-        plain = rel(glu(x, indices))
+        plain = rel(glu(x, indices, weights))
     assert fast <= 1e-2  # bf16 rounding
     assert fast <= plain * 1.05
 
@@ -212,16 +218,16 @@ def test_unquantized_experts_avoid_sorted_gather_mm_on_cuda(monkeypatch, spy):
     glu = GatheredGLU(128, 64, 16)
     glu.eval()
     x = mx.random.normal((1, 20, 128))  # 80 rows: sorted, under CUDA's padded threshold
-    indices = mx.argsort(mx.random.uniform(shape=(1, 20, 16)), axis=-1)[..., :4]
+    indices, weights = routing(20)
     with moe.fast_paths(False):
-        gathered = glu(x, indices)
+        gathered = glu(x, indices, weights)
     assert spy == []
     monkeypatch.setattr(moe, "backend", lambda: "cuda")
     with moe.fast_paths(False):
-        out = glu(x, indices)
+        out = glu(x, indices, weights)
     assert spy == [True]
     assert max_diff(out, gathered) <= 1e-5
     nn.quantize(glu, 32, 4)  # quantized experts use gather_qmm, which is fine there
     with moe.fast_paths(False):
-        glu(x, indices)
+        glu(x, indices, weights)
     assert spy == [True]

@@ -246,9 +246,9 @@ def test_expert_lora_gradient_only_for_routed_experts(dense_model_dir, monkeypat
     used: dict[int, set[int]] = {}
     call = LoRAGatheredLinear.__call__
 
-    def spy(self, x, indices, sorted_indices=False):
+    def spy(self, x, indices, sorted_indices=False, lhs_indices=None):
         used.setdefault(id(self), set()).update(np.array(indices).ravel().tolist())
-        return call(self, x, indices, sorted_indices)
+        return call(self, x, indices, sorted_indices, lhs_indices)
 
     monkeypatch.setattr(LoRAGatheredLinear, "__call__", spy)
     batch = mx.array([[5, 17, 3]])
