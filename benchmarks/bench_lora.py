@@ -49,15 +49,19 @@ A13B: dict[str, Any] = {
 }
 HEAD_DIM = 128
 IMPLS = ("hunyuan_mlx", "mlx_lm")
-# The same modules in each implementation's names.
-LORA_KEYS = {
-    "hunyuan_mlx": ["attention", "shared_mlp", "experts"],
-    "mlx_lm": [
-        *(f"self_attn.{p}_proj" for p in "qkvo"),
-        *(f"mlp.shared_mlp.{p}_proj" for p in ("gate", "up", "down")),
-        *(f"mlp.switch_mlp.{p}_proj" for p in ("gate", "up", "down")),
-    ],
+# The same modules in each implementation's names, by this project's target group.
+LORA_GROUPS = ("attention", "shared_mlp", "experts")
+MLX_LM_KEYS = {
+    "attention": [f"self_attn.{p}_proj" for p in "qkvo"],
+    "shared_mlp": [f"mlp.shared_mlp.{p}_proj" for p in ("gate", "up", "down")],
+    "experts": [f"mlp.switch_mlp.{p}_proj" for p in ("gate", "up", "down")],
 }
+
+
+def lora_keys(impl: str, groups: list[str]) -> list[str]:
+    if impl == "hunyuan_mlx":
+        return list(groups)
+    return [key for group in groups for key in MLX_LM_KEYS[group]]
 
 
 def model_config(args: argparse.Namespace) -> dict[str, Any]:
@@ -94,7 +98,8 @@ def build(
 ) -> nn.Module:
     """The random 4-bit model of one implementation, with LoRA and optional checkpointing."""
     quant = {"group_size": args.group_size, "bits": args.bits}
-    lora = {"rank": args.rank, "scale": 20.0, "dropout": 0.0, "keys": LORA_KEYS[impl]}
+    keys = lora_keys(impl, args.targets)
+    lora = {"rank": args.rank, "scale": 20.0, "dropout": 0.0, "keys": keys}
     if impl == "hunyuan_mlx":
         from hunyuan_mlx import HunYuanMoEV1Config, HunYuanMoEV1ForCausalLM
         from hunyuan_mlx.adapters import prepare_model
@@ -172,6 +177,7 @@ def measure(
         "experts": args.experts,
         "vocab": args.vocab,
         "lora_layers": args.lora_layers,
+        "targets": args.targets,
         "rank": args.rank,
         "bits": args.bits,
     }
@@ -189,6 +195,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--vocab", type=int, default=A13B["vocab_size"])
     p.add_argument("--lora-layers", type=int, default=16, help="mlx-lm's default; -1 for all.")
     p.add_argument("--rank", type=int, default=8)
+    p.add_argument(
+        "--targets", nargs="+", choices=LORA_GROUPS, default=list(LORA_GROUPS), help="LoRA on these"
+    )
     p.add_argument("--bits", type=int, default=4)
     p.add_argument("--group-size", type=int, default=64)
     p.add_argument("--warmup", type=int, default=2, help="Untimed steps (compilation).")
