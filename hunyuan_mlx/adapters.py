@@ -104,7 +104,9 @@ class LoRAGatheredLinear(nn.Module):
         h = mx.gather_mm(
             h, self.lora_a.swapaxes(-1, -2), lhs_indices, indices, sorted_indices=sorted_indices
         )
-        h = mx.gather_mm(h, self.lora_b.swapaxes(-1, -2), rhs_indices=indices)
+        h = mx.gather_mm(
+            h, self.lora_b.swapaxes(-1, -2), rhs_indices=indices, sorted_indices=sorted_indices
+        )
         return y + (self.scale * h).astype(y.dtype)
 
     def fuse(self, dequantize: bool = False) -> nn.Module:
