@@ -7,7 +7,8 @@ ever dropped.
 
 Fast paths (inference only; `fast_paths(False)` turns them off, and tests hold them equal to the
 plain path): long prefill chunks run the experts as padded batched matmuls on weights dequantized
-once per call (`GatheredGLU.padded`); single-token steps are compiled (`model.py`).
+once per call (`GatheredGLU.padded`); single-token steps are compiled (`model.py`). Decode is
+bound by host time per graph node, so the few-row path is written for few nodes.
 """
 
 from __future__ import annotations
@@ -231,33 +232,42 @@ class GatheredGLU(nn.Module):
                 return weighted_sum(out, weights)
         indices = mx.stop_gradient(indices)
         if rows >= SORT_THRESHOLD:
-            rows, row_indices, inverse_order = gather_sort(mx.expand_dims(x, (-2, -3)), indices)
-            out = self.glu(rows, row_indices, sorted_indices=True)
+            x_rows, row_indices, inverse_order = gather_sort(mx.expand_dims(x, (-2, -3)), indices)
+            out = self.glu(x_rows, row_indices, sorted_indices=True)
             return weighted_sum(scatter_unsort(out, inverse_order, indices.shape), weights)
         # Few rows (decode). Every graph node costs host time here, so: row indices as constants
         # rather than the arange gather_qmm would build, the weights folded into the down
         # projection's input (it is linear), and one sum over the (k, 1) rows of each token.
         k = indices.shape[-1]
-        tokens = rows // k
-        token_rows = np.arange(tokens, dtype=np.uint32).repeat(k).reshape(indices.shape)
+        token_rows = np.arange(rows // k, dtype=np.uint32).repeat(k).reshape(indices.shape)
         choice_rows = np.arange(rows, dtype=np.uint32).reshape(indices.shape)
-        gate, up = mx.split(
-            self.gate_up_proj(mx.expand_dims(x, -2), indices, lhs_indices=mx.array(token_rows)),
-            [self.intermediate_size],
-            axis=-1,
+        out = self.glu(
+            mx.expand_dims(x, -2),
+            indices,
+            lhs_indices=(mx.array(token_rows), mx.array(choice_rows)),
+            scale=weights[..., None, None].astype(x.dtype),
         )
-        h = nn.silu(gate) * up * weights[..., None, None].astype(x.dtype)
-        out = self.down_proj(h, indices, lhs_indices=mx.array(choice_rows))
         return out.sum(axis=(-3, -2))
 
-    def glu(self, x: mx.array, indices: mx.array, sorted_indices: bool = False) -> mx.array:
-        """The experts on gathered rows: x (..., 1, D), indices (...) -> (..., 1, D)."""
+    def glu(
+        self,
+        x: mx.array,
+        indices: mx.array,
+        sorted_indices: bool = False,
+        lhs_indices: tuple[mx.array | None, mx.array | None] = (None, None),
+        scale: mx.array | None = None,
+    ) -> mx.array:
+        """The experts on gathered rows, (..., 1, D) out. `lhs_indices` pick each projection's
+        input rows (default: broadcast); `scale` multiplies the down projection's input."""
         gate, up = mx.split(
-            self.gate_up_proj(x, indices, sorted_indices=sorted_indices),
+            self.gate_up_proj(x, indices, sorted_indices, lhs_indices[0]),
             [self.intermediate_size],
             axis=-1,
         )
-        return self.down_proj(nn.silu(gate) * up, indices, sorted_indices=sorted_indices)
+        h = nn.silu(gate) * up
+        if scale is not None:
+            h = h * scale
+        return self.down_proj(h, indices, sorted_indices, lhs_indices[1])
 
     def sorted_gather_mm_unsafe(self) -> bool:
         """Unquantized experts on CUDA: MLX 0.32.4's sorted `gather_mm` there returned NaN or
