@@ -202,6 +202,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--group-size", type=int, default=64)
     p.add_argument("--warmup", type=int, default=2, help="Untimed steps (compilation).")
     p.add_argument("--steps", type=int, default=5, help="Timed steps.")
+    p.add_argument("--row-timeout", type=float, default=None, help="Seconds per measurement.")
     p.add_argument("--one", help=argparse.SUPPRESS)  # impl:seq_length:on|off, in a child
     return p
 
@@ -217,7 +218,13 @@ def main() -> None:
             for impl in args.impls:
                 one = f"{impl}:{seq_length}:{checkpointing}"
                 command = [sys.executable, __file__, *sys.argv[1:], "--one", one]
-                done = subprocess.run(command, capture_output=True, text=True)
+                try:
+                    timeout = args.row_timeout
+                    done = subprocess.run(command, capture_output=True, text=True, timeout=timeout)
+                except subprocess.TimeoutExpired:  # the child is killed, not left on the GPU
+                    row = {"impl": impl, "seq_length": seq_length, "error": f"over {timeout} s"}
+                    print(json.dumps({**row, "grad_checkpoint": checkpointing == "on"}), flush=True)
+                    continue
                 if done.returncode == 0:
                     print(done.stdout.strip().splitlines()[-1], flush=True)
                 else:
