@@ -282,3 +282,28 @@ def test_cross_layer_attention_shares_keys_and_values():
     cache = model.make_cache()
     steps = [model(ids[:, i : i + 1], cache=cache) for i in range(12)]
     assert max_diff(mx.concatenate(steps, axis=1), model(ids)) <= ATOL
+
+
+@pytest.mark.parametrize("norm_topk_prob", [True, False])
+def test_routing_weights_are_the_top_k_softmax_probabilities(norm_topk_prob):
+    """The router picks the k most probable experts; their weights are the float32 softmax
+    probabilities, renormalised over the k as the reference does unless `norm_topk_prob` is off."""
+    from hunyuan_mlx.config import HunYuanMoEV1Config
+    from hunyuan_mlx.moe import HunYuanMoEV1Moe
+
+    config = HunYuanMoEV1Config(
+        hidden_size=32, num_experts=16, moe_topk=4, norm_topk_prob=norm_topk_prob
+    )
+    moe = HunYuanMoEV1Moe(config, 0)
+    x = mx.random.normal((2, 7, 32), key=mx.random.key(1))
+    indices, weights = moe.route(x)
+    logits = np.array(moe.gate(x), dtype=np.float64)
+    probs = np.exp(logits - logits.max(-1, keepdims=True))
+    probs /= probs.sum(-1, keepdims=True)
+    expected = np.sort(np.argsort(-probs, axis=-1)[..., :4], axis=-1)
+    assert (np.sort(np.array(indices), axis=-1) == expected).all()
+    picked = np.take_along_axis(probs, np.array(indices), axis=-1)
+    if norm_topk_prob:
+        picked /= picked.sum(-1, keepdims=True)
+    assert weights.dtype == mx.float32
+    assert np.abs(np.array(weights) - picked).max() <= 1e-6
