@@ -238,6 +238,19 @@ class ExpertLayout:
         self.active = which
 
 
+def prefill(model, prompt: mx.array, cache: list, prefill_step: int) -> mx.array:
+    """`generate_step`'s prefill: all but the last prompt token, in chunks of `prefill_step`,
+    the cache evaluated per chunk; returns the last token (the first decode step's input)."""
+    p = prompt
+    while p.size > 1:
+        n = min(prefill_step, p.size - 1)
+        model(p[:n][None], cache=cache)
+        mx.eval([c.state for c in cache])
+        p = p[n:]
+        mx.clear_cache()
+    return p
+
+
 def generate(model, prompt: mx.array, n_gen: int, prefill_step: int) -> dict:
     """`mlx_lm.generate.generate_step`'s loop, greedy, timed: prefill, then decode."""
     from mlx_lm.models.cache import make_prompt_cache
@@ -247,13 +260,7 @@ def generate(model, prompt: mx.array, n_gen: int, prefill_step: int) -> dict:
     mx.clear_cache()
     mx.reset_peak_memory()
     t0 = time.perf_counter()
-    p = prompt
-    while p.size > 1:
-        n = min(prefill_step, p.size - 1)
-        model(p[:n][None], cache=cache)
-        mx.eval([c.state for c in cache])
-        p = p[n:]
-        mx.clear_cache()
+    p = prefill(model, prompt, cache, prefill_step)
 
     def step(tok):
         logits = model(tok[None], cache=cache)[:, -1, :]

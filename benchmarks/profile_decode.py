@@ -70,12 +70,7 @@ def decode(model, prompt, n_gen, prefill_step):
     from mlx_lm.models.cache import make_prompt_cache
 
     cache = make_prompt_cache(model)
-    p = prompt
-    while p.size > 1:
-        n = min(prefill_step, p.size - 1)
-        model(p[:n][None], cache=cache)
-        mx.eval([c.state for c in cache])
-        p = p[n:]
+    p = bg.prefill(model, prompt, cache, prefill_step)
 
     def step(tok):
         logits = model(tok[None], cache=cache)[:, -1, :]
