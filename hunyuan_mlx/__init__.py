@@ -1,9 +1,15 @@
-"""hunyuan-mlx: Tencent's HunYuan MoE V1 (Hunyuan-A13B) on MLX."""
+"""hunyuan-mlx: Tencent's HunYuan MoE V1 (Hunyuan-A13B) on MLX.
 
-from .config import HunYuanMoEV1Config
+`models/` is the model, `tokenizer/` the release's tokenizer, `converter` the checkpoint
+converter, `generation/` the generation loop and chat, `tuner/` fine-tuning; `convert`,
+`generate`, `chat`, `lora` and `fuse` are the commands (`hunyuan-mlx <command>`).
+"""
+
 from .converter import convert
 from .loading import load, load_model
-from .model import (
+from .models import (
+    FastPaths,
+    HunYuanMoEV1Config,
     HunYuanMoEV1ForCausalLM,
     HunYuanMoEV1ForSequenceClassification,
     HunYuanMoEV1Model,
@@ -12,6 +18,7 @@ from .model import (
 __version__ = "0.1.0"
 
 __all__ = [
+    "FastPaths",
     "HunYuanMoEV1Config",
     "HunYuanMoEV1ForCausalLM",
     "HunYuanMoEV1ForSequenceClassification",

@@ -1,12 +1,84 @@
-"""`python -m hunyuan_mlx.convert`: the converter's command line (see `hunyuan_mlx.converter`).
+"""Convert a checkpoint to MLX: `python -m hunyuan_mlx.convert --hf-path SRC --mlx-path DST -q`.
 
-The implementation lives in `converter` so that the package can export the `convert` function
-without importing this entry module first, which `python -m` would report as a double import.
+Flag names are mlx_lm.convert's where it has the flag; the work is `hunyuan_mlx.converter`.
 """
 
-import sys
+from __future__ import annotations
 
-from .converter import main
+import argparse
+
+from .cli import add_debug_argument, run_main
+from .converter import (
+    DEFAULT_DTYPE,
+    DEFAULT_MAX_SHARD_SIZE,
+    DEFAULT_MLX_PATH,
+    DEFAULT_Q_MODE,
+    DTYPES,
+    Q_MODE_DEFAULTS,
+    convert,
+)
+from .quantize import DEFAULT_QUANT_RECIPE, QUANT_RECIPES
+
+
+def build_parser() -> argparse.ArgumentParser:
+    """The command line, with mlx_lm.convert's flag names where it has the flag."""
+    parser = argparse.ArgumentParser(
+        prog="python -m hunyuan_mlx.convert",
+        description="Convert a HunYuan MoE V1 checkpoint to MLX (streaming, optionally quantized).",
+    )
+    parser.add_argument(
+        "--hf-path", "--model", required=True, help="Source: local directory or Hub repo id."
+    )
+    parser.add_argument("--mlx-path", default=DEFAULT_MLX_PATH, help="Output directory.")
+    parser.add_argument("-q", "--quantize", action="store_true", help="Quantize the weights.")
+    parser.add_argument(
+        "--q-bits", type=int, default=None, help="Bits per weight (default: the mode's, 4)."
+    )
+    parser.add_argument(
+        "--q-group-size",
+        type=int,
+        default=None,
+        help="Quantization group size (default: the mode's, 64 for affine).",
+    )
+    parser.add_argument(
+        "--q-mode", default=DEFAULT_Q_MODE, choices=list(Q_MODE_DEFAULTS), help="Quantization mode."
+    )
+    parser.add_argument(
+        "--quant-recipe",
+        default=DEFAULT_QUANT_RECIPE,
+        choices=list(QUANT_RECIPES),
+        help="uniform: every module at --q-bits; mixed_N: routed experts at --q-bits, attention, "
+        "shared expert and embedding/head at N bits.",
+    )
+    parser.add_argument(
+        "--dtype",
+        default=DEFAULT_DTYPE,
+        choices=DTYPES,
+        help="Type of the unquantized weights and of quantization scales.",
+    )
+    parser.add_argument(
+        "--max-shard-size",
+        default=DEFAULT_MAX_SHARD_SIZE,
+        help="Largest output shard, e.g. 5GB, 500MB.",
+    )
+    parser.add_argument(
+        "-d", "--dequantize", action="store_true", help="Dequantize a quantized MLX checkpoint."
+    )
+    parser.add_argument("--upload-repo", default=None, help="Hub repo to upload the result to.")
+    parser.add_argument(
+        "--force", action="store_true", help="Replace an existing non-empty output directory."
+    )
+    add_debug_argument(parser)
+    return parser
+
+
+def main(argv: list[str] | None = None) -> None:
+    """CLI entry point: convert, then print the summary."""
+    parser = build_parser()
+    args = vars(parser.parse_args(argv))
+    with run_main(parser.prog, args.pop("debug")):
+        convert(**args)
+
 
 if __name__ == "__main__":
-    sys.exit(main())
+    main()

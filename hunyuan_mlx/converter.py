@@ -1,4 +1,5 @@
-"""Convert a HunYuan checkpoint to MLX safetensors: cast, quantize and shard, streaming.
+"""Convert a HunYuan checkpoint to MLX safetensors: plan, then stream (read, map names, cast or
+quantize, write shards), then finish.
 
 Memory stays bounded by about one input shard + one output shard + one layer's stacked experts:
 input shards are read one at a time (lazily), a layer's experts are stacked as soon as all of them
@@ -12,12 +13,10 @@ even when tied), transformers 5 saves (per-expert or fused 3-D experts), and MLX
 
 from __future__ import annotations
 
-import argparse
 import json
 import os
 import re
 import shutil
-import sys
 import tempfile
 import time
 from collections import defaultdict
@@ -29,20 +28,19 @@ import mlx.core as mx
 from mlx.utils import tree_flatten
 from tqdm import tqdm
 
-from .config import HunYuanMoEV1Config
-from .loading import INDEX_FILE, check_safetensors, resolve_model_path, weight_files
-from .model import HunYuanMoEV1ForCausalLM
+from .files import INDEX_FILE, check_safetensors, check_tensors, read_json, weight_files
+from .loading import resolve_model_path
+from .models import HunYuanMoEV1Config, HunYuanMoEV1ForCausalLM
+from .models.weights import sanitize
 from .quantize import (
     DEFAULT_QUANT_RECIPE,
-    QUANT_KEYS,
-    QUANT_RECIPES,
+    dequantize,
     is_quantizable,
+    is_router,
     module_params,
     recipe_params,
 )
-from .tokenizer import TIKTOKEN_FILE, TOKENIZER_JSON_FILE
-from .tokenizer_json import write_tokenizer_json
-from .weights import sanitize
+from .tokenizer import TIKTOKEN_FILE, TOKENIZER_JSON_FILE, write_tokenizer_json
 
 DTYPES = ("bfloat16", "float16", "float32")
 DEFAULT_DTYPE = "bfloat16"
@@ -309,11 +307,11 @@ def _dequantize_modules(
     for name in [n for n in weights if n.endswith(".scales")]:
         module = name[: -len(".scales")]
         params = module_params(module, quantization) or module_params("", quantization)
-        weights[f"{module}.weight"] = mx.dequantize(
+        weights[f"{module}.weight"] = dequantize(
             weights.pop(f"{module}.weight"),
             weights.pop(name),
             weights.pop(f"{module}.biases", None),
-            **{k: params[k] for k in QUANT_KEYS if k in params},
+            params,
         )
     return weights
 
@@ -336,7 +334,6 @@ def _check_mapping(source: _Source, expected: dict[str, tuple[int, ...]]) -> Non
 
     Catches missing, unexpected and misshapen tensors before anything is read or written.
     """
-    produced = set()
     for name, tensor in source.tensors.items():
         shape = _per_expert_shape(name, expected)
         if shape is not None and tensor.shape != shape:
@@ -344,27 +341,21 @@ def _check_mapping(source: _Source, expected: dict[str, tuple[int, ...]]) -> Non
                 f"Tensor {name} in {tensor.file} has shape {tensor.shape}, but the config "
                 f"implies {shape}"
             )
+    found: dict[str, tuple[int, ...]] = {}
+    origin: dict[str, str] = {}
     for names in source.groups.values():
         placeholders = {
             n: mx.zeros(source.tensors[n].shape, _dtype_of(source.tensors[n].dtype)) for n in names
         }
+        files = ", ".join(sorted({source.tensors[n].file.name for n in names}))
         for name, array in _map_group(source, names, placeholders).items():
-            files = ", ".join(sorted({source.tensors[n].file.name for n in names}))
-            if name not in expected:
-                raise ValueError(
-                    f"Tensor {name} (in {files}) is not a parameter of the model its config "
-                    f"describes"
-                )
-            if tuple(array.shape) != expected[name]:
-                raise ValueError(
-                    f"Tensor {name} (in {files}) has shape {tuple(array.shape)}, but the config "
-                    f"implies {expected[name]}"
-                )
-            produced.add(name)
-    missing = sorted(expected.keys() - produced)
-    if missing:
-        shown = ", ".join(missing[:5]) + (", ..." if len(missing) > 5 else "")
-        raise ValueError(f"Checkpoint {source.path} is missing {len(missing)} tensors: {shown}")
+            found[name], origin[name] = tuple(array.shape), files
+    check_tensors(
+        found,
+        expected,
+        f"Checkpoint {source.path} does not match its config",
+        where=lambda name: f"{name} (in {origin[name]})",
+    )
 
 
 def _per_expert_shape(name: str, expected: dict[str, tuple[int, ...]]) -> tuple[int, ...] | None:
@@ -440,10 +431,7 @@ def _copy_side_files(source_path: Path, out: Path) -> None:
         if not file.is_file():
             continue
         if name == "tokenizer_config.json":
-            try:
-                tokenizer_config = json.loads(file.read_text())
-            except json.JSONDecodeError as e:
-                raise ValueError(f"{file} is not valid JSON: {e}") from None
+            tokenizer_config = read_json(file)
             for key in REMOTE_CODE_KEYS:
                 tokenizer_config.pop(key, None)
             (out / name).write_text(json.dumps(tokenizer_config, indent=2, ensure_ascii=False))
@@ -451,6 +439,161 @@ def _copy_side_files(source_path: Path, out: Path) -> None:
             shutil.copyfile(file, out / name)
     if (source_path / TIKTOKEN_FILE).is_file() and not (out / TOKENIZER_JSON_FILE).exists():
         write_tokenizer_json(source_path / TIKTOKEN_FILE, out / TOKENIZER_JSON_FILE)
+
+
+@dataclass
+class ConversionPlan:
+    """Everything a conversion needs, checked before any tensor is read or anything written."""
+
+    source: _Source
+    mlx_path: Path
+    out_config: HunYuanMoEV1Config
+    # The output model's parameter shapes and modules, from a skeleton never evaluated.
+    expected: dict[str, tuple[int, ...]]
+    modules: dict[str, Any]
+    out_dtype: mx.Dtype
+    max_bytes: int
+    quant: dict[str, Any] | None  # the routed experts' parameters when quantizing
+    quant_recipe: str
+
+
+@dataclass
+class _Written:
+    """What streaming wrote: shards, the config's `quantization` block, precision counts."""
+
+    writer: _ShardWriter
+    quantization: dict[str, Any] | None
+    precision: dict[str, dict[str, int]] = field(
+        default_factory=lambda: defaultdict(lambda: defaultdict(int))
+    )
+    parameters: int = 0
+
+
+def plan_conversion(
+    hf_path: str | Path,
+    mlx_path: str | Path = DEFAULT_MLX_PATH,
+    quantize: bool = False,
+    q_group_size: int | None = None,
+    q_bits: int | None = None,
+    q_mode: str = DEFAULT_Q_MODE,
+    quant_recipe: str = DEFAULT_QUANT_RECIPE,
+    dtype: str = DEFAULT_DTYPE,
+    max_shard_size: str | int = DEFAULT_MAX_SHARD_SIZE,
+    dequantize: bool = False,
+    force: bool = False,
+) -> ConversionPlan:
+    """Check the options, the destination and every source tensor's name, shape and dtype."""
+    if dtype not in DTYPES:
+        raise ValueError(f"dtype must be one of {DTYPES}, got {dtype!r}")
+    if quantize and dequantize:
+        raise ValueError("Choose either quantize or dequantize, not both")
+    quant = None
+    if quantize:
+        quant = quant_params(q_bits, q_group_size, q_mode)
+        # What the recipe gives a module other than a routed expert; rejects unknown recipes.
+        check_quant_params(recipe_params(quant_recipe, "model.embed_tokens", quant))
+    elif (q_bits, q_group_size, q_mode, quant_recipe) != (
+        None,
+        None,
+        DEFAULT_Q_MODE,
+        DEFAULT_QUANT_RECIPE,
+    ):
+        raise ValueError("Quantization options (bits, group size, mode, recipe) need -q")
+    max_bytes = parse_size(max_shard_size)
+    mlx_path = Path(mlx_path).expanduser()
+    source_path = resolve_model_path(hf_path)
+    _check_destination(mlx_path, source_path, force)
+    source = _read_source(source_path)
+    if source.config.quantization is not None and not (quantize or dequantize):
+        raise ValueError(
+            f"{source_path} is already quantized: pass --dequantize, or -q to re-quantize"
+        )
+    if dequantize and source.config.quantization is None:
+        raise ValueError(f"--dequantize needs a quantized MLX checkpoint; {source_path} is not")
+    out_config = HunYuanMoEV1Config.from_dict(
+        {k: v for k, v in source.config.to_dict().items() if k != "quantization"}
+    )
+    skeleton = HunYuanMoEV1ForCausalLM(out_config)  # lazy: its random init is never evaluated
+    expected = {k: tuple(v.shape) for k, v in tree_flatten(skeleton.parameters())}
+    _check_mapping(source, expected)
+    return ConversionPlan(
+        source=source,
+        mlx_path=mlx_path,
+        out_config=out_config,
+        expected=expected,
+        modules=dict(skeleton.named_modules()),
+        out_dtype=getattr(mx, dtype),
+        max_bytes=max_bytes,
+        quant=quant,
+        quant_recipe=quant_recipe,
+    )
+
+
+def stream_conversion(plan: ConversionPlan, directory: Path) -> _Written:
+    """Read the source one shard at a time, map each complete group of tensors, cast or quantize
+    it, and write output shards into `directory` as they fill."""
+    source = plan.source
+    quantization = dict(plan.quant) if plan.quant else None
+    out = _Written(_ShardWriter(directory, plan.max_bytes), quantization)
+    pending: dict[str, dict[str, mx.array]] = defaultdict(dict)
+    with tqdm(total=len(source.tensors), desc="Converting", unit="tensor", disable=None) as bar:
+        for file in source.files:
+            bar.set_postfix_str(file.name)
+            try:
+                arrays = mx.load(str(file))
+            except (RuntimeError, ValueError) as e:
+                raise ValueError(f"Could not read {file}: {e}") from None
+            for name in list(arrays):
+                key = _group_key(name)
+                pending[key][name] = arrays.pop(name)
+                bar.update()
+                if len(pending[key]) < len(source.groups[key]):
+                    continue
+                group = pending.pop(key)
+                mapped = _map_group(source, set(group), group)
+                del group
+                for out_name in sorted(mapped):
+                    _write_tensor(plan, out, out_name, mapped.pop(out_name))
+                mx.clear_cache()
+            del arrays
+    return out
+
+
+def _write_tensor(plan: ConversionPlan, out: _Written, name: str, array: mx.array) -> None:
+    """Cast or quantize one mapped tensor as the plan says and hand it to the shard writer."""
+    path, leaf = name.rsplit(".", 1)
+    module_quant = None
+    if plan.quant is not None and leaf == "weight" and is_quantizable(path, plan.modules[path]):
+        module_quant = recipe_params(plan.quant_recipe, path, plan.quant)
+        if array.shape[-1] % module_quant["group_size"]:
+            module_quant = None  # as mlx-lm: a width the group size does not divide stays
+            out.quantization[path] = False
+        elif module_quant != plan.quant:
+            out.quantization[path] = dict(module_quant)
+    if module_quant is not None:
+        packed = quantize_in_blocks(array.astype(plan.out_dtype), module_quant)
+        for suffix, part in zip(("weight", "scales", "biases"), packed):
+            out.writer.add(f"{path}.{suffix}", part)
+    else:
+        if not is_router(name):  # sanitize gave the router its dtype; the rest takes the output's
+            array = array.astype(plan.out_dtype)
+        mx.eval(array)
+        out.writer.add(name, array)
+    out.precision[_component(name)][_precision_label(module_quant, array.dtype)] += array.size
+    out.parameters += array.size
+
+
+def finish_conversion(plan: ConversionPlan, out: _Written, directory: Path) -> list[Path]:
+    """The last shard and the index, config.json with its `quantization` block, and the
+    tokenizer and generation files; returns the shards."""
+    shards = out.writer.close()
+    config = plan.out_config
+    config.quantization = out.quantization
+    for key in ("quantization_config", "auto_map"):
+        config.extra.pop(key, None)
+    config.save_pretrained(directory)
+    _copy_side_files(plan.source.path, directory)
+    return shards
 
 
 def convert(
@@ -467,106 +610,33 @@ def convert(
     upload_repo: str | None = None,
     force: bool = False,
 ) -> ConversionSummary:
-    """Convert `hf_path` (directory or Hub repo id) into an MLX checkpoint at `mlx_path`."""
+    """Convert `hf_path` (directory or Hub repo id) into an MLX checkpoint at `mlx_path`.
+
+    The output is written into a temporary directory beside `mlx_path` and renamed into place at
+    the end; on any error or interrupt it is removed, and the source is never touched.
+    """
     start = time.perf_counter()
-    if dtype not in DTYPES:
-        raise ValueError(f"dtype must be one of {DTYPES}, got {dtype!r}")
-    if quantize and dequantize:
-        raise ValueError("Choose either quantize or dequantize, not both")
-    if quantize:
-        params = quant_params(q_bits, q_group_size, q_mode)
-        # What the recipe gives a module other than a routed expert; rejects unknown recipes.
-        check_quant_params(recipe_params(quant_recipe, "model.embed_tokens", params))
-    elif (q_bits, q_group_size, q_mode, quant_recipe) != (
-        None,
-        None,
-        DEFAULT_Q_MODE,
-        DEFAULT_QUANT_RECIPE,
-    ):
-        raise ValueError("Quantization options (bits, group size, mode, recipe) need -q")
-    max_bytes = parse_size(max_shard_size)
-    out_dtype = getattr(mx, dtype)
-    mlx_path = Path(mlx_path).expanduser()
-
-    source_path = resolve_model_path(hf_path)
-    _check_destination(mlx_path, source_path, force)
-    source = _read_source(source_path)
-    if source.config.quantization is not None and not (quantize or dequantize):
-        raise ValueError(
-            f"{source_path} is already quantized: pass --dequantize, or -q to re-quantize"
-        )
-    if dequantize and source.config.quantization is None:
-        raise ValueError(f"--dequantize needs a quantized MLX checkpoint; {source_path} is not")
-
-    out_config = HunYuanMoEV1Config.from_dict(
-        {k: v for k, v in source.config.to_dict().items() if k != "quantization"}
+    plan = plan_conversion(
+        hf_path,
+        mlx_path,
+        quantize=quantize,
+        q_group_size=q_group_size,
+        q_bits=q_bits,
+        q_mode=q_mode,
+        quant_recipe=quant_recipe,
+        dtype=dtype,
+        max_shard_size=max_shard_size,
+        dequantize=dequantize,
+        force=force,
     )
-    skeleton = HunYuanMoEV1ForCausalLM(out_config)  # lazy: its random init is never evaluated
-    expected = {k: tuple(v.shape) for k, v in tree_flatten(skeleton.parameters())}
-    modules = dict(skeleton.named_modules())
-    _check_mapping(source, expected)
-
-    quantization: dict[str, Any] | None = dict(params) if quantize else None
-    precision: dict[str, dict[str, int]] = defaultdict(lambda: defaultdict(int))
-    parameters = 0
-
-    def emit(writer: _ShardWriter, name: str, array: mx.array) -> None:
-        nonlocal parameters
-        path, leaf = name.rsplit(".", 1)
-        module_quant = None
-        if quantization is not None and leaf == "weight" and is_quantizable(path, modules[path]):
-            module_quant = recipe_params(quant_recipe, path, params)
-            if array.shape[-1] % module_quant["group_size"]:
-                module_quant = None  # as mlx-lm: a width the group size does not divide stays
-                quantization[path] = False
-            elif module_quant != params:
-                quantization[path] = dict(module_quant)
-        if module_quant is not None:
-            packed = quantize_in_blocks(array.astype(out_dtype), module_quant)
-            for suffix, part in zip(("weight", "scales", "biases"), packed):
-                writer.add(f"{path}.{suffix}", part)
-        else:
-            # The router stays float32 (sanitize made it so); the rest takes the output dtype.
-            if not name.endswith(".gate.wg.weight"):
-                array = array.astype(out_dtype)
-            mx.eval(array)
-            writer.add(name, array)
-        precision[_component(name)][_precision_label(module_quant, array.dtype)] += array.size
-        parameters += array.size
-
+    mlx_path = plan.mlx_path
     mlx_path.parent.mkdir(parents=True, exist_ok=True)
     tmp = Path(tempfile.mkdtemp(prefix=f".{mlx_path.name}.", suffix=".tmp", dir=mlx_path.parent))
     # Freed buffers go back to the system at once instead of into MLX's cache.
     cache_limit = mx.set_cache_limit(0)
     try:
-        writer = _ShardWriter(tmp, max_bytes)
-        pending: dict[str, dict[str, mx.array]] = defaultdict(dict)
-        with tqdm(total=len(source.tensors), desc="Converting", unit="tensor", disable=None) as bar:
-            for file in source.files:
-                bar.set_postfix_str(file.name)
-                try:
-                    arrays = mx.load(str(file))
-                except (RuntimeError, ValueError) as e:
-                    raise ValueError(f"Could not read {file}: {e}") from None
-                for name in list(arrays):
-                    key = _group_key(name)
-                    pending[key][name] = arrays.pop(name)
-                    bar.update()
-                    if len(pending[key]) < len(source.groups[key]):
-                        continue
-                    group = pending.pop(key)
-                    mapped = _map_group(source, set(group), group)
-                    del group
-                    for out_name in sorted(mapped):
-                        emit(writer, out_name, mapped.pop(out_name))
-                    mx.clear_cache()
-                del arrays
-        shards = writer.close()
-        out_config.quantization = quantization
-        for key in ("quantization_config", "auto_map"):
-            out_config.extra.pop(key, None)
-        out_config.save_pretrained(tmp)
-        _copy_side_files(source_path, tmp)
+        written = stream_conversion(plan, tmp)
+        shards = finish_conversion(plan, written, tmp)
         _replace(tmp, mlx_path)
     except BaseException:
         shutil.rmtree(tmp, ignore_errors=True)
@@ -576,12 +646,12 @@ def convert(
 
     summary = ConversionSummary(
         mlx_path=mlx_path,
-        parameters=parameters,
-        tensor_bytes=writer.total_size,
+        parameters=written.parameters,
+        tensor_bytes=written.writer.total_size,
         disk_bytes=sum((mlx_path / f.name).stat().st_size for f in shards),
         num_shards=len(shards),
         seconds=time.perf_counter() - start,
-        precision={k: dict(v) for k, v in precision.items()},
+        precision={k: dict(v) for k, v in written.precision.items()},
     )
     print(summary.format())
     if upload_repo is not None:
@@ -598,69 +668,3 @@ def upload(mlx_path: Path, upload_repo: str) -> None:
     print(f"Uploaded to https://huggingface.co/{upload_repo}")
 
 
-def build_parser() -> argparse.ArgumentParser:
-    """The command line, with mlx_lm.convert's flag names where it has the flag."""
-    parser = argparse.ArgumentParser(
-        description="Convert a HunYuan MoE V1 checkpoint to MLX (streaming, optionally quantized)."
-    )
-    parser.add_argument(
-        "--hf-path", "--model", required=True, help="Source: local directory or Hub repo id."
-    )
-    parser.add_argument("--mlx-path", default=DEFAULT_MLX_PATH, help="Output directory.")
-    parser.add_argument("-q", "--quantize", action="store_true", help="Quantize the weights.")
-    parser.add_argument(
-        "--q-bits", type=int, default=None, help="Bits per weight (default: the mode's, 4)."
-    )
-    parser.add_argument(
-        "--q-group-size",
-        type=int,
-        default=None,
-        help="Quantization group size (default: the mode's, 64 for affine).",
-    )
-    parser.add_argument(
-        "--q-mode", default=DEFAULT_Q_MODE, choices=list(Q_MODE_DEFAULTS), help="Quantization mode."
-    )
-    parser.add_argument(
-        "--quant-recipe",
-        default=DEFAULT_QUANT_RECIPE,
-        choices=list(QUANT_RECIPES),
-        help="uniform: every module at --q-bits; mixed_N: routed experts at --q-bits, attention, "
-        "shared expert and embedding/head at N bits.",
-    )
-    parser.add_argument(
-        "--dtype",
-        default=DEFAULT_DTYPE,
-        choices=DTYPES,
-        help="Type of the unquantized weights and of quantization scales.",
-    )
-    parser.add_argument(
-        "--max-shard-size",
-        default=DEFAULT_MAX_SHARD_SIZE,
-        help="Largest output shard, e.g. 5GB, 500MB.",
-    )
-    parser.add_argument(
-        "-d", "--dequantize", action="store_true", help="Dequantize a quantized MLX checkpoint."
-    )
-    parser.add_argument("--upload-repo", default=None, help="Hub repo to upload the result to.")
-    parser.add_argument(
-        "--force", action="store_true", help="Replace an existing non-empty output directory."
-    )
-    return parser
-
-
-def main(argv: list[str] | None = None) -> int:
-    """CLI entry point: errors are one line on stderr and a non-zero exit, not a traceback."""
-    args = build_parser().parse_args(argv)
-    try:
-        convert(**vars(args))
-    except KeyboardInterrupt:
-        print("error: interrupted; no output was written", file=sys.stderr)
-        return 130
-    except (ValueError, OSError, RuntimeError) as e:
-        print(f"error: {e}", file=sys.stderr)
-        return 1
-    return 0
-
-
-if __name__ == "__main__":
-    sys.exit(main())

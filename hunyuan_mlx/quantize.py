@@ -2,7 +2,7 @@
 
 The block follows mlx-lm: global `group_size`, `bits` and `mode`, and optionally one entry per
 module path, either a dict of the same keys (a different precision) or `false` (kept unquantized).
-Norms have nothing to quantize and the router `gate.wg` is never quantized.
+Norms have nothing to quantize. The router is the one rule apart: `is_router`, `ROUTER_DTYPE`.
 """
 
 from __future__ import annotations
@@ -13,11 +13,27 @@ import mlx.core as mx
 import mlx.nn as nn
 
 QUANT_KEYS = ("group_size", "bits", "mode")
+# The MoE router (`mlp.gate.wg`) is kept in float32 and never quantized, whatever the rest of the
+# model is: small errors in its logits flip the top-k choice of experts.
+ROUTER_DTYPE = mx.float32
+
+
+def is_router(path: str) -> bool:
+    """The router's module path, or one of its tensors' names."""
+    return path.endswith(".gate.wg") or path.endswith(".gate.wg.weight")
 
 
 def is_quantizable(path: str, module: nn.Module) -> bool:
-    """A module MLX can quantize, other than the router (small logit errors flip the top-k)."""
-    return hasattr(module, "to_quantized") and not path.endswith("gate.wg")
+    """A module MLX can quantize, other than the router."""
+    return hasattr(module, "to_quantized") and not is_router(path)
+
+
+def dequantize(
+    weight: mx.array, scales: mx.array, biases: mx.array | None, params: dict[str, Any]
+) -> mx.array:
+    """`mx.dequantize` with a module's quantization parameters (`module_params`)."""
+    kwargs = {k: params[k] for k in QUANT_KEYS if k in params}
+    return mx.dequantize(weight, scales, biases, **kwargs)
 
 
 def module_params(path: str, quantization: dict[str, Any]) -> dict[str, Any] | None:

@@ -1,89 +1,21 @@
-"""Shared fixtures: tiny random HunYuan checkpoints written by transformers, and the real files."""
+"""Session fixtures: tiny random checkpoints, built once (builders in helpers.py)."""
 
 from __future__ import annotations
 
-import json
+import shutil
 from pathlib import Path
 from typing import Any
 
 import pytest
-
-SHARED = Path(__file__).resolve().parents[1].parent / "shared" / "hunyuan-a13b"
-
-# Small enough for a 2-core CPU, large enough that routing and GQA are non-trivial.
-TINY_CONFIG: dict[str, Any] = dict(
-    vocab_size=96,
-    hidden_size=64,
-    intermediate_size=32,
-    num_hidden_layers=2,
-    num_attention_heads=4,
-    num_key_value_heads=2,
-    head_dim=16,
-    num_experts=8,
-    moe_topk=2,
-    max_position_embeddings=64,
-    # Larger than transformers' 0.02 so that logits and routing scores are far from uniform.
-    initializer_range=0.1,
+from helpers import (
+    RELEASE_FILES,
+    RELEASE_VOCAB_GENERATE,
+    build_torch_model,
+    save_checkpoint,
+    shared_dir,
 )
 
-
-def shared_dir() -> Path:
-    """The real Hunyuan-A13B reference files; skips the test when they are absent."""
-    if not SHARED.is_dir():
-        pytest.skip(f"real Hunyuan-A13B files not found at {SHARED}")
-    return SHARED
-
-
-def build_torch_model(seed: int = 0, model_class: str = "HunYuanMoEV1ForCausalLM", **overrides):
-    """A transformers HunYuan model with random weights, norms included, in float32 eval mode."""
-    import torch
-    import transformers
-
-    config = transformers.HunYuanMoEV1Config(**{**TINY_CONFIG, **overrides})
-    torch.manual_seed(seed)
-    model = getattr(transformers, model_class)(config).eval()
-    with torch.no_grad():
-        for name, param in model.named_parameters():
-            if "layernorm" in name or name.endswith("norm.weight"):
-                param.copy_(1 + 0.2 * torch.randn_like(param))
-    return model
-
-
-def save_checkpoint(model, path: Path, max_shard_size: str | None = None) -> Path:
-    """`save_pretrained` (per-expert tensor names, as the release) into `path`."""
-    kwargs = {"max_shard_size": max_shard_size} if max_shard_size else {}
-    model.save_pretrained(path, **kwargs)
-    return path
-
-
-def as_mlx_lm_layout(tensors: dict[str, Any]) -> dict[str, Any]:
-    """This project's tensors under mlx-lm's names: `switch_mlp`, gate and up stacked apart."""
-    import numpy as np
-
-    out = {}
-    for name, value in tensors.items():
-        if ".experts.gate_up_proj." in name:
-            gate, up = np.split(np.array(value), 2, axis=1)
-            out[name.replace("experts.gate_up_proj", "switch_mlp.gate_proj")] = gate
-            out[name.replace("experts.gate_up_proj", "switch_mlp.up_proj")] = up
-        else:
-            out[name.replace(".experts.", ".switch_mlp.")] = np.array(value)
-    return out
-
-
-def rewrite_as_release_config(path: Path, **extra: Any) -> None:
-    """Rewrite a transformers save's config.json as the original release writes its own:
-    model_type "hunyuan", attention_head_dim, rope_theta + rope_scaling (`extra` added)."""
-    config = json.loads((path / "config.json").read_text())
-    rope = config.pop("rope_parameters")
-    config.update(
-        model_type="hunyuan",
-        attention_head_dim=config.pop("head_dim"),
-        rope_theta=rope.pop("rope_theta"),
-        rope_scaling={k: v for k, v in rope.items() if k != "rope_type"},
-        **extra,
-    )
-    (path / "config.json").write_text(json.dumps(config))
+from hunyuan_mlx import load
 
 
 @pytest.fixture(scope="session")
@@ -92,3 +24,21 @@ def tiny_checkpoint(tmp_path_factory) -> tuple[Path, Any]:
     model = build_torch_model()
     path = save_checkpoint(model, tmp_path_factory.mktemp("tiny"), max_shard_size="40KB")
     return path, model
+
+
+@pytest.fixture(scope="session")
+def tiny_release(tmp_path_factory) -> Path:
+    """A tiny random model with the real 128,167-token vocabulary and the release's tokenizer
+    and generation config."""
+    shared = shared_dir()
+    path = tmp_path_factory.mktemp("tiny_release")
+    save_checkpoint(build_torch_model(**RELEASE_VOCAB_GENERATE), path)
+    for name in RELEASE_FILES:
+        shutil.copyfile(shared / name, path / name)
+    return path
+
+
+@pytest.fixture(scope="session")
+def loaded(tiny_release):
+    """(model, tokenizer) of `tiny_release`."""
+    return load(tiny_release)

@@ -8,10 +8,11 @@ import mlx.core as mx
 import pytest
 
 # The fixtures register under their names, `loaded` and `tiny_release`.
-from test_generate import EOS, loaded_fixture, tiny_release_fixture  # noqa: F401
+from helpers import EOS
 
-from hunyuan_mlx.chat import ChatSession, repl
-from hunyuan_mlx.cli import GenerationSettings
+from hunyuan_mlx.chat import repl
+from hunyuan_mlx.generation.session import ChatSession
+from hunyuan_mlx.generation.settings import GenerationSettings
 
 GREEDY = GenerationSettings(max_tokens=8)
 

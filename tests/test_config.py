@@ -5,7 +5,7 @@ from __future__ import annotations
 import json
 
 import pytest
-from conftest import shared_dir
+from helpers import shared_dir
 
 from hunyuan_mlx import HunYuanMoEV1Config
 

@@ -6,6 +6,7 @@ loses (rounding, quantization), not low-precision compute.
 
 from __future__ import annotations
 
+import importlib
 import json
 import shutil
 import subprocess
@@ -16,7 +17,7 @@ import mlx.core as mx
 import numpy as np
 import pytest
 import torch
-from conftest import (
+from helpers import (
     TINY_CONFIG,
     as_mlx_lm_layout,
     build_torch_model,
@@ -28,9 +29,10 @@ from safetensors.numpy import save_file
 
 from hunyuan_mlx import converter as module
 from hunyuan_mlx import load_model
-from hunyuan_mlx.converter import build_parser, convert, main, parse_size
-from hunyuan_mlx.loading import INDEX_FILE
-from hunyuan_mlx.moe import QuantizedGatheredLinear
+from hunyuan_mlx.convert import build_parser, main
+from hunyuan_mlx.converter import convert, parse_size
+from hunyuan_mlx.files import INDEX_FILE
+from hunyuan_mlx.models.experts import QuantizedGatheredLinear
 
 REPO = Path(__file__).resolve().parents[1]
 IDS = np.random.default_rng(0).integers(0, TINY_CONFIG["vocab_size"], (2, 24))
@@ -497,19 +499,34 @@ def test_interrupt_removes_the_partial_output(untied, tmp_path, monkeypatch):
 # --- command line ---------------------------------------------------------------------------
 
 
+PROG_ERROR = "python -m hunyuan_mlx.convert: error: "
+
+
+# The command's module (the package's `convert` attribute is the function).
+cli_module = importlib.import_module("hunyuan_mlx.convert")
+
+
+def exit_status(argv: list[str]) -> int:
+    """The exit status of the convert CLI run in this process."""
+    with pytest.raises(SystemExit) as exit_info:
+        main(argv)
+    return exit_info.value.code
+
+
 def test_cli_error_is_one_line(tmp_path, capsys):
-    assert main(["--hf-path", str(tmp_path / "nowhere"), "--mlx-path", str(tmp_path / "o")]) == 1
+    argv = ["--hf-path", str(tmp_path / "nowhere"), "--mlx-path", str(tmp_path / "o")]
+    assert exit_status(argv) == 1
     err = capsys.readouterr().err.strip()
-    assert err.startswith("error: ") and "\n" not in err
+    assert err.startswith(PROG_ERROR) and "\n" not in err
 
 
 def test_cli_interrupt_exits_130(untied, tmp_path, monkeypatch, capsys):
     def interrupted(*args, **kwargs):
         raise KeyboardInterrupt
 
-    monkeypatch.setattr(module, "convert", interrupted)
-    assert main(["--hf-path", str(untied[0]), "--mlx-path", str(tmp_path / "o")]) == 130
-    assert capsys.readouterr().err.startswith("error: interrupted")
+    monkeypatch.setattr(cli_module, "convert", interrupted)
+    assert exit_status(["--hf-path", str(untied[0]), "--mlx-path", str(tmp_path / "o")]) == 130
+    assert capsys.readouterr().err.strip() == PROG_ERROR + "interrupted"
 
 
 def test_cli_wrapper_and_module(damaged, tmp_path):
@@ -524,14 +541,14 @@ def test_cli_wrapper_and_module(damaged, tmp_path):
     for run in runs:
         _, stderr = run.communicate()
         assert run.returncode == 1
-        assert stderr.strip() == f"error: No config.json in {damaged}"
+        assert stderr.strip() == f"{PROG_ERROR}No config.json in {damaged}"
     assert_no_output(tmp_path / "o")
 
 
 def test_cli_runs_the_conversion(untied, tmp_path):
     dst = tmp_path / "out"
     argv = ["--hf-path", str(untied[0]), "--mlx-path", str(dst), "-q", "--q-group-size", "32"]
-    assert main([*argv, "--quant-recipe", "mixed_6", "--dtype", "float32"]) == 0
+    main([*argv, "--quant-recipe", "mixed_6", "--dtype", "float32"])
     assert json.loads((dst / "config.json").read_text())["quantization"]["group_size"] == 32
 
 

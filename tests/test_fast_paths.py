@@ -7,51 +7,51 @@ import mlx.nn as nn
 import numpy as np
 import pytest
 import torch
+from helpers import FAST_PATHS_CONFIG
 
-from hunyuan_mlx import load_model, moe
-from hunyuan_mlx.config import HunYuanMoEV1Config
-from hunyuan_mlx.model import HunYuanMoEV1ForCausalLM
-from hunyuan_mlx.moe import GatheredGLU
+from hunyuan_mlx import load_model
+from hunyuan_mlx.models import FastPaths, HunYuanMoEV1Config, HunYuanMoEV1ForCausalLM
+from hunyuan_mlx.models import fast_paths as fp
+from hunyuan_mlx.models.experts import GatheredGLU
 from hunyuan_mlx.quantize import apply_quantization
 
 ATOL = 1e-4
 
 
+PLAIN = FastPaths.off()
+
+
 @pytest.fixture
 def always_fast(monkeypatch):
-    """Take the padded prefill path from the first routed row on this backend."""
-    monkeypatch.setitem(moe.PADDED_MIN_ROWS, moe.backend(), 1)
+    """Take the padded prefill path from the first routed row on this backend (in every
+    default policy made during the test)."""
+    monkeypatch.setitem(fp.PADDED_MIN_ROWS, fp.backend(), 1)
 
 
 @pytest.fixture
 def spy(monkeypatch):
-    """Records, per GatheredGLU call, whether the padded path produced the result."""
+    """Records, per experts call, whether the padded path produced the result."""
     taken = []
-    original = GatheredGLU.padded
+    original = fp.padded_experts
 
-    def padded(self, x, indices):
-        out = original(self, x, indices)
+    def padded(*args):
+        out = original(*args)
         taken.append(out is not None)
         return out
 
-    monkeypatch.setattr(GatheredGLU, "padded", padded)
+    monkeypatch.setattr(fp, "padded_experts", padded)
     return taken
+
+
+def experts_call(glu: GatheredGLU, policy: FastPaths | None = None):
+    """`glu` called as the MoE block calls it, under `policy` (default: this backend's)."""
+    policy = policy or FastPaths.default()
+    return lambda x, indices, weights: fp.routed_experts(policy, glu, x, indices, weights)
 
 
 def tiny_model(quantized: bool, seed: int = 0) -> HunYuanMoEV1ForCausalLM:
     mx.random.seed(seed)
-    config = HunYuanMoEV1Config(
-        vocab_size=200,
-        hidden_size=128,
-        intermediate_size=64,
-        num_hidden_layers=2,
-        num_attention_heads=4,
-        num_key_value_heads=2,
-        head_dim=32,
-        num_experts=16,
-        moe_topk=4,
-        rope_scaling={"type": "dynamic", "alpha": 1000.0},
-    )
+    config = HunYuanMoEV1Config(**FAST_PATHS_CONFIG)
     model = HunYuanMoEV1ForCausalLM(config)
     if quantized:
         apply_quantization(model, {"group_size": 32, "bits": 4})
@@ -74,16 +74,15 @@ def max_diff(a: mx.array, b: mx.array) -> float:
 @pytest.mark.parametrize("quantized", [False, True])
 @pytest.mark.parametrize("tokens", [2, 7, 64])  # 2 tokens x 4 of 16 experts: some unused
 def test_padded_experts_equal_gathered(quantized, tokens, group, always_fast, spy, monkeypatch):
-    monkeypatch.setattr(moe, "PADDED_EXPERT_GROUP", group)
+    monkeypatch.setattr(fp, "PADDED_EXPERT_GROUP", group)
     glu = GatheredGLU(128, 64, 16)
     if quantized:
         nn.quantize(glu, 32, 4)
     glu.eval()
     x = mx.random.normal((1, tokens, 128))
     indices, weights = routing(tokens)
-    fast = glu(x, indices, weights)
-    with moe.fast_paths(False):
-        plain = glu(x, indices, weights)
+    fast = experts_call(glu)(x, indices, weights)
+    plain = experts_call(glu, PLAIN)(x, indices, weights)
     assert spy == [True]
     assert fast.shape == plain.shape == (1, tokens, 128)
     assert max_diff(fast, plain) <= 1e-5
@@ -103,7 +102,7 @@ def test_chunked_prefill_and_decode_logits_equal_plain(quantized, always_fast, s
     fast = run()
     assert any(spy)
     assert all(layer._decode_fns is not None for layer in model.layers)  # compiled decode ran
-    with moe.fast_paths(False):
+    with fp.using(model, PLAIN):
         plain = run()
     assert max_diff(fast, plain) <= ATOL
 
@@ -123,7 +122,7 @@ def test_compiled_decode_sees_new_weights():
     layer.mlp.shared_mlp.down_proj.scales = layer.mlp.shared_mlp.down_proj.scales * 2
     layer.post_attention_layernorm.weight = layer.post_attention_layernorm.weight * 0.5
     fast = last_logits()
-    with moe.fast_paths(False):
+    with fp.using(model, PLAIN):
         plain = last_logits()
     assert max_diff(fast, plain) <= ATOL
 
@@ -142,7 +141,7 @@ def test_fast_path_matches_transformers(tiny_checkpoint, always_fast, spy):
 def test_training_and_compile_take_the_gathered_path(always_fast, spy):
     model = tiny_model(quantized=False)
     ids = mx.random.randint(0, 200, (1, 30))
-    with moe.fast_paths(False):
+    with fp.using(model, PLAIN):
         plain = model(ids)
     model.train()
     assert max_diff(model(ids), plain) == 0.0
@@ -168,18 +167,19 @@ def test_wrapped_projection_takes_the_gathered_path(always_fast, spy):
     glu.eval()
     x = mx.random.normal((1, 20, 128))
     indices, weights = routing(20)
-    with moe.fast_paths(False):
-        plain = glu(x, indices, weights)
+    plain = experts_call(glu, PLAIN)(x, indices, weights)
     glu.down_proj = Wrapper(glu.down_proj)
-    assert max_diff(glu(x, indices, weights), plain) == 0.0
+    assert max_diff(experts_call(glu)(x, indices, weights), plain) == 0.0
     assert spy == [False]
 
 
 def test_fast_paths_context_restores_state():
-    before = moe.padded_min_rows()
-    with moe.fast_paths(False):
-        assert moe.padded_min_rows() is None
-    assert moe.padded_min_rows() == before
+    model = tiny_model(quantized=False)
+    before = model.fast_paths
+    assert before == FastPaths.default() != PLAIN
+    with fp.using(model, PLAIN):
+        assert {layer.mlp.fast_paths for layer in model.layers} == {PLAIN}
+    assert {layer.mlp.fast_paths for layer in model.layers} == {before}
 
 
 def test_padded_bf16_at_least_as_accurate_as_gathered(always_fast):
@@ -206,28 +206,27 @@ def test_padded_bf16_at_least_as_accurate_as_gathered(always_fast):
         a = a.astype(mx.float32)
         return (mx.linalg.norm((a - ref).flatten()) / mx.linalg.norm(ref.flatten())).item()
 
-    fast = rel(glu(x, indices, weights))
-    with moe.fast_paths(False):
-        plain = rel(glu(x, indices, weights))
+    fast = rel(experts_call(glu)(x, indices, weights))
+    plain = rel(experts_call(glu, PLAIN)(x, indices, weights))
     assert fast <= 1e-2  # bf16 rounding
     assert fast <= plain * 1.05
 
 
-def test_unquantized_experts_avoid_sorted_gather_mm_on_cuda(monkeypatch, spy):
-    """MLX 0.32.4's sorted gather_mm is broken on CUDA: unquantized experts go padded there."""
+def test_unquantized_experts_avoid_sorted_gather_mm_on_cuda(spy):
+    """MLX 0.32.4's sorted gather_mm is broken on CUDA: unquantized experts go padded there,
+    and only there (other versions: off until measured)."""
     glu = GatheredGLU(128, 64, 16)
     glu.eval()
     x = mx.random.normal((1, 20, 128))  # 80 rows: sorted, under CUDA's padded threshold
     indices, weights = routing(20)
-    with moe.fast_paths(False):
-        gathered = glu(x, indices, weights)
+    gathered = experts_call(glu, PLAIN)(x, indices, weights)
     assert spy == []
-    monkeypatch.setattr(moe, "backend", lambda: "cuda")
-    with moe.fast_paths(False):
-        out = glu(x, indices, weights)
+    broken = FastPaths.default(on="cuda", mlx_version="0.32.4")
+    out = experts_call(glu, broken)(x, indices, weights)
     assert spy == [True]
     assert max_diff(out, gathered) <= 1e-5
+    experts_call(glu, FastPaths.default(on="cuda", mlx_version="0.33.0"))(x, indices, weights)
+    assert spy == [True]
     nn.quantize(glu, 32, 4)  # quantized experts use gather_qmm, which is fine there
-    with moe.fast_paths(False):
-        glu(x, indices, weights)
+    experts_call(glu, broken)(x, indices, weights)
     assert spy == [True]

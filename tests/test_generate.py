@@ -10,45 +10,17 @@ from pathlib import Path
 
 import mlx.core as mx
 import pytest
-from conftest import build_torch_model, save_checkpoint, shared_dir
+from helpers import EOS
 
-from hunyuan_mlx import load
-from hunyuan_mlx.cli import DIM, RESET, GenerationSettings, ThinkingPrinter, settings_from_args
-from hunyuan_mlx.generate import build_parser, build_prompt, generate, main, stream_generate
+from hunyuan_mlx.generate import build_parser, main
+from hunyuan_mlx.generation.display import DIM, RESET, ThinkingPrinter
+from hunyuan_mlx.generation.options import settings_from_args
+from hunyuan_mlx.generation.settings import GenerationSettings
+from hunyuan_mlx.generation.stream import build_prompt, generate, stream_generate
 
 ROOT = Path(__file__).resolve().parents[1]
-RELEASE_FILES = ("hy.tiktoken", "tokenizer_config.json", "generation_config.json")
-EOS = 127960  # <|eos|>, the release's first stop id
 GREEDY = GenerationSettings(max_tokens=12)
 PROG_ERROR = "python -m hunyuan_mlx.generate: error: "
-
-
-@pytest.fixture(scope="session", name="tiny_release")
-def tiny_release_fixture(tmp_path_factory) -> Path:
-    """A tiny random model with the real 128,167-token vocabulary and the release's tokenizer
-    and generation config. Kept at a fixed place in the session's temp dir, so that the chat
-    tests, which import this fixture, reuse it instead of building it again."""
-    path = tmp_path_factory.getbasetemp() / "tiny_release"
-    if not (path / RELEASE_FILES[-1]).is_file():
-        shared = shared_dir()
-        # hidden 32 keeps the 128k-row embedding small; head_dim 32 allows KV quantization.
-        model = build_torch_model(
-            vocab_size=128167,
-            hidden_size=32,
-            intermediate_size=16,
-            head_dim=32,
-            max_position_embeddings=256,
-            tie_word_embeddings=True,
-        )
-        save_checkpoint(model, path)
-        for name in RELEASE_FILES:
-            shutil.copyfile(shared / name, path / name)
-    return path
-
-
-@pytest.fixture(scope="session", name="loaded")
-def loaded_fixture(tiny_release):
-    return load(tiny_release)
 
 
 def run_main(argv: list[str], capsys) -> tuple[int, str, str]:

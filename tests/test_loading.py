@@ -8,12 +8,12 @@ import mlx.core as mx
 import numpy as np
 import pytest
 import torch
-from conftest import as_mlx_lm_layout, build_torch_model, rewrite_as_release_config, save_checkpoint
+from helpers import as_mlx_lm_layout, build_torch_model, rewrite_as_release_config, save_checkpoint
 from mlx.utils import tree_flatten
 from safetensors.torch import save_file
 
 from hunyuan_mlx import HunYuanMoEV1Config, load_model
-from hunyuan_mlx.weights import sanitize
+from hunyuan_mlx.models.weights import sanitize
 
 IDS = np.random.default_rng(0).integers(0, 96, (1, 24))
 

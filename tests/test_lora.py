@@ -17,38 +17,35 @@ from pathlib import Path
 import mlx.core as mx
 import numpy as np
 import pytest
-from conftest import build_torch_model, save_checkpoint, shared_dir
+from helpers import (
+    RELEASE_FILES,
+    RELEASE_VOCAB_TRAIN,
+    build_torch_model,
+    load_example,
+    save_checkpoint,
+    shared_dir,
+)
 from mlx.utils import tree_flatten
 from mlx_lm.tuner.callbacks import TrainingCallback
 from mlx_lm.tuner.trainer import iterate_batches
 
 from hunyuan_mlx import load, load_model
-from hunyuan_mlx.adapters import LoRAGatheredLinear, prepare_model
-from hunyuan_mlx.data import load_examples, read_jsonl
-from hunyuan_mlx.evaluate_car import extract_answer, read_test_set, score
-from hunyuan_mlx.evaluate_car import main as evaluate_car_main
-from hunyuan_mlx.fuse import fuse
+from hunyuan_mlx.files import read_jsonl
 from hunyuan_mlx.fuse import main as fuse_main
-from hunyuan_mlx.fuse import save_checkpoint as save_mlx_checkpoint
-from hunyuan_mlx.lora import LoRAConfig, masked_loss, optimizer_file, train
 from hunyuan_mlx.lora import main as lora_main
-from hunyuan_mlx.model import IGNORE_INDEX
-from hunyuan_mlx.moe import dense_expert_weight, fast_paths
+from hunyuan_mlx.models import FastPaths
+from hunyuan_mlx.models.fast_paths import using
+from hunyuan_mlx.models.hf_compat import IGNORE_INDEX
 from hunyuan_mlx.quantize import apply_quantization
 from hunyuan_mlx.tokenizer import HunYuanTokenizer
+from hunyuan_mlx.tuner.adapters import LoRAGatheredLinear, prepare_model
+from hunyuan_mlx.tuner.data import load_examples
+from hunyuan_mlx.tuner.fuse import fuse
+from hunyuan_mlx.tuner.fuse import save_checkpoint as save_mlx_checkpoint
+from hunyuan_mlx.tuner.trainer import LoRAConfig, masked_loss, optimizer_file, train
 
-TOKENIZER_FILES = ("hy.tiktoken", "tokenizer_config.json", "generation_config.json")
-MODEL_SHAPE = dict(
-    hidden_size=32,
-    intermediate_size=32,
-    num_attention_heads=4,
-    num_key_value_heads=2,
-    head_dim=8,
-    num_experts=8,
-    moe_topk=2,
-    max_position_embeddings=256,
-    tie_word_embeddings=True,
-)
+evaluate_car = load_example("lora/evaluate_car.py")
+
 MAX_SEQ_LENGTH = 128
 # Quick to train: a high learning rate and every layer, experts included.
 TRAIN_OPTIONS = dict(
@@ -77,8 +74,8 @@ class Recorder(TrainingCallback):
 
 
 def write_model(path: Path, vocab_size: int) -> Path:
-    save_checkpoint(build_torch_model(vocab_size=vocab_size, **MODEL_SHAPE), path)
-    for name in TOKENIZER_FILES:
+    save_checkpoint(build_torch_model(vocab_size=vocab_size, **RELEASE_VOCAB_TRAIN), path)
+    for name in RELEASE_FILES:
         shutil.copyfile(shared_dir() / name, path / name)
     return path
 
@@ -204,9 +201,9 @@ def test_qlora_on_quantized_base_and_fuse(dense_model_dir, car_splits, tmp_path)
     exact = load_model(plain).layers[0].mlp.experts.gate_up_proj.weight
     assert experts.bits == 4 and experts.group_size == 32
     step = mx.abs(mx.repeat(experts.scales, 32, axis=-1))
-    assert mx.all(mx.abs(dense_expert_weight(experts) - exact) <= step)
+    assert mx.all(mx.abs(experts.dense_weight() - exact) <= step)
     base_experts = load_model(quantized_dir).layers[0].mlp.experts.gate_up_proj
-    assert mx.any(mx.abs(dense_expert_weight(base_experts) - exact) > step)
+    assert mx.any(mx.abs(base_experts.dense_weight() - exact) > step)
 
 
 def test_resume_continues_steps_and_optimizer(dense_model_dir, car_splits, tmp_path):
@@ -376,9 +373,12 @@ def test_cli_with_yaml_config_full_vocabulary(tmp_path_factory, full_vocab_model
     model, _ = load(model_dir, adapter_path=adapters)
     assert isinstance(model.layers[1].mlp.experts.down_proj, LoRAGatheredLinear)
     assert not isinstance(model.layers[0].mlp.experts.down_proj, LoRAGatheredLinear)
-    with pytest.raises(ValueError, match="unknown keys lora_rnak"):
-        config_file.write_text("lora_rnak: 4\n")
+    config_file.write_text("lora_rnak: 4\n")
+    with pytest.raises(SystemExit) as exit_info:
         lora_main(["-c", str(config_file)])
+    err = capsys.readouterr().err
+    assert exit_info.value.code == 1 and err.count("\n") == 1
+    assert err.startswith("python -m hunyuan_mlx.lora: error: ") and "unknown keys lora_rnak" in err
 
 
 def test_grad_checkpoint_dora_and_full(dense_model_dir, car_splits, tmp_path):
@@ -417,12 +417,12 @@ def test_grad_checkpoint_dora_and_full(dense_model_dir, car_splits, tmp_path):
 
 def test_car_scoring():
     assert (
-        extract_answer("<think>\n\n</think>\n<answer>\n奥迪q5l；宝马x5\n</answer>")
+        evaluate_car.extract_answer("<think>\n\n</think>\n<answer>\n奥迪q5l；宝马x5\n</answer>")
         == "奥迪q5l；宝马x5"
     )
-    assert extract_answer("<answer>\nds525") == "ds525"
-    assert extract_answer("<think>x</think>无") == "无"
-    scores = score(
+    assert evaluate_car.extract_answer("<answer>\nds525") == "ds525"
+    assert evaluate_car.extract_answer("<think>x</think>无") == "无"
+    scores = evaluate_car.score(
         ["奥迪q5l；宝马x5", "无", "ds525", "无"], ["宝马x5；奥迪q5l", "无", "ds5", "cr-v"]
     )
     assert scores["exact_match"] == 0.5
@@ -433,7 +433,7 @@ def test_car_scoring():
 
 def test_evaluate_car_command(full_vocab_model_dir, tmp_path, capsys):
     test_file = shared_dir() / "car" / "test.json"
-    scores = evaluate_car_main(
+    scores = evaluate_car.main(
         [
             "--model",
             str(full_vocab_model_dir),
@@ -453,7 +453,7 @@ def test_evaluate_car_command(full_vocab_model_dir, tmp_path, capsys):
     assert json.loads(capsys.readouterr().out.splitlines()[-1]) == scores
     (tmp_path / "bad.json").write_text('{"input": "x", "label": "y"}\n{"input": "x"}\n')
     with pytest.raises(ValueError, match="bad.json, line 2"):
-        read_test_set(tmp_path / "bad.json")
+        evaluate_car.read_test_set(tmp_path / "bad.json")
 
 
 def test_adapters_under_inference_fast_paths(trained, car_splits):
@@ -466,7 +466,7 @@ def test_adapters_under_inference_fast_paths(trained, car_splits):
         return model(tokens[:, :-1], cache), model(tokens[:, -1:], cache)
 
     fast = prefill_and_step()
-    with fast_paths(False):
+    with using(model, FastPaths.off()):
         plain = prefill_and_step()
     for a, b in zip(fast, plain):
         assert mx.allclose(a, b, atol=1e-4, rtol=0)

@@ -6,7 +6,7 @@ import mlx.core as mx
 import numpy as np
 import pytest
 import torch
-from conftest import build_torch_model, save_checkpoint
+from helpers import TINY_CONFIG, build_torch_model, save_checkpoint
 
 from hunyuan_mlx import HunYuanMoEV1ForSequenceClassification, load_model
 
@@ -246,8 +246,6 @@ def plain_reference_logits(model, ids: np.ndarray) -> np.ndarray:
 
 def test_per_layer_expert_counts_match_plain_reference(tmp_path):
     """Per-layer num_experts lists (transformers cannot build them) against a loop over experts."""
-    from conftest import TINY_CONFIG
-
     from hunyuan_mlx import HunYuanMoEV1Config, HunYuanMoEV1ForCausalLM
 
     config = HunYuanMoEV1Config(
@@ -268,8 +266,6 @@ def test_per_layer_expert_counts_match_plain_reference(tmp_path):
 
 def test_cross_layer_attention_shares_keys_and_values():
     """With use_cla, odd layers own no K/V projections and reuse their group's; the cache agrees."""
-    from conftest import TINY_CONFIG
-
     from hunyuan_mlx import HunYuanMoEV1Config, HunYuanMoEV1ForCausalLM
 
     config = HunYuanMoEV1Config(
@@ -288,8 +284,8 @@ def test_cross_layer_attention_shares_keys_and_values():
 def test_routing_weights_are_the_top_k_softmax_probabilities(norm_topk_prob):
     """The router picks the k most probable experts; their weights are the float32 softmax
     probabilities, renormalised over the k as the reference does unless `norm_topk_prob` is off."""
-    from hunyuan_mlx.config import HunYuanMoEV1Config
-    from hunyuan_mlx.moe import HunYuanMoEV1Moe
+    from hunyuan_mlx.models.config import HunYuanMoEV1Config
+    from hunyuan_mlx.models.hunyuan import HunYuanMoEV1Moe
 
     config = HunYuanMoEV1Config(
         hidden_size=32, num_experts=16, moe_topk=4, norm_topk_prob=norm_topk_prob

@@ -63,7 +63,7 @@ def reference_encoding():
 def json_tok(tmp_path_factory) -> HunYuanTokenizer:
     """The same vocabulary through our tokenizer.json converter and the `tokenizers` library."""
     pytest.importorskip("tokenizers", reason="tokenizers is not installed (optional backend)")
-    from hunyuan_mlx.tokenizer_json import write_tokenizer_json
+    from hunyuan_mlx.tokenizer import write_tokenizer_json
 
     out = write_tokenizer_json(
         _require_reference() / "hy.tiktoken", tmp_path_factory.mktemp("tj") / "tokenizer.json"

@@ -1,4 +1,4 @@
-"""Score car-series extraction: `python -m hunyuan_mlx.evaluate_car --model M --adapter-path A`.
+"""Score car-series extraction: `python examples/lora/evaluate_car.py --model M --adapter-path A`.
 
 Reads `{"input", "label"}` lines (the release's `car/test.json`), answers each input greedily with
 the chat template and the training data's system prompt, takes the text inside
@@ -15,7 +15,9 @@ from collections.abc import Iterable
 from pathlib import Path
 from typing import Any
 
-from .data import read_jsonl
+from hunyuan_mlx import load
+from hunyuan_mlx.cli import add_debug_argument, run_main
+from hunyuan_mlx.files import read_jsonl
 
 NAME_SEPARATOR = "；"
 NO_NAME = "无"
@@ -95,7 +97,7 @@ def evaluate(
 
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(
-        prog="python -m hunyuan_mlx.evaluate_car",
+        prog="examples/lora/evaluate_car.py",
         description="Exact match and micro F1 of car-series names.",
     )
     parser.add_argument("--model", required=True, help="Local model directory or Hub repo id.")
@@ -105,23 +107,25 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("--max-tokens", type=int, default=DEFAULT_MAX_TOKENS)
     parser.add_argument("--system", default=DEFAULT_SYSTEM, help="System prompt ('' for none).")
     parser.add_argument("--output", help="Write one JSON line per example here.")
+    add_debug_argument(parser)
     return parser
 
 
 def main(argv: list[str] | None = None) -> dict[str, float]:
-    from .loading import load
-
-    args = build_parser().parse_args(argv)
-    records = read_test_set(args.data, args.limit)
-    model, tokenizer = load(args.model, adapter_path=args.adapter_path)
-    if tokenizer is None:
-        raise ValueError(f"{args.model} has no tokenizer files")
-    predictions, scores = evaluate(model, tokenizer, records, args.system, args.max_tokens)
-    if args.output:
-        with open(args.output, "w", encoding="utf-8") as f:
-            for record, prediction in zip(records, predictions):
-                row = {**record, "prediction": prediction}
-                f.write(json.dumps(row, ensure_ascii=False) + "\n")
+    """Answer and score every test record; print the scores as one JSON line."""
+    parser = build_parser()
+    args = parser.parse_args(argv)
+    with run_main(parser.prog, args.debug):
+        records = read_test_set(args.data, args.limit)
+        model, tokenizer = load(args.model, adapter_path=args.adapter_path)
+        if tokenizer is None:
+            raise ValueError(f"{args.model} has no tokenizer files")
+        predictions, scores = evaluate(model, tokenizer, records, args.system, args.max_tokens)
+        if args.output:
+            with open(args.output, "w", encoding="utf-8") as f:
+                for record, prediction in zip(records, predictions):
+                    row = {**record, "prediction": prediction}
+                    f.write(json.dumps(row, ensure_ascii=False) + "\n")
     print(json.dumps(scores))
     return scores
 

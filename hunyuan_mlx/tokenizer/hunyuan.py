@@ -20,6 +20,8 @@ from functools import cached_property, lru_cache
 from pathlib import Path
 from typing import Any
 
+from ..files import read_json
+
 TIKTOKEN_FILE = "hy.tiktoken"
 TOKENIZER_JSON_FILE = "tokenizer.json"
 
@@ -71,13 +73,6 @@ def _token_name(value: Any) -> str | None:
     if isinstance(value, Mapping):
         return value.get("content")
     return value
-
-
-def _read_json(path: Path) -> dict[str, Any]:
-    if not path.is_file():
-        return {}
-    with open(path, encoding="utf-8") as f:
-        return json.load(f)
 
 
 class HunYuanStreamingDetokenizer:
@@ -212,8 +207,10 @@ class HunYuanTokenizer:
         """Load from a checkpoint directory: `hy.tiktoken` (preferred) or `tokenizer.json`, plus
         `tokenizer_config.json` (template, special-token names) and `generation_config.json`."""
         directory = Path(path)
-        config = _read_json(directory / "tokenizer_config.json")
-        generation = _read_json(directory / "generation_config.json")
+        config, generation = (
+            read_json(file) if file.is_file() else {}
+            for file in (directory / "tokenizer_config.json", directory / "generation_config.json")
+        )
         if (directory / TIKTOKEN_FILE).is_file():
             return cls.from_tiktoken(directory / TIKTOKEN_FILE, config, generation)
         if (directory / TOKENIZER_JSON_FILE).is_file():

@@ -20,7 +20,8 @@ from mlx_lm.tuner.dora import DoRALinear
 from mlx_lm.tuner.lora import LoRALinear
 from mlx_lm.utils import dequantize_model as dequantize_mlx_lm_layers
 
-from .moe import GatheredLinear, QuantizedGatheredLinear, dense_expert_weight
+from ..files import check_tensors, read_json
+from ..models.experts import GATHERED_LINEARS, GatheredLinear, QuantizedGatheredLinear
 
 ADAPTER_FILE = "adapters.safetensors"
 ADAPTER_CONFIG_FILE = "adapter_config.json"
@@ -40,8 +41,6 @@ LORA_TARGETS: dict[str, tuple[str, ...]] = {
 DEFAULT_LORA_TARGETS = ("attention", "shared_mlp", "experts")
 # mlx-lm's defaults.
 DEFAULT_LORA_PARAMETERS: dict[str, Any] = {"rank": 8, "scale": 20.0, "dropout": 0.0}
-
-GATHERED = (GatheredLinear, QuantizedGatheredLinear)
 
 
 def resolve_targets(targets: list[str] | tuple[str, ...] | str) -> list[str]:
@@ -65,14 +64,6 @@ def resolve_targets(targets: list[str] | tuple[str, ...] | str) -> list[str]:
     return list(dict.fromkeys(keys))
 
 
-def gathered_dims(linear: nn.Module) -> tuple[int, int, int]:
-    """(num_experts, output_dims, input_dims) of a possibly quantized gathered linear."""
-    num_experts, output_dims, packed = linear.weight.shape
-    if isinstance(linear, QuantizedGatheredLinear):
-        return num_experts, output_dims, packed * 32 // linear.bits
-    return num_experts, output_dims, packed
-
-
 class LoRAGatheredLinear(nn.Module):
     """A (quantized) `GatheredLinear` plus a float32 rank-r update `scale * B_e A_e` per expert e.
 
@@ -83,7 +74,7 @@ class LoRAGatheredLinear(nn.Module):
     def __init__(self, linear: nn.Module, rank: int = 8, dropout: float = 0.0, scale: float = 20.0):
         super().__init__()
         # Wraps the base rather than building a fresh one: an A13B expert stack is gigabytes.
-        num_experts, output_dims, input_dims = gathered_dims(linear)
+        num_experts, output_dims, input_dims = linear.dims
         self.linear = linear
         self.dropout = nn.Dropout(p=dropout)
         self.scale = scale
@@ -111,11 +102,9 @@ class LoRAGatheredLinear(nn.Module):
 
     def fuse(self, dequantize: bool = False) -> nn.Module:
         """The base with the update added, re-quantized as the base was unless `dequantize`."""
-        weight = dense_expert_weight(self.linear)
-        num_experts, output_dims, input_dims = weight.shape
-        fused = GatheredLinear(input_dims, output_dims, num_experts)
+        weight = self.linear.dense_weight()
         delta = self.scale * (self.lora_b @ self.lora_a)
-        fused.weight = (weight.astype(mx.float32) + delta).astype(weight.dtype)
+        fused = GatheredLinear.from_weight((weight.astype(mx.float32) + delta).astype(weight.dtype))
         if isinstance(self.linear, QuantizedGatheredLinear) and not dequantize:
             return fused.to_quantized(self.linear.group_size, self.linear.bits, self.linear.mode)
         return fused
@@ -124,7 +113,7 @@ class LoRAGatheredLinear(nn.Module):
 def to_lora(module: nn.Module, parameters: dict[str, Any], use_dora: bool) -> nn.Module:
     """The LoRA (or DoRA) layer wrapping one target module."""
     rank, scale, dropout = parameters["rank"], parameters["scale"], parameters["dropout"]
-    if isinstance(module, GATHERED):
+    if isinstance(module, GATHERED_LINEARS):
         if use_dora:
             raise ValueError(
                 "DoRA is not supported on the routed experts: use lora, or leave 'experts' "
@@ -195,23 +184,17 @@ def read_adapter_config(adapter_path: str | Path) -> dict[str, Any]:
     file = Path(adapter_path) / ADAPTER_CONFIG_FILE
     if not file.is_file():
         raise FileNotFoundError(f"No {ADAPTER_CONFIG_FILE} in adapter path {adapter_path}")
-    return json.loads(file.read_text())
+    return read_json(file)
 
 
 def load_adapter_weights(model: nn.Module, file: str | Path) -> None:
     """Load an adapter file into a prepared model; it must fill every trainable parameter."""
     weights = mx.load(str(file))
-    expected = adapter_weights(model)
-    problems = [f"missing {name}" for name in sorted(expected.keys() - weights.keys())]
-    problems += [f"unexpected {name}" for name in sorted(weights.keys() - expected.keys())]
-    problems += [
-        f"{name} has shape {tuple(weights[name].shape)}, expected {tuple(expected[name].shape)}"
-        for name in sorted(expected.keys() & weights.keys())
-        if weights[name].shape != expected[name].shape
-    ]
-    if problems:
-        shown = "; ".join(problems[:5]) + ("; ..." if len(problems) > 5 else "")
-        raise ValueError(f"Adapter file {file} does not match its adapter_config.json: {shown}")
+    check_tensors(
+        {name: w.shape for name, w in weights.items()},
+        {name: p.shape for name, p in adapter_weights(model).items()},
+        f"Adapter file {file} does not match its adapter_config.json",
+    )
     model.load_weights(list(weights.items()), strict=False)
 
 
@@ -235,10 +218,7 @@ def dequantize_model(model: nn.Module) -> nn.Module:
     plain = []
     for name, module in model.named_modules():
         if isinstance(module, QuantizedGatheredLinear):
-            num_experts, output_dims, input_dims = gathered_dims(module)
-            linear = GatheredLinear(input_dims, output_dims, num_experts)
-            linear.weight = dense_expert_weight(module)
-            plain.append((name, linear))
+            plain.append((name, GatheredLinear.from_weight(module.dense_weight())))
     if plain:
         model.update_modules(tree_unflatten(plain))
     return model

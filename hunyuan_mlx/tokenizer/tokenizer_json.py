@@ -11,7 +11,7 @@ import json
 from pathlib import Path
 from typing import Any
 
-from .tokenizer import PAT_STR, SPECIAL_TOKEN_NAMES, bytes_to_unicode, load_tiktoken_ranks
+from .hunyuan import PAT_STR, SPECIAL_TOKEN_NAMES, bytes_to_unicode, load_tiktoken_ranks
 
 
 def tiktoken_merges(ranks: dict[bytes, int]) -> list[tuple[bytes, bytes]]:

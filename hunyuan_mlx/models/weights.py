@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import mlx.core as mx
 
+from ..quantize import ROUTER_DTYPE
 from .config import HunYuanMoEV1Config
 
 QUANT_SUFFIXES = ("weight", "scales", "biases")
@@ -34,7 +35,7 @@ def sanitize(weights: dict[str, mx.array], config: HunYuanMoEV1Config) -> dict[s
                 # Softmax over one expert is 1: the router has no effect, so no module holds it.
                 del weights[router]
             else:
-                weights[router] = weights[router].astype(mx.float32)
+                weights[router] = weights[router].astype(ROUTER_DTYPE)
     return weights
 
 

@@ -8,12 +8,13 @@ read exactly that pair.
 
 from __future__ import annotations
 
-import json
 import warnings
 from pathlib import Path
 from typing import Any
 
 from mlx_lm.tuner.datasets import ChatDataset, CompletionsDataset, TextDataset
+
+from ..files import read_jsonl
 
 DATA_SPLITS = ("train", "valid", "test")
 # Format name -> the keys a record of that format has, each with its JSON type.
@@ -26,23 +27,6 @@ DATA_FORMATS: dict[str, dict[str, type]] = {
 MASK_PROMPT_DEFAULT = {"chat": True, "completions": True, "text": False}
 
 Example = tuple[list[int], int]
-
-
-def read_jsonl(path: str | Path) -> list[tuple[int, dict[str, Any]]]:
-    """(line number, object) for each non-blank line; a bad line is an error naming it."""
-    records = []
-    with open(path, encoding="utf-8") as f:
-        for number, line in enumerate(f, 1):
-            if not line.strip():
-                continue
-            try:
-                record = json.loads(line)
-            except json.JSONDecodeError as e:
-                raise ValueError(f"{path}, line {number}: not valid JSON ({e.msg})") from None
-            if not isinstance(record, dict):
-                raise ValueError(f"{path}, line {number}: expected a JSON object")
-            records.append((number, record))
-    return records
 
 
 def record_format(record: dict[str, Any]) -> str | None:

@@ -14,6 +14,8 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+from ..files import read_json
+
 MODEL_TYPE = "hunyuan_v1_moe"
 ROPE_TYPES = ("default", "linear", "dynamic")
 CLASSIFICATION_PROBLEM_TYPES = (
@@ -176,11 +178,7 @@ class HunYuanMoEV1Config:
         file = Path(path) / "config.json"
         if not file.is_file():
             raise FileNotFoundError(f"No config.json in {path}")
-        try:
-            config = json.loads(file.read_text())
-        except json.JSONDecodeError as e:
-            raise ValueError(f"{file} is not valid JSON: {e}") from e
-        return cls.from_dict(config)
+        return cls.from_dict(read_json(file))
 
     def to_dict(self) -> dict[str, Any]:
         """The config as saved by this project: the extra keys, then every field."""

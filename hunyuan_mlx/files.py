@@ -1,0 +1,127 @@
+"""Reading checkpoint files with errors that name the file: JSON, JSONL, safetensors headers and
+shards, and the one check of a set of tensors against what a model expects."""
+
+from __future__ import annotations
+
+import json
+import struct
+from collections.abc import Callable, Mapping
+from pathlib import Path
+from typing import Any
+
+import mlx.core as mx
+
+INDEX_FILE = "model.safetensors.index.json"
+NAMES_SHOWN = 5  # how many missing / unexpected tensor names an error lists
+
+
+def read_json(path: str | Path) -> Any:
+    """The parsed JSON file; invalid JSON is a ValueError naming the file."""
+    try:
+        return json.loads(Path(path).read_text(encoding="utf-8"))
+    except json.JSONDecodeError as e:
+        raise ValueError(f"{path} is not valid JSON: {e}") from None
+
+
+def read_jsonl(path: str | Path) -> list[tuple[int, dict[str, Any]]]:
+    """(line number, object) for each non-blank line; a bad line is an error naming it."""
+    records = []
+    with open(path, encoding="utf-8") as f:
+        for number, line in enumerate(f, 1):
+            if not line.strip():
+                continue
+            try:
+                record = json.loads(line)
+            except json.JSONDecodeError as e:
+                raise ValueError(f"{path}, line {number}: not valid JSON ({e.msg})") from None
+            if not isinstance(record, dict):
+                raise ValueError(f"{path}, line {number}: expected a JSON object")
+            records.append((number, record))
+    return records
+
+
+def weight_files(model_path: Path) -> list[Path]:
+    """The safetensors files of a checkpoint: those its index lists, or all in the directory."""
+    index = model_path / INDEX_FILE
+    if index.is_file():
+        try:
+            weight_map = read_json(index)["weight_map"]
+        except (KeyError, TypeError) as e:
+            raise ValueError(f"{index} is not a valid safetensors index: no {e}") from None
+        files = [model_path / name for name in sorted(set(weight_map.values()))]
+        for file in files:
+            if not file.is_file():
+                raise FileNotFoundError(f"{file.name} is listed in {index} but does not exist")
+        return files
+    files = sorted(model_path.glob("*.safetensors"))
+    if not files:
+        raise FileNotFoundError(f"No safetensors weights in {model_path}")
+    return files
+
+
+def check_safetensors(file: Path) -> dict[str, Any]:
+    """Read a safetensors header and check the file holds every byte it declares.
+
+    A truncated download otherwise only fails, obscurely, when the tensor is first used.
+    """
+    size = file.stat().st_size
+    with open(file, "rb") as f:
+        prefix = f.read(8)
+        if len(prefix) < 8:
+            raise ValueError(f"{file} is not a safetensors file (too short)")
+        (header_len,) = struct.unpack("<Q", prefix)
+        if 8 + header_len > size:
+            raise ValueError(f"{file} is truncated or corrupt: its header runs past the end")
+        try:
+            header = json.loads(f.read(header_len))
+        except (json.JSONDecodeError, UnicodeDecodeError) as e:
+            raise ValueError(f"{file} is corrupt: unreadable safetensors header ({e})") from e
+    end = max((t["data_offsets"][1] for k, t in header.items() if k != "__metadata__"), default=0)
+    if 8 + header_len + end > size:
+        raise ValueError(
+            f"{file} is truncated: it declares {8 + header_len + end} bytes but has {size}"
+        )
+    return header
+
+
+def load_safetensors(files: list[Path]) -> dict[str, mx.array]:
+    """Every tensor of the files, read lazily (`mx.load` reads data on first evaluation)."""
+    weights: dict[str, mx.array] = {}
+    for file in files:
+        check_safetensors(file)
+        try:
+            weights.update(mx.load(str(file)))
+        except (RuntimeError, ValueError) as e:
+            raise ValueError(f"Could not read {file}: {e}") from e
+    return weights
+
+
+def check_tensors(
+    found: Mapping[str, tuple[int, ...]],
+    expected: Mapping[str, tuple[int, ...]],
+    problem: str,
+    where: Callable[[str], str] = str,
+) -> None:
+    """Every expected tensor present with its shape, and nothing else; otherwise one ValueError,
+    `problem` followed by what is missing, unexpected and misshapen (`where(name)` says where a
+    tensor came from)."""
+    missing = sorted(expected.keys() - found.keys())
+    unexpected = sorted(found.keys() - expected.keys())
+    problems = []
+    if missing:
+        problems.append(f"missing {len(missing)} tensors ({_names(missing)})")
+    if unexpected:
+        problems.append(f"{len(unexpected)} unexpected tensors ({_names(unexpected)})")
+    for name in sorted(expected.keys() & found.keys()):
+        if tuple(found[name]) != tuple(expected[name]):
+            problems.append(
+                f"{where(name)} has shape {tuple(found[name])}, expected {tuple(expected[name])}"
+            )
+            break
+    if problems:
+        raise ValueError(f"{problem}: " + "; ".join(problems))
+
+
+def _names(names: list[str]) -> str:
+    shown = ", ".join(names[:NAMES_SHOWN])
+    return shown + (", ..." if len(names) > NAMES_SHOWN else "")

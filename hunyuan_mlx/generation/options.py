@@ -1,0 +1,128 @@
+"""The flags `generate`, `chat` and the server share, and what they load from parsed flags."""
+
+from __future__ import annotations
+
+import argparse
+import dataclasses
+from pathlib import Path
+
+import mlx.core as mx
+
+from ..cli import add_debug_argument
+from ..loading import load, resolve_model_path
+from ..models import HunYuanMoEV1ForCausalLM
+from ..tokenizer import HunYuanTokenizer
+from .settings import GenerationSettings
+
+
+def add_common_arguments(parser: argparse.ArgumentParser) -> None:
+    """--model and the prompt and display flags both CLIs take."""
+    parser.add_argument(
+        "--model", required=True, help="Local checkpoint directory or Hugging Face repo id"
+    )
+    parser.add_argument(
+        "--adapter-path", default=None, help="Directory of trained LoRA/DoRA adapters to apply"
+    )
+    parser.add_argument(
+        "--system-prompt", default=None, help="System prompt to be used for the chat template"
+    )
+    parser.add_argument(
+        "--think",
+        action=argparse.BooleanOptionalAction,
+        default=None,
+        help="The chat template's enable_thinking (default: the template's, which thinks); "
+        "a prompt starting with /no_think also turns thinking off",
+    )
+    parser.add_argument(
+        "--hide-thinking",
+        action="store_true",
+        help="Print only the answer, not the <think> reasoning (dimmed otherwise on a terminal)",
+    )
+    parser.add_argument(
+        "--verbose", action="store_true", help="Print token counts, speeds and peak memory"
+    )
+    add_debug_argument(parser)
+
+
+def add_generation_arguments(parser: argparse.ArgumentParser, max_tokens: int) -> None:
+    """Length, sampling and KV-cache flags; defaults None mean the checkpoint's or mlx-lm's."""
+    d = GenerationSettings()
+    parser.add_argument(
+        "--max-tokens",
+        "-m",
+        type=int,
+        default=max_tokens,
+        help="Maximum number of tokens to generate, -1 for no limit (default: %(default)s)",
+    )
+    sampling = [
+        ("--temp", float, "Sampling temperature", d.temp),
+        ("--top-p", float, "Sampling top-p", d.top_p),
+        ("--top-k", int, "Sampling top-k", d.top_k),
+        ("--min-p", float, "Sampling min-p", d.min_p),
+        ("--repetition-penalty", float, "Penalty for repeated tokens", "none"),
+    ]
+    for flag, kind, what, default in sampling:
+        parser.add_argument(
+            flag,
+            type=kind,
+            help=f"{what} (default: the checkpoint's generation_config.json, else {default})",
+        )
+    parser.add_argument(
+        "--repetition-context-size",
+        type=int,
+        default=d.repetition_context_size,
+        help="How many recent tokens the repetition penalty looks at (default: %(default)s)",
+    )
+    parser.add_argument("--seed", type=int, default=None, help="PRNG seed")
+    parser.add_argument(
+        "--max-kv-size",
+        type=int,
+        default=d.max_kv_size,
+        help="Maximum key-value cache size (a rotating window); also the longest prompt allowed",
+    )
+    parser.add_argument(
+        "--kv-bits",
+        type=int,
+        default=d.kv_bits,
+        help="Number of bits for KV cache quantization. Defaults to no quantization.",
+    )
+    parser.add_argument(
+        "--kv-group-size",
+        type=int,
+        default=d.kv_group_size,
+        help="Group size for KV cache quantization (default: %(default)s)",
+    )
+    parser.add_argument(
+        "--quantized-kv-start",
+        type=int,
+        default=d.quantized_kv_start,
+        help="With --kv-bits, quantize the KV cache from this step on (default: %(default)s)",
+    )
+    parser.add_argument(
+        "--prefill-step-size",
+        type=int,
+        default=d.prefill_step_size,
+        help="Number of prompt tokens to process at a time (default: %(default)s)",
+    )
+
+
+def settings_from_args(args: argparse.Namespace, model_path: Path) -> GenerationSettings:
+    """The parsed flags over the checkpoint's sampling defaults."""
+    names = [f.name for f in dataclasses.fields(GenerationSettings)]
+    return GenerationSettings.from_checkpoint(model_path, **{n: getattr(args, n) for n in names})
+
+
+def prepare(
+    args: argparse.Namespace,
+) -> tuple[HunYuanMoEV1ForCausalLM, HunYuanTokenizer, GenerationSettings]:
+    """Model, tokenizer and settings for parsed CLI flags; seeds the PRNG when asked to."""
+    model_path = resolve_model_path(args.model)
+    settings = settings_from_args(args, model_path)
+    model, tokenizer = load(model_path, adapter_path=args.adapter_path)
+    if tokenizer is None:
+        raise FileNotFoundError(f"No tokenizer (hy.tiktoken or tokenizer.json) in {model_path}")
+    if args.seed is not None:
+        mx.random.seed(args.seed)
+    return model, tokenizer, settings
+
+

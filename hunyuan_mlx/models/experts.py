@@ -1,0 +1,238 @@
+"""Gathered experts: `num_experts` linears stored as one stacked array, applied per routed row.
+
+`GatheredGLU` applies each token's k SwiGLU experts with one gathered matmul per projection
+(`mx.gather_mm`, or `mx.gather_qmm` once quantized) instead of a loop over experts, so no token is
+ever dropped. This is the plain path, the one the transformers parity tests pin; the inference
+fast paths (`fast_paths.py`) are held equal to it. Routing lives in the MoE block (`hunyuan.py`).
+"""
+
+from __future__ import annotations
+
+import math
+from functools import cache
+
+import mlx.core as mx
+import mlx.nn as nn
+import numpy as np
+
+from ..quantize import dequantize
+
+# Sorting rows by expert costs two argsorts and a gather; it pays off once a call routes enough
+# rows that experts repeat, and lets gather_(q)mm read each expert's weights once. mlx-lm's value.
+SORT_THRESHOLD = 64
+
+
+def gather_sort(x: mx.array, indices: mx.array) -> tuple[mx.array, mx.array, mx.array]:
+    """Repeat each token once per chosen expert and order the rows by expert.
+
+    `x` is (..., 1, 1, D) and `indices` (..., k); returns the sorted rows (N*k, 1, D), their expert
+    ids (N*k,), and the permutation that puts the rows back (see `scatter_unsort`).
+    """
+    k = indices.shape[-1]
+    indices = indices.flatten()
+    order = mx.argsort(indices)
+    inverse_order = mx.argsort(order)
+    return x.flatten(0, -3)[order // k], indices[order], inverse_order
+
+
+def scatter_unsort(x: mx.array, inverse_order: mx.array, shape: tuple[int, ...]) -> mx.array:
+    """Undo `gather_sort`: rows (N*k, 1, D) back in token order, as `shape` (..., k) + (D,)."""
+    return mx.unflatten(x.squeeze(-2)[inverse_order], 0, shape)
+
+
+def weighted_sum(out: mx.array, weights: mx.array) -> mx.array:
+    """Each token's expert outputs (..., k, D) summed with their float32 weights (..., k)."""
+    return (out * weights[..., None]).sum(axis=-2).astype(out.dtype)
+
+
+@cache
+def gather_mm_supports(dtype: mx.Dtype, device: mx.Device) -> bool:
+    """Whether `mx.gather_mm` runs in `dtype` on `device`, found by running it once.
+
+    MLX 0.32.4's CPU backend takes float32 only; asking beats a version list that goes stale.
+    """
+    x, w = mx.zeros((1, 1, 2), dtype=dtype), mx.zeros((1, 2, 2), dtype=dtype)
+    try:
+        mx.eval(mx.gather_mm(x, w, None, mx.zeros((1,), dtype=mx.uint32), stream=device))
+    except (ValueError, RuntimeError):
+        return False
+    return True
+
+
+def pick_experts(a: mx.array | None, experts: list[int] | None) -> mx.array | None:
+    """The rows of a stacked (E, ...) array for `experts` (all for None): a view for a run of
+    consecutive experts, a gathered copy otherwise."""
+    if a is None or experts is None:
+        return a
+    if experts[-1] - experts[0] == len(experts) - 1:
+        return a[experts[0] : experts[-1] + 1]
+    return mx.take(a, mx.array(experts, dtype=mx.int32), axis=0)
+
+
+class GatheredLinear(nn.Module):
+    """`num_experts` bias-free linear layers stored as one (E, out, in) array, applied per row."""
+
+    def __init__(self, input_dims: int, output_dims: int, num_experts: int):
+        super().__init__()
+        scale = math.sqrt(1 / input_dims)
+        self.weight = mx.random.uniform(-scale, scale, (num_experts, output_dims, input_dims))
+
+    def __call__(
+        self,
+        x: mx.array,
+        indices: mx.array,
+        sorted_indices: bool = False,
+        lhs_indices: mx.array | None = None,
+    ) -> mx.array:
+        """Row r of x's batch (`lhs_indices`, default: broadcast) times expert `indices[r]`."""
+        weight = self.weight.swapaxes(-1, -2)
+        if not gather_mm_supports(x.dtype, mx.default_device()):
+            out = mx.gather_mm(
+                x.astype(mx.float32),
+                weight.astype(mx.float32),
+                lhs_indices,
+                indices,
+                sorted_indices=sorted_indices,
+            )
+            return out.astype(x.dtype)
+        return mx.gather_mm(x, weight, lhs_indices, indices, sorted_indices=sorted_indices)
+
+    @classmethod
+    def from_weight(cls, weight: mx.array) -> GatheredLinear:
+        """The gathered linear holding the (E, out, in) `weight` (the random init is never run)."""
+        num_experts, output_dims, input_dims = weight.shape
+        linear = cls(input_dims, output_dims, num_experts)
+        linear.weight = weight
+        return linear
+
+    @property
+    def dims(self) -> tuple[int, int, int]:
+        """(num_experts, output_dims, input_dims)."""
+        return tuple(self.weight.shape)
+
+    def dense_weight(self, experts: list[int] | None = None) -> mx.array:
+        """The (E, out, in) weights, of `experts` only if given."""
+        return pick_experts(self.weight, experts)
+
+    def to_quantized(
+        self, group_size: int | None = None, bits: int | None = None, mode: str = "affine"
+    ) -> QuantizedGatheredLinear:
+        """Called by `nn.quantize`: the same experts, quantized."""
+        return QuantizedGatheredLinear(self.weight, group_size, bits, mode)
+
+
+class QuantizedGatheredLinear(nn.Module):
+    """`GatheredLinear` with quantized weights, applied with `mx.gather_qmm`."""
+
+    def __init__(
+        self,
+        weight: mx.array,
+        group_size: int | None = None,
+        bits: int | None = None,
+        mode: str = "affine",
+    ):
+        """Quantize (E, out, in) `weight`; None group size or bits take the mode's defaults."""
+        super().__init__()
+        self.weight, self.scales, *biases = mx.quantize(weight, group_size, bits, mode=mode)
+        # Record what mx.quantize chose, which gather_qmm needs back.
+        self.group_size = group_size or weight.shape[-1] // self.scales.shape[-1]
+        self.bits = bits or self.weight.shape[-1] * 32 // weight.shape[-1]
+        self.mode = mode
+        if biases:  # only the affine mode has biases
+            self.biases = biases[0]
+        self.freeze()
+
+    def __call__(
+        self,
+        x: mx.array,
+        indices: mx.array,
+        sorted_indices: bool = False,
+        lhs_indices: mx.array | None = None,
+    ) -> mx.array:
+        return mx.gather_qmm(
+            x,
+            self.weight,
+            self.scales,
+            self.get("biases"),
+            lhs_indices=lhs_indices,
+            rhs_indices=indices,
+            transpose=True,
+            group_size=self.group_size,
+            bits=self.bits,
+            mode=self.mode,
+            sorted_indices=sorted_indices,
+        )
+
+    @property
+    def dims(self) -> tuple[int, int, int]:
+        """(num_experts, output_dims, input_dims), the last unpacked."""
+        num_experts, output_dims, packed = self.weight.shape
+        return num_experts, output_dims, packed * 32 // self.bits
+
+    def dense_weight(self, experts: list[int] | None = None) -> mx.array:
+        """The dequantized (E, out, in) weights, of `experts` only if given."""
+        return dequantize(
+            pick_experts(self.weight, experts),
+            pick_experts(self.scales, experts),
+            pick_experts(self.get("biases"), experts),
+            {"group_size": self.group_size, "bits": self.bits, "mode": self.mode},
+        )
+
+
+GATHERED_LINEARS = (GatheredLinear, QuantizedGatheredLinear)
+
+
+class GatheredGLU(nn.Module):
+    """Stacked SwiGLU experts: `down(silu(gate(x)) * up(x))` with gate and up fused in one matmul.
+
+    `gate_up_proj` is (E, 2 * I, D), gate rows first, as transformers' `experts.gate_up_proj`.
+    """
+
+    def __init__(self, hidden_size: int, intermediate_size: int, num_experts: int):
+        super().__init__()
+        self.intermediate_size = intermediate_size
+        self.gate_up_proj = GatheredLinear(hidden_size, 2 * intermediate_size, num_experts)
+        self.down_proj = GatheredLinear(intermediate_size, hidden_size, num_experts)
+
+    def __call__(self, x: mx.array, indices: mx.array, weights: mx.array) -> mx.array:
+        """x (..., D), expert ids and weights (..., k) -> the weighted sum of the chosen experts'
+        outputs, (..., D)."""
+        indices = mx.stop_gradient(indices)
+        rows = indices.size
+        if rows >= SORT_THRESHOLD:
+            x_rows, row_indices, inverse_order = gather_sort(mx.expand_dims(x, (-2, -3)), indices)
+            out = self.glu(x_rows, row_indices, sorted_indices=True)
+            return weighted_sum(scatter_unsort(out, inverse_order, indices.shape), weights)
+        # Few rows (decode). Every graph node costs host time here, so: row indices as constants
+        # rather than the arange gather_qmm would build, the weights folded into the down
+        # projection's input (it is linear), and one sum over the (k, 1) rows of each token.
+        k = indices.shape[-1]
+        token_rows = np.arange(rows // k, dtype=np.uint32).repeat(k).reshape(indices.shape)
+        choice_rows = np.arange(rows, dtype=np.uint32).reshape(indices.shape)
+        out = self.glu(
+            mx.expand_dims(x, -2),
+            indices,
+            lhs_indices=(mx.array(token_rows), mx.array(choice_rows)),
+            scale=weights[..., None, None].astype(x.dtype),
+        )
+        return out.sum(axis=(-3, -2))
+
+    def glu(
+        self,
+        x: mx.array,
+        indices: mx.array,
+        sorted_indices: bool = False,
+        lhs_indices: tuple[mx.array | None, mx.array | None] = (None, None),
+        scale: mx.array | None = None,
+    ) -> mx.array:
+        """The experts on gathered rows, (..., 1, D) out. `lhs_indices` pick each projection's
+        input rows (default: broadcast); `scale` multiplies the down projection's input."""
+        gate, up = mx.split(
+            self.gate_up_proj(x, indices, sorted_indices, lhs_indices[0]),
+            [self.intermediate_size],
+            axis=-1,
+        )
+        h = nn.silu(gate) * up
+        if scale is not None:
+            h = h * scale
+        return self.down_proj(h, indices, sorted_indices, lhs_indices[1])

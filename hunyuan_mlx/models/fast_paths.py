@@ -1,0 +1,223 @@
+"""Inference fast paths, chosen by an explicit policy (`FastPaths`) that the model holds.
+
+Two fast paths, each the plain path's computation reordered (tests hold them equal to it):
+- **padded prefill experts**: a long chunk runs the routed experts as one padded batched matmul
+  per projection on weights dequantized a group of experts at a time;
+- **compiled decode step**: a single-token step runs everything but the cache update and
+  attention in two `mx.compile`d functions (fewer, fused kernels and no per-op Python).
+
+One workaround for a known MLX bug, named with the version it was seen on and off elsewhere until
+measured there. `FastPaths.off()` is the plain path everywhere, workaround included.
+
+Profiled on an H100 (MLX 0.32.4 CUDA, A13B shape, 4-bit g64; BENCHMARKS.md): for 512 tokens x
+top-8, sorted `gather_qmm` of the fused gate+up experts takes 43 ms (4.7 TFLOP/s); dequantizing
+the layer's experts (3.5 ms) and one batched `matmul` over (experts, capacity, D) rows takes
+1.9 ms (108 TFLOP/s; 240 at 2048 tokens), with identical bf16 output. Decode is bound by host time
+per graph node (about 7 us each), which the compiled step cuts.
+"""
+
+from __future__ import annotations
+
+import contextlib
+from collections.abc import Iterator
+from dataclasses import dataclass
+from typing import Any
+
+import mlx.core as mx
+import mlx.nn as nn
+from mlx_lm.models.base import scaled_dot_product_attention
+
+from .experts import GATHERED_LINEARS, SORT_THRESHOLD, GatheredGLU, GatheredLinear, weighted_sum
+
+# Routed rows (tokens x k) from which a call takes the padded path, by backend; None: never.
+# Measured (BENCHMARKS.md): on CUDA, dequantizing a layer's experts costs about what gather_qmm
+# spends on ~350 rows; on the CPU, whose bf16 gather_qmm is far slower, the padded path wins from
+# a few dozen rows. Apple GPUs keep sorted gather_qmm until measured there.
+PADDED_MIN_ROWS = {"cuda": 512, "cpu": 64, "metal": None}
+# Experts per batched matmul: bounds the dense weights alive at once (32 of A13B's experts: 1.6 GB
+# of bf16 gate+up, 0.8 GB of down) to keep prefill's peak memory within 10% of the weights.
+PADDED_EXPERT_GROUP = 32
+# MLX versions whose CUDA sorted `gather_mm` (unquantized experts) returned NaN or wrong rows at
+# A13B shape and hit an illegal memory access at 320 rows (benchmarks/check_gather_mm.py).
+# Quantized experts (`gather_qmm`) are fine there.
+SORTED_GATHER_MM_BROKEN_ON_CUDA = ("0.32.4",)
+
+
+def backend() -> str:
+    """"cpu", "metal" or "cuda": where the default device computes."""
+    if mx.default_device() == mx.cpu:
+        return "cpu"
+    return "metal" if mx.metal.is_available() else "cuda"
+
+
+@dataclass(frozen=True)
+class FastPaths:
+    """Which fast paths a model takes; the default fields are the plain path."""
+
+    # Routed rows from which a prefill call takes the padded experts; None: never.
+    padded_min_rows: int | None = None
+    # Experts whose dense weights a padded call holds at once.
+    padded_expert_group: int = PADDED_EXPERT_GROUP
+    compiled_decode: bool = False
+    # Unquantized experts avoid sorted gather_mm (padded instead), for MLX's bug above.
+    avoid_sorted_gather_mm: bool = False
+
+    @classmethod
+    def default(cls, on: str | None = None, mlx_version: str | None = None) -> FastPaths:
+        """Every fast path measured to pay off on backend `on` (default: this one), and the
+        workarounds that MLX version `mlx_version` (default: this one) needs."""
+        on = on or backend()
+        mlx_version = mlx_version or mx.__version__
+        return cls(
+            padded_min_rows=PADDED_MIN_ROWS.get(on),
+            compiled_decode=True,
+            avoid_sorted_gather_mm=on == "cuda"
+            and mlx_version in SORTED_GATHER_MM_BROKEN_ON_CUDA,
+        )
+
+    @classmethod
+    def off(cls) -> FastPaths:
+        """The plain path everywhere."""
+        return cls()
+
+    def takes_padded(self, experts: GatheredGLU, rows: int) -> bool:
+        """Whether a call of `experts` on `rows` routed rows should try the padded path."""
+        if experts.training:
+            return False
+        if self.padded_min_rows is not None and rows >= self.padded_min_rows:
+            return True
+        unquantized = all(
+            type(p) is GatheredLinear for p in (experts.gate_up_proj, experts.down_proj)
+        )
+        return self.avoid_sorted_gather_mm and rows >= SORT_THRESHOLD and unquantized
+
+    def takes_compiled_decode(self, layer: nn.Module, x: mx.array, **call: Any) -> bool:
+        """Whether a decoder layer call `layer(x, **call)` can run as `compiled_decode_step`:
+        one token with a cache, causal, no shared K/V, no explicit positions, a rotation that
+        does not depend on the length, in eval mode."""
+        return (
+            self.compiled_decode
+            and x.shape[1] == 1
+            and call["mask"] is None
+            and call["cache"] is not None
+            and call["shared_kv"] is None
+            and call["position_ids"] is None
+            and not layer.training
+            and "k_proj" in layer.self_attn
+            and layer.self_attn.rotary_emb.dynamic_factor is None
+        )
+
+
+def set_fast_paths(model: nn.Module, policy: FastPaths) -> None:
+    """Give `policy` to every module of `model` that holds one."""
+    for _, module in model.named_modules():
+        if hasattr(module, "fast_paths"):
+            module.fast_paths = policy
+
+
+@contextlib.contextmanager
+def using(model: nn.Module, policy: FastPaths) -> Iterator[None]:
+    """`model` takes `policy` within the block (`FastPaths.off()` for comparisons)."""
+    previous = model.fast_paths
+    set_fast_paths(model, policy)
+    try:
+        yield
+    finally:
+        set_fast_paths(model, previous)
+
+
+def routed_experts(
+    policy: FastPaths, experts: GatheredGLU, x: mx.array, indices: mx.array, weights: mx.array
+) -> mx.array:
+    """`experts(x, indices, weights)`, through the padded path where `policy` and the call allow."""
+    if policy.takes_padded(experts, indices.size):
+        out = padded_experts(experts, x, indices, policy.padded_expert_group)
+        if out is not None:
+            return weighted_sum(out, weights)
+    return experts(x, indices, weights)
+
+
+def padded_experts(
+    experts: GatheredGLU, x: mx.array, indices: mx.array, expert_group: int
+) -> mx.array | None:
+    """Each row's expert output (..., k, D), as batched matmuls over (used experts, capacity, D).
+
+    The capacity (most rows any one expert got) is read on the host, one synchronisation per
+    layer, so no token is ever dropped; padding rows repeat a real token and are never read back.
+    None where this path cannot run: wrapped projections (adapters must see their own call), or
+    inside a function transformation (`mx.compile`), where the host cannot read the counts.
+    """
+    projections = (experts.gate_up_proj, experts.down_proj)
+    if not all(type(p) in GATHERED_LINEARS for p in projections):
+        return None
+    num_experts = experts.gate_up_proj.dims[0]
+    k = indices.shape[-1]
+    flat = mx.stop_gradient(indices).flatten().astype(mx.int32)
+    try:
+        counts = mx.zeros((num_experts,), dtype=mx.int32).at[flat].add(1).tolist()
+    except ValueError:  # "eval during function transformations": MLX's only sign of tracing
+        return None
+    used = [e for e, c in enumerate(counts) if c]
+    capacity = -(-max(counts) // 8) * 8  # a multiple of 8: fewer distinct matmul shapes
+    compact_of, starts, total = [0] * num_experts, [], 0
+    for j, e in enumerate(used):
+        compact_of[e], total = j, total + counts[e]
+        starts.append(total - counts[e])
+    compact = mx.array(compact_of, dtype=mx.int32)[flat]  # each row's expert, 0..used-1
+    starts_a = mx.array(starts, dtype=mx.int32)
+    counts_a = mx.array([counts[e] for e in used], dtype=mx.int32)
+    order = mx.argsort(compact)  # sorted position -> row
+    # Each row's slot in the (used, capacity) grid: its expert's block, then its rank there.
+    slot = compact * capacity + (mx.argsort(order).astype(mx.int32) - starts_a[compact])
+    # Each grid slot's token; padding slots repeat the row at the block start.
+    c = mx.arange(capacity, dtype=mx.int32)
+    src = starts_a[:, None] + mx.where(c < counts_a[:, None], c, 0)
+    tokens = (order // k)[src]
+    rows = x.reshape(-1, x.shape[-1])[tokens]  # (used, capacity, D)
+    outs = []
+    for a in range(0, len(used), expert_group):
+        b = min(a + expert_group, len(used))
+        group = None if b - a == num_experts else used[a:b]
+        h = rows[a:b] @ experts.gate_up_proj.dense_weight(group).swapaxes(-1, -2)
+        gate, up = mx.split(h, [experts.intermediate_size], axis=-1)
+        down = experts.down_proj.dense_weight(group).swapaxes(-1, -2)
+        outs.append((nn.silu(gate) * up) @ down)
+    out = outs[0] if len(outs) == 1 else mx.concatenate(outs)
+    out = out.reshape(-1, out.shape[-1])[slot]
+    return out.reshape(*indices.shape, out.shape[-1])
+
+
+def compiled_decode_step(layer: nn.Module, x: mx.array, cache: Any) -> tuple[mx.array, Any]:
+    """A decoder layer's single-token step, computed as `layer(x, None, cache)`.
+
+    The layer's parameters are the compiled functions' implicit inputs, so new weights (loading,
+    adapters) are picked up; a changed structure traces anew. They are kept on the layer under a
+    leading underscore, which keeps them out of its parameters.
+    """
+    if layer._decode_fns is None:
+        layer._decode_fns = (
+            mx.compile(lambda x, offset: _decode_pre(layer, x, offset), inputs=[layer]),
+            mx.compile(lambda x, out: _decode_post(layer, x, out), inputs=[layer]),
+        )
+    pre, post = layer._decode_fns
+    queries, keys, values, shared_kv = pre(x, mx.array(cache.offset))
+    keys, values = cache.update_and_fetch(keys, values)
+    attn = layer.self_attn
+    out = scaled_dot_product_attention(
+        queries, keys, values, cache=cache, scale=attn.scale, mask=None
+    )
+    return post(x, out), shared_kv
+
+
+def _decode_pre(layer: nn.Module, x: mx.array, offset: mx.array) -> tuple[mx.array, ...]:
+    """Input norm, projections, RoPE and QK-norm: everything before the cache."""
+    attn = layer.self_attn
+    h = layer.input_layernorm(x)
+    shared_kv = (attn.k_proj(h), attn.v_proj(h))
+    return *attn.heads(attn.q_proj(h), shared_kv, offset), shared_kv
+
+
+def _decode_post(layer: nn.Module, x: mx.array, attn_out: mx.array) -> mx.array:
+    """Output projection, residuals and the MoE block: everything after attention."""
+    h = x + layer.self_attn.output(attn_out)
+    return h + layer.mlp(layer.post_attention_layernorm(h))

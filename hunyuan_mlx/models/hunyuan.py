@@ -1,0 +1,312 @@
+"""HunYuan MoE V1 in MLX, named as transformers' `modeling_hunyuan_v1_moe.py`, read top to bottom.
+
+`HunYuanMoEV1ForCausalLM.__call__(inputs, cache)` is the mlx-lm model protocol, so
+`mlx_lm.generate` drives it. transformers' `forward(...)` API (attention mask, position ids,
+labels, hidden states) and sequence classification are in `hf_compat.py`; the inference fast paths
+in `fast_paths.py`, switched by the `FastPaths` policy the model holds.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+import mlx.core as mx
+import mlx.nn as nn
+from mlx_lm.models.base import create_attention_mask, scaled_dot_product_attention
+from mlx_lm.models.cache import KVCache
+
+from ..quantize import ROUTER_DTYPE
+from . import hf_compat
+from .config import HunYuanMoEV1Config
+from .experts import GatheredGLU
+from .fast_paths import FastPaths, compiled_decode_step, routed_experts, set_fast_paths
+from .rope import HunYuanMoEV1RotaryEmbedding
+from .weights import sanitize
+
+
+def split_heads(x: mx.array, num_heads: int) -> mx.array:
+    """(B, L, heads * head_dim) -> (B, heads, L, head_dim)."""
+    B, L, _ = x.shape
+    if L == 1:  # the same layout without a transpose: one graph node fewer a decode step
+        return x.reshape(B, num_heads, 1, -1)
+    return x.reshape(B, L, num_heads, -1).transpose(0, 2, 1, 3)
+
+
+def merge_heads(x: mx.array) -> mx.array:
+    """(B, heads, L, head_dim) -> (B, L, heads * head_dim), the inverse of `split_heads`."""
+    B, _, L, _ = x.shape
+    if L == 1:
+        return x.reshape(B, 1, -1)
+    return x.transpose(0, 2, 1, 3).reshape(B, L, -1)
+
+
+class HunYuanMoEV1Attention(nn.Module):
+    """GQA attention; RoPE first, then RMSNorm of each query and key head (QK-norm)."""
+
+    def __init__(self, config: HunYuanMoEV1Config, layer_idx: int):
+        super().__init__()
+        self.num_heads = config.num_attention_heads
+        self.num_key_value_heads = config.num_key_value_heads
+        self.head_dim = config.head_dim
+        self.scale = self.head_dim**-0.5
+        hidden, bias = config.hidden_size, config.attention_bias
+        self.q_proj = nn.Linear(hidden, self.num_heads * self.head_dim, bias=bias)
+        # With cross-layer attention only the first layer of a group projects keys and values.
+        if config.layer_has_kv_proj(layer_idx):
+            self.k_proj = nn.Linear(hidden, self.num_key_value_heads * self.head_dim, bias=bias)
+            self.v_proj = nn.Linear(hidden, self.num_key_value_heads * self.head_dim, bias=bias)
+        self.o_proj = nn.Linear(self.num_heads * self.head_dim, hidden, bias=bias)
+        if config.use_qk_norm:
+            self.query_layernorm = nn.RMSNorm(self.head_dim, eps=config.rms_norm_eps)
+            self.key_layernorm = nn.RMSNorm(self.head_dim, eps=config.rms_norm_eps)
+        self.rotary_emb = HunYuanMoEV1RotaryEmbedding(config)
+
+    def __call__(
+        self,
+        x: mx.array,
+        mask: mx.array | str | None,
+        cache: Any = None,
+        shared_kv: tuple[mx.array, mx.array] | None = None,
+        position_ids: mx.array | None = None,
+    ) -> tuple[mx.array, tuple[mx.array, mx.array]]:
+        """Returns the output and the (unrotated) key/value projections for CLA sharing."""
+        if shared_kv is None:
+            shared_kv = (self.k_proj(x), self.v_proj(x))
+        offset = cache.offset if cache is not None else 0
+        queries, keys, values = self.heads(self.q_proj(x), shared_kv, offset, position_ids)
+        if cache is not None:
+            keys, values = cache.update_and_fetch(keys, values)
+        out = scaled_dot_product_attention(
+            queries, keys, values, cache=cache, scale=self.scale, mask=mask
+        )
+        return self.output(out), shared_kv
+
+    def heads(
+        self,
+        queries: mx.array,
+        shared_kv: tuple[mx.array, mx.array],
+        offset: int | mx.array,
+        position_ids: mx.array | None = None,
+    ) -> tuple[mx.array, mx.array, mx.array]:
+        """Projections (B, L, heads * head_dim) -> (B, heads, L, head_dim): RoPE, then QK-norm."""
+        queries = split_heads(queries, self.num_heads)
+        keys, values = (split_heads(t, self.num_key_value_heads) for t in shared_kv)
+        queries = self.rotary_emb(queries, offset, position_ids)
+        keys = self.rotary_emb(keys, offset, position_ids)
+        if "query_layernorm" in self:
+            queries = self.query_layernorm(queries)
+            keys = self.key_layernorm(keys)
+        return queries, keys, values
+
+    def output(self, attn_out: mx.array) -> mx.array:
+        """Attention output (B, heads, L, head_dim) -> the projected (B, L, hidden)."""
+        return self.o_proj(merge_heads(attn_out))
+
+
+class HunYuanMoEV1MLP(nn.Module):
+    """The dense SwiGLU MLP (the shared expert)."""
+
+    def __init__(self, hidden_size: int, intermediate_size: int):
+        super().__init__()
+        self.gate_proj = nn.Linear(hidden_size, intermediate_size, bias=False)
+        self.up_proj = nn.Linear(hidden_size, intermediate_size, bias=False)
+        self.down_proj = nn.Linear(intermediate_size, hidden_size, bias=False)
+
+    def __call__(self, x: mx.array) -> mx.array:
+        return self.down_proj(nn.silu(self.gate_proj(x)) * self.up_proj(x))
+
+
+class HunYuanMoEV1Gate(nn.Module):
+    """The router, computed in `ROUTER_DTYPE` (float32, never quantized)."""
+
+    def __init__(self, hidden_size: int, num_experts: int):
+        super().__init__()
+        self.wg = nn.Linear(hidden_size, num_experts, bias=False)
+        self.wg.set_dtype(ROUTER_DTYPE)
+
+    def __call__(self, x: mx.array) -> mx.array:
+        return self.wg(x.astype(ROUTER_DTYPE))
+
+
+class HunYuanMoEV1Moe(nn.Module):
+    """Routed experts plus the shared MLP. One expert makes it a dense MLP with no router."""
+
+    fast_paths = FastPaths.off()  # the model gives every block its policy
+
+    def __init__(self, config: HunYuanMoEV1Config, layer_idx: int):
+        super().__init__()
+        self.num_experts = config.layer_num_experts(layer_idx)
+        self.top_k = config.layer_moe_topk(layer_idx)
+        self.norm_topk_prob = config.norm_topk_prob
+        if self.num_experts > 1:
+            self.gate = HunYuanMoEV1Gate(config.hidden_size, self.num_experts)
+        self.experts = GatheredGLU(
+            config.hidden_size, config.layer_moe_intermediate_size(layer_idx), self.num_experts
+        )
+        num_shared = config.layer_num_shared_expert(layer_idx)
+        if config.use_mixed_mlp_moe and num_shared > 0:
+            self.shared_mlp = HunYuanMoEV1MLP(
+                config.hidden_size, config.intermediate_size * num_shared
+            )
+
+    def route(self, x: mx.array) -> tuple[mx.array, mx.array]:
+        """Top-k expert ids and their float32 weights, (..., k) each."""
+        logits = self.gate(x)
+        k = self.top_k
+        # Softmax is monotonic: the top-k logits are the top-k probabilities.
+        indices = mx.stop_gradient(mx.argpartition(logits, kth=-k, axis=-1)[..., -k:])
+        if self.norm_topk_prob:
+            # Unlike mlx-lm's hunyuan.py, renormalise as the reference does. Renormalised top-k
+            # probabilities are exactly the softmax of the top-k logits (the full softmax's
+            # denominator cancels): one small softmax instead of a full one, a sum and a divide.
+            return indices, mx.softmax(
+                mx.take_along_axis(logits, indices, axis=-1), axis=-1, precise=True
+            )
+        probs = mx.softmax(logits, axis=-1, precise=True)
+        return indices, mx.take_along_axis(probs, indices, axis=-1)
+
+    def __call__(self, x: mx.array) -> mx.array:
+        if self.num_experts == 1:
+            # Softmax over one expert is 1: every token goes to expert 0 with weight 1.
+            indices = mx.zeros((*x.shape[:-1], 1), dtype=mx.uint32)
+            weights = mx.ones(indices.shape, dtype=mx.float32)
+        else:
+            indices, weights = self.route(x)
+        y = routed_experts(self.fast_paths, self.experts, x, indices, weights)
+        if "shared_mlp" in self:
+            y = y + self.shared_mlp(x)
+        return y
+
+
+class HunYuanMoEV1DecoderLayer(nn.Module):
+    def __init__(self, config: HunYuanMoEV1Config, layer_idx: int):
+        super().__init__()
+        self.self_attn = HunYuanMoEV1Attention(config, layer_idx)
+        self.mlp = HunYuanMoEV1Moe(config, layer_idx)
+        self.input_layernorm = nn.RMSNorm(config.hidden_size, eps=config.rms_norm_eps)
+        self.post_attention_layernorm = nn.RMSNorm(config.hidden_size, eps=config.rms_norm_eps)
+        self._decode_fns = None  # fast_paths.compiled_decode_step's, compiled on first use
+
+    def __call__(
+        self,
+        x: mx.array,
+        mask: mx.array | str | None,
+        cache: Any = None,
+        shared_kv: tuple[mx.array, mx.array] | None = None,
+        position_ids: mx.array | None = None,
+    ) -> tuple[mx.array, tuple[mx.array, mx.array]]:
+        r, shared_kv = self.self_attn(self.input_layernorm(x), mask, cache, shared_kv, position_ids)
+        h = x + r
+        return h + self.mlp(self.post_attention_layernorm(h)), shared_kv
+
+
+class HunYuanMoEV1Model(nn.Module):
+    """Embedding, decoder layers and final norm: the hidden states before the head."""
+
+    fast_paths = FastPaths.off()
+
+    def __init__(self, config: HunYuanMoEV1Config):
+        super().__init__()
+        self.config = config
+        self.embed_tokens = nn.Embedding(config.vocab_size, config.hidden_size)
+        self.layers = [HunYuanMoEV1DecoderLayer(config, i) for i in range(config.num_hidden_layers)]
+        self.norm = nn.RMSNorm(config.hidden_size, eps=config.rms_norm_eps)
+
+    def __call__(
+        self,
+        inputs: mx.array | None,
+        cache: list[Any] | None = None,
+        input_embeddings: mx.array | None = None,
+        mask: mx.array | str | None = None,
+        position_ids: mx.array | None = None,
+        hidden_states: list[mx.array] | None = None,
+    ) -> mx.array:
+        """Token ids (or embeddings) -> final normed hidden states. `mask` defaults to causal;
+        a `hidden_states` list receives the embeddings and every layer's output but the last."""
+        h = self.embed_tokens(inputs) if input_embeddings is None else input_embeddings
+        if mask is None:
+            mask = create_attention_mask(h, cache[0] if cache else None)
+        shared_kv = None
+        for i, layer in enumerate(self.layers):
+            if hidden_states is not None:
+                hidden_states.append(h)
+            if self.config.layer_has_kv_proj(i):
+                shared_kv = None
+            call = dict(
+                mask=mask,
+                cache=cache[i] if cache else None,
+                shared_kv=shared_kv,
+                position_ids=position_ids,
+            )
+            if self.fast_paths.takes_compiled_decode(layer, h, **call):
+                h, shared_kv = compiled_decode_step(layer, h, call["cache"])
+            else:
+                h, shared_kv = layer(h, **call)
+        return self.norm(h)
+
+    def make_cache(self) -> list[KVCache]:
+        return [KVCache() for _ in self.layers]
+
+    forward = hf_compat.base_model_forward
+
+
+class HunYuanMoEV1ForCausalLM(nn.Module):
+    fast_paths = FastPaths.off()
+
+    def __init__(self, config: HunYuanMoEV1Config, fast_paths: FastPaths | None = None):
+        """`fast_paths` defaults to every fast path measured on this backend."""
+        super().__init__()
+        self.config = config
+        self.model_type = config.model_type
+        self.model = HunYuanMoEV1Model(config)
+        if not config.tie_word_embeddings:
+            self.lm_head = nn.Linear(config.hidden_size, config.vocab_size, bias=False)
+        set_fast_paths(self, fast_paths or FastPaths.default())
+
+    def __call__(
+        self,
+        inputs: mx.array,
+        cache: list[Any] | None = None,
+        input_embeddings: mx.array | None = None,
+    ) -> mx.array:
+        """mlx-lm protocol: token ids (B, L) -> logits (B, L, vocab)."""
+        return self.lm_head_logits(self.model(inputs, cache, input_embeddings))
+
+    def lm_head_logits(self, hidden: mx.array) -> mx.array:
+        """Tied embeddings use the embedding matrix as the head, whatever the checkpoint carries."""
+        if self.config.tie_word_embeddings:
+            return self.model.embed_tokens.as_linear(hidden)
+        return self.lm_head(hidden)
+
+    def make_cache(self) -> list[KVCache]:
+        return self.model.make_cache()
+
+    def sanitize(self, weights: dict[str, mx.array]) -> dict[str, mx.array]:
+        return sanitize(weights, self.config)
+
+    @property
+    def layers(self) -> list[HunYuanMoEV1DecoderLayer]:
+        return self.model.layers
+
+    forward = hf_compat.causal_lm_forward
+
+
+class HunYuanMoEV1ForSequenceClassification(nn.Module):
+    """A `score` head read at each row's last non-padding token, as transformers does."""
+
+    fast_paths = FastPaths.off()
+
+    def __init__(self, config: HunYuanMoEV1Config, fast_paths: FastPaths | None = None):
+        super().__init__()
+        self.config = config
+        self.model = HunYuanMoEV1Model(config)
+        self.score = nn.Linear(config.hidden_size, config.num_labels, bias=False)
+        set_fast_paths(self, fast_paths or FastPaths.default())
+
+    def __call__(self, input_ids: mx.array) -> mx.array:
+        return self.forward(input_ids).logits
+
+    def sanitize(self, weights: dict[str, mx.array]) -> dict[str, mx.array]:
+        return sanitize(weights, self.config)
+
+    forward = hf_compat.sequence_classification_forward

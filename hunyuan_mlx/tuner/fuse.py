@@ -1,0 +1,63 @@
+"""Fold trained adapters into the weights and save a standalone checkpoint.
+
+The result is a standalone checkpoint that `load_model` reads: this project's tensor names,
+config.json with the base's `quantization` block (fused layers are re-quantized with their own
+group size, bits and mode) or none with `--dequantize`, and the base's tokenizer files.
+"""
+
+from __future__ import annotations
+
+import shutil
+from pathlib import Path
+
+import mlx.nn as nn
+from mlx_lm.utils import save_model
+
+from ..files import INDEX_FILE
+from ..loading import load_model, resolve_model_path
+from ..models import HunYuanMoEV1Config
+from .adapters import fuse_adapters
+
+# mlx-lm's defaults.
+DEFAULT_ADAPTER_PATH = "adapters"
+DEFAULT_SAVE_PATH = "fused_model"
+
+
+def save_checkpoint(
+    model: nn.Module, config: HunYuanMoEV1Config, source: Path, save_path: str | Path
+) -> Path:
+    """Write `model` with `config`, plus every side file of `source` (tokenizer, generation)."""
+    save_path = Path(save_path)
+    if save_path.resolve() == source.resolve():
+        raise ValueError("The save path must differ from the model path")
+    save_model(save_path, model)
+    config.save_pretrained(save_path)
+    for file in source.iterdir():
+        if (
+            file.is_file()
+            and file.suffix != ".safetensors"
+            and file.name
+            not in (
+                "config.json",
+                INDEX_FILE,
+            )
+        ):
+            shutil.copyfile(file, save_path / file.name)
+    return save_path
+
+
+def fuse(
+    model: str | Path,
+    adapter_path: str | Path = DEFAULT_ADAPTER_PATH,
+    save_path: str | Path = DEFAULT_SAVE_PATH,
+    dequantize: bool = False,
+) -> Path:
+    """Load the base with its adapters, fuse them and save a standalone checkpoint."""
+    model_path = resolve_model_path(model)
+    config = HunYuanMoEV1Config.from_pretrained(model_path)
+    fused = fuse_adapters(load_model(model_path, adapter_path=adapter_path), dequantize)
+    if dequantize:
+        config.quantization = None
+    return save_checkpoint(fused, config, model_path, save_path)
+
+

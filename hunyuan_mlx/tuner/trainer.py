@@ -1,0 +1,339 @@
+"""The fine-tuning loop (LoRA, DoRA or full) and its options, `LoRAConfig`.
+
+Options and defaults follow `mlx_lm.lora`, plus `lora_targets` (which modules get adapters, the
+routed experts included), `lora_alpha` and a named `lr_schedule`. Batching and evaluation are
+mlx-lm's. The loop is this module's own because
+mlx-lm's always starts at iteration 1 and saves no optimizer state: here every checkpoint
+`NNNNNNN_adapters.safetensors` has an `NNNNNNN_optimizer.safetensors` beside it (Adam moments and
+step, iteration in its metadata), and `--resume-adapter-file` continues the same run from it.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import math
+import time
+import warnings
+from collections.abc import Callable, Iterator
+from dataclasses import dataclass, field
+from functools import cache, partial
+from pathlib import Path
+from typing import Any
+
+import mlx.core as mx
+import mlx.nn as nn
+import mlx.optimizers as optim
+import numpy as np
+from mlx.utils import tree_flatten, tree_unflatten
+from mlx_lm.tuner.callbacks import TrainingCallback
+from mlx_lm.tuner.trainer import evaluate, iterate_batches
+from mlx_lm.tuner.utils import build_schedule, print_trainable_parameters
+
+from ..loading import load
+from ..models.hf_compat import masked_cross_entropy
+from .adapters import (
+    ADAPTER_FILE,
+    DEFAULT_LORA_PARAMETERS,
+    DEFAULT_LORA_TARGETS,
+    adapter_weights,
+    load_adapter_weights,
+    load_adapters,
+    prepare_model,
+    resolve_targets,
+    save_adapter_config,
+)
+from .data import load_data_dir
+
+OPTIMIZER_FILE = "optimizer.safetensors"
+LR_SCHEDULES = ("constant", "cosine")
+
+
+@dataclass
+class LoRAConfig:
+    """Every option of a fine-tuning run; the CLI flags and YAML keys are these field names."""
+
+    model: str | None = None
+    train: bool = False
+    test: bool = False
+    data: str = "data"
+    fine_tune_type: str = "lora"
+    num_layers: int = 16
+    lora_rank: int = DEFAULT_LORA_PARAMETERS["rank"]
+    lora_alpha: float | None = None  # when set, the scale is alpha / rank
+    lora_scale: float = DEFAULT_LORA_PARAMETERS["scale"]
+    lora_dropout: float = DEFAULT_LORA_PARAMETERS["dropout"]
+    lora_targets: list[str] = field(default_factory=lambda: list(DEFAULT_LORA_TARGETS))
+    batch_size: int = 4
+    iters: int = 1000
+    learning_rate: float = 1e-5
+    # "constant", "cosine", or mlx-lm's schedule dict ({name, arguments, warmup}) from YAML.
+    lr_schedule: str | dict[str, Any] = "constant"
+    warmup: int = 0
+    max_seq_length: int = 2048
+    grad_checkpoint: bool = False
+    mask_prompt: bool | None = None  # None: on for chat and prompt/completion data
+    val_batches: int = 25
+    test_batches: int = 500
+    steps_per_report: int = 10
+    steps_per_eval: int = 200
+    save_every: int = 100
+    adapter_path: str = "adapters"
+    resume_adapter_file: str | None = None
+    seed: int = 0
+
+
+def lora_parameters(config: LoRAConfig) -> dict[str, Any]:
+    """The `lora_parameters` block of adapter_config.json: rank, scale, dropout, module keys."""
+    scale = config.lora_scale if config.lora_alpha is None else config.lora_alpha / config.lora_rank
+    return {
+        "rank": config.lora_rank,
+        "scale": scale,
+        "dropout": config.lora_dropout,
+        "keys": resolve_targets(config.lora_targets),
+    }
+
+
+def learning_rate_schedule(config: LoRAConfig) -> float | Callable[[mx.array], mx.array]:
+    """The learning rate: constant or cosine decay to 0 at `iters`, after a linear warm-up."""
+    schedule, lr = config.lr_schedule, config.learning_rate
+    if isinstance(schedule, dict):
+        return build_schedule(schedule)
+    if schedule == "constant":
+        if not config.warmup:
+            return lr
+        spec = {"name": "linear_schedule", "arguments": [lr, lr, 1]}
+    elif schedule == "cosine":
+        spec = {"name": "cosine_decay", "arguments": [lr, max(config.iters - config.warmup, 1)]}
+    else:
+        raise ValueError(f"Unknown lr schedule {schedule!r}; choose from {LR_SCHEDULES}")
+    return build_schedule({**spec, "warmup": config.warmup})
+
+
+def masked_loss(model: nn.Module, batch: mx.array, lengths: mx.array) -> tuple[mx.array, mx.array]:
+    """Mean float32 cross-entropy over tokens `offset <= i < length` of each row, and their count.
+
+    mlx-lm's `default_loss` (0.32) also counts position `length`, the first padding token.
+    """
+    inputs, targets = batch[:, :-1], batch[:, 1:]
+    positions = mx.arange(1, targets.shape[1] + 1)
+    mask = (positions >= lengths[:, 0:1]) & (positions < lengths[:, 1:])
+    return masked_cross_entropy(model(inputs), targets, mask)
+
+
+def optimizer_file(adapter_file: str | Path) -> Path:
+    """The optimizer checkpoint that goes with an adapter file."""
+    adapter_file = Path(adapter_file)
+    name = adapter_file.name
+    prefix = name[: -len(ADAPTER_FILE)] if name.endswith(ADAPTER_FILE) else adapter_file.stem + "_"
+    return adapter_file.with_name(prefix + OPTIMIZER_FILE)
+
+
+def save_checkpoint(
+    model: nn.Module, optimizer: optim.Optimizer, adapter_file: Path, iteration: int
+) -> None:
+    """Write the adapters and, beside them, the optimizer state and iteration."""
+    mx.save_safetensors(str(adapter_file), adapter_weights(model))
+    mx.save_safetensors(
+        str(optimizer_file(adapter_file)),
+        dict(tree_flatten(optimizer.state)),
+        metadata={"iteration": str(iteration)},
+    )
+
+
+def resume(model: nn.Module, optimizer: optim.Optimizer, adapter_file: str | Path) -> int:
+    """Load a checkpoint into a prepared model and optimizer; returns the iteration reached.
+
+    Without an optimizer file beside the adapters (e.g. mlx-lm's) only the weights are loaded and
+    training starts again at iteration 0 with a fresh optimizer.
+    """
+    load_adapter_weights(model, adapter_file)
+    state_file = optimizer_file(adapter_file)
+    if not state_file.is_file():
+        warnings.warn(
+            f"No {state_file.name} beside {adapter_file}: resuming the weights only, from "
+            "iteration 0 with a fresh optimizer",
+            stacklevel=2,
+        )
+        return 0
+    state, metadata = mx.load(str(state_file), return_metadata=True)
+    optimizer.state = tree_unflatten(list(state.items()))
+    return int(metadata["iteration"])
+
+
+@cache
+def checkpointed_class(cls: type[nn.Module]) -> type[nn.Module]:
+    """A subclass of a layer class whose call recomputes its activations in the backward pass.
+
+    mlx-lm's `grad_checkpoint` patches the class itself, which would reach every model in the
+    process (a benchmark comparing both, the tests); swapping one instance's class does not.
+    """
+    if getattr(cls, "checkpointed", False):
+        return cls
+
+    def __call__(self: nn.Module, *args: Any, **kwargs: Any) -> Any:
+        def inner(params: dict[str, Any], *args: Any, **kwargs: Any) -> Any:
+            self.update(params)
+            return cls.__call__(self, *args, **kwargs)
+
+        return mx.checkpoint(inner)(self.trainable_parameters(), *args, **kwargs)
+
+    return type(f"Checkpointed{cls.__name__}", (cls,), {"__call__": __call__, "checkpointed": True})
+
+
+def checkpoint_layers(model: nn.Module) -> None:
+    """Gradient checkpointing of every decoder layer of this model."""
+    for layer in model.layers:
+        layer.__class__ = checkpointed_class(type(layer))
+
+
+def report(callback: TrainingCallback | None, info: dict[str, Any]) -> None:
+    """Print one line of training or validation metrics and pass them to the callback."""
+    if "val_loss" in info:
+        print(
+            f"Iter {info['iteration']}: Val loss {info['val_loss']:.3f}, "
+            f"Val took {info['val_time']:.3f}s",
+            flush=True,
+        )
+        if callback is not None:
+            callback.on_val_loss_report(info)
+        return
+    print(
+        f"Iter {info['iteration']}: Train loss {info['train_loss']:.3f}, "
+        f"Learning Rate {info['learning_rate']:.3e}, It/sec {info['iterations_per_second']:.3f}, "
+        f"Tokens/sec {info['tokens_per_second']:.3f}, Trained Tokens {info['trained_tokens']}, "
+        f"Peak mem {info['peak_memory']:.3f} GB",
+        flush=True,
+    )
+    if callback is not None:
+        callback.on_train_loss_report(info)
+
+
+def validate(model: nn.Module, dataset: list, config: LoRAConfig, num_batches: int) -> float:
+    """Mean loss per answer token over `num_batches` batches (-1: all), as mlx-lm evaluates."""
+    # mlx-lm's batching draws from numpy's global generator: keep the training order unchanged.
+    rng_state = np.random.get_state()
+    loss = evaluate(
+        model, dataset, config.batch_size, num_batches, config.max_seq_length, loss=masked_loss
+    )
+    np.random.set_state(rng_state)
+    return loss
+
+
+def training_step(
+    model: nn.Module, optimizer: optim.Optimizer
+) -> tuple[Callable[[mx.array, mx.array], tuple[mx.array, mx.array]], list[Any]]:
+    """A compiled step (loss, gradients, optimizer update) on `(batch, lengths)`, returning the
+    loss and token count, and the state it updates (evaluate it after each step)."""
+    loss_and_grad = nn.value_and_grad(model, masked_loss)
+    state = [model.state, optimizer.state, mx.random.state]
+
+    @partial(mx.compile, inputs=state, outputs=state)
+    def step(batch: mx.array, lengths: mx.array) -> tuple[mx.array, mx.array]:
+        (loss, tokens), grads = loss_and_grad(model, batch, lengths)
+        optimizer.update(model, grads)
+        return loss, tokens
+
+    return step, state
+
+
+def train(
+    model: nn.Module,
+    train_set: list,
+    valid_set: list | None,
+    config: LoRAConfig,
+    callback: TrainingCallback | None = None,
+) -> None:
+    """Fine-tune `model` in place as `config` says, saving to `config.adapter_path`.
+
+    `train_set` / `valid_set` are `(tokens, offset)` examples (`hunyuan_mlx.data`).
+    """
+    mx.random.seed(config.seed)
+    prepare_model(model, config.fine_tune_type, config.num_layers, lora_parameters(config))
+    optimizer = optim.Adam(learning_rate=learning_rate_schedule(config))
+    start = (
+        resume(model, optimizer, config.resume_adapter_file) if config.resume_adapter_file else 0
+    )
+    if start >= config.iters:
+        raise ValueError(f"The checkpoint is at iteration {start}; raise --iters to go on")
+    print_trainable_parameters(model)
+    adapter_path = Path(config.adapter_path)
+    save_adapter_config(
+        {**dataclasses.asdict(config), "lora_parameters": lora_parameters(config)}, adapter_path
+    )
+    if config.grad_checkpoint:
+        checkpoint_layers(model)
+
+    step, state = training_step(model, optimizer)
+    batches: Iterator = iterate_batches(
+        train_set, config.batch_size, config.max_seq_length, loop=True, seed=config.seed
+    )
+    # Replay the data order of an uninterrupted run.
+    for _ in range(start):
+        next(batches)
+    model.train()
+    losses, tokens, steps, elapsed, trained_tokens = 0.0, 0, 0, 0.0, 0
+    for it in range(start + 1, config.iters + 1):
+        if valid_set and (it == start + 1 or it % config.steps_per_eval == 0 or it == config.iters):
+            tic = time.perf_counter()
+            val_loss = validate(model, valid_set, config, config.val_batches)
+            model.train()
+            val_time = time.perf_counter() - tic
+            report(callback, {"iteration": it - 1, "val_loss": val_loss, "val_time": val_time})
+
+        tic = time.perf_counter()
+        loss, ntokens = step(*next(batches))
+        mx.eval(state, loss, ntokens)
+        elapsed += time.perf_counter() - tic
+        losses += loss.item()
+        tokens += ntokens.item()
+        steps += 1
+
+        if it % config.steps_per_report == 0 or it == config.iters:
+            trained_tokens += tokens
+            report(
+                callback,
+                {
+                    "iteration": it,
+                    "train_loss": losses / steps,
+                    "learning_rate": optimizer.learning_rate.item(),
+                    "iterations_per_second": steps / elapsed,
+                    "tokens_per_second": tokens / elapsed,
+                    "trained_tokens": trained_tokens,
+                    "peak_memory": mx.get_peak_memory() / 1e9,
+                },
+            )
+            losses, tokens, steps, elapsed = 0.0, 0, 0, 0.0
+        if it % config.save_every == 0:
+            checkpoint = adapter_path / f"{it:07d}_{ADAPTER_FILE}"
+            save_checkpoint(model, optimizer, checkpoint, it)
+            save_checkpoint(model, optimizer, adapter_path / ADAPTER_FILE, it)
+            print(f"Iter {it}: Saved adapter weights to {checkpoint}", flush=True)
+    save_checkpoint(model, optimizer, adapter_path / ADAPTER_FILE, config.iters)
+    print(f"Saved final weights to {adapter_path / ADAPTER_FILE}", flush=True)
+
+
+def run(config: LoRAConfig, callback: TrainingCallback | None = None) -> None:
+    """Load the model and data, then train and/or report the test loss."""
+    if config.model is None:
+        raise ValueError("--model is required")
+    if not (config.train or config.test):
+        raise ValueError("Pass --train and/or --test")
+    model, tokenizer = load(config.model)
+    if tokenizer is None:
+        raise ValueError(f"{config.model} has no tokenizer files")
+    data = load_data_dir(config.data, tokenizer, config.max_seq_length, config.mask_prompt)
+    if config.train:
+        if not data.get("train"):
+            raise ValueError(f"No training data: {config.data}/train.jsonl is missing or empty")
+        if not data.get("valid"):
+            warnings.warn("No valid.jsonl: training without validation", stacklevel=2)
+        train(model, data["train"], data.get("valid"), config, callback)
+    elif Path(config.adapter_path, ADAPTER_FILE).is_file():
+        load_adapters(model, config.adapter_path)
+    if config.test:
+        if not data.get("test"):
+            raise ValueError(f"No test data: {config.data}/test.jsonl is missing or empty")
+        loss = validate(model, data["test"], config, config.test_batches)
+        print(f"Test loss {loss:.3f}, Test ppl {math.exp(loss):.3f}.", flush=True)
+
+
