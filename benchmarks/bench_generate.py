@@ -24,11 +24,11 @@ words, scales and biases, one layer at a time) when it switches model: the bits 
 One JSON line per measurement on stdout (and in `--out`), then a summary line per metric with
 medians, min/max and the ratio ours / mlx-lm. Example (full shape, GPU machine):
 
-    python benchmarks/bench_generate.py --rounds 3 --out $OUT/bench.jsonl
+    python -m benchmarks.bench_generate --rounds 3 --out $OUT/bench.jsonl
 
 Reduced shape on a CPU:
 
-    python benchmarks/bench_generate.py --layers 4 --width-scale 0.125 --prompt-lens 128,512 \
+    python -m benchmarks.bench_generate --layers 4 --width-scale 0.125 --prompt-lens 128,512 \
         --gen 16 --rounds 3
 """
 
@@ -36,303 +36,26 @@ from __future__ import annotations
 
 import argparse
 import contextlib
-import json
-import math
-import platform
 import statistics
 import sys
 import time
-from importlib import metadata
-from pathlib import Path
 
 import mlx.core as mx
-import mlx.nn as nn
-from mlx.utils import tree_flatten, tree_unflatten
+from mlx.utils import tree_flatten
 
-ROOT = Path(__file__).resolve().parents[1]
-sys.path.insert(0, str(ROOT))
-
-from hunyuan_mlx import moe as moe_module  # noqa: E402
-from hunyuan_mlx.config import HunYuanMoEV1Config  # noqa: E402
-from hunyuan_mlx.model import HunYuanMoEV1ForCausalLM  # noqa: E402
-from hunyuan_mlx.quantize import apply_quantization  # noqa: E402
-
-# A copy of the release config.json (../shared does not travel to the GPU machine).
-DEFAULT_CONFIG = ROOT / "benchmarks" / "hunyuan_a13b_config.json"
-GB = 1e9
-PER_LAYER_LISTS = ("moe_topk", "moe_intermediate_size", "num_shared_expert", "num_experts")
-
-
-def log(record: dict, sink) -> None:
-    line = json.dumps(record)
-    print(line, flush=True)
-    if sink is not None:
-        sink.write(line + "\n")
-        sink.flush()
-
-
-def release_config(args) -> dict:
-    """The release config.json, shrunk to `--layers` layers and widths times `--width-scale`."""
-    cfg = json.loads(Path(args.config).read_text())
-    layers = args.layers or cfg["num_hidden_layers"]
-    s = args.width_scale
-
-    def scaled(v: int, multiple: int) -> int:
-        return max(multiple, int(round(v * s / multiple)) * multiple)
-
-    cfg["num_hidden_layers"] = layers
-    for key in PER_LAYER_LISTS:
-        if isinstance(cfg.get(key), list):
-            cfg[key] = cfg[key][:layers]
-    if s != 1:
-        head_dim = cfg.get("attention_head_dim", cfg["hidden_size"] // cfg["num_attention_heads"])
-        heads = max(1, round(cfg["num_attention_heads"] * s))
-        kv_heads = max(1, round(cfg["num_key_value_heads"] * s))
-        while heads % kv_heads:
-            kv_heads -= 1
-        cfg["num_attention_heads"], cfg["num_key_value_heads"] = heads, kv_heads
-        cfg["hidden_size"] = heads * head_dim  # mlx-lm derives head_dim from hidden / heads
-        cfg["intermediate_size"] = scaled(cfg["intermediate_size"], args.group_size)
-        mis = cfg["moe_intermediate_size"]
-        cfg["moe_intermediate_size"] = (
-            [scaled(v, args.group_size) for v in mis]
-            if isinstance(mis, list)
-            else scaled(mis, args.group_size)
-        )
-    if args.experts:
-        cfg["num_experts"] = args.experts
-    if args.vocab:
-        cfg["vocab_size"] = args.vocab
-    return cfg
-
-
-def quantization_dict(args) -> dict:
-    q = {"group_size": args.group_size, "bits": args.bits, "mode": "affine"}
-    if args.recipe == "mixed":
-        # Attention and the shared expert at 8 bits, the routed experts and the head as --bits.
-        for i in range(args._layers):
-            for p in ("q_proj", "k_proj", "v_proj", "o_proj"):
-                q[f"model.layers.{i}.self_attn.{p}"] = {"bits": 8}
-            for p in ("gate_proj", "up_proj", "down_proj"):
-                q[f"model.layers.{i}.mlp.shared_mlp.{p}"] = {"bits": 8}
-    return q
-
-
-def random_quantized(module: nn.Module, dtype, in_scale: float = 1.0) -> None:
-    """Give a quantized module random packed weights and sane scales/biases (w ~ U(-a, a))."""
-    bits, gs = module.bits, module.group_size
-    shape = module.weight.shape
-    in_dims = shape[-1] * 32 // bits
-    a = in_scale / math.sqrt(in_dims)
-    levels = 2**bits - 1
-    # uint32 words, every bit random
-    module.weight = mx.random.randint(-(2**31), 2**31 - 1, shape, dtype=mx.int32).view(mx.uint32)
-    sshape = (*shape[:-1], in_dims // gs)
-    scales = (2 * a / levels) * mx.random.uniform(0.75, 1.25, sshape)
-    module.scales = scales.astype(dtype)
-    module.biases = (-scales * levels / 2 + mx.random.uniform(-0.1 * a, 0.1 * a, sshape)).astype(
-        dtype
-    )
-
-
-def fill_random(model: nn.Module, prefix: str, dtype, embed_scale: float) -> None:
-    """Random weights for every parameter under `model` (a layer or the top)."""
-    for name, m in model.named_modules():
-        if "scales" in m:
-            random_quantized(m, dtype, embed_scale if "embed_tokens" in f"{prefix}{name}" else 1.0)
-        elif isinstance(m, nn.RMSNorm):
-            m.weight = mx.ones(m.weight.shape, dtype=dtype)
-        elif isinstance(m, nn.Linear) and "weight" in m:  # the router, kept float32
-            d = m.weight.shape[-1]
-            m.weight = mx.random.normal(m.weight.shape, dtype=mx.float32) / math.sqrt(d)
-
-
-def build_ours(cfg_dict: dict, args) -> HunYuanMoEV1ForCausalLM:
-    config = HunYuanMoEV1Config.from_dict(cfg_dict)
-    model = HunYuanMoEV1ForCausalLM(config)  # lazy random init, never evaluated
-    apply_quantization(model, quantization_dict(args))
-    dtype = mx.bfloat16 if args.dtype == "bfloat16" else mx.float16
-    for i, layer in enumerate(model.model.layers):
-        fill_random(layer, f"model.layers.{i}.", dtype, args.embed_scale)
-        mx.eval(layer.parameters())
-    model.model.embed_tokens.freeze()
-    fill_random(model.model.embed_tokens, "model.embed_tokens", dtype, args.embed_scale)
-    model.model.norm.weight = mx.ones(model.model.norm.weight.shape, dtype=dtype)
-    mx.eval(model.parameters())
-    return model
-
-
-QSUFFIX = ("weight", "scales", "biases")
-PLACEHOLDER = mx.zeros((1,), dtype=mx.uint32)
-
-
-def build_mlxlm(cfg_dict: dict, ours: HunYuanMoEV1ForCausalLM, args):
-    """mlx-lm's model, quantized the same way, pointing at `ours`' arrays (experts: see switch)."""
-    from mlx_lm.models import hunyuan
-
-    model = hunyuan.Model(hunyuan.ModelArgs.from_dict(cfg_dict))
-    quant = quantization_dict(args)
-
-    def predicate(path, m):
-        if not hasattr(m, "to_quantized") or path.endswith("gate.wg"):
-            return False
-        entry = quant.get(path, {})
-        return {
-            "group_size": entry.get("group_size", quant["group_size"]),
-            "bits": entry.get("bits", quant["bits"]),
-        }
-
-    nn.quantize(model, class_predicate=predicate)
-    mapped = {}
-    for k, v in tree_flatten(ours.parameters()):
-        if ".mlp.experts.gate_up_proj." in k:
-            continue
-        mapped[k.replace(".mlp.experts.down_proj.", ".mlp.switch_mlp.down_proj.")] = v
-    theirs = dict(tree_flatten(model.parameters()))
-    missing = set(theirs) - set(mapped)
-    expected_missing = {
-        k for k in theirs if ".switch_mlp.gate_proj." in k or ".switch_mlp.up_proj." in k
-    }
-    if missing != expected_missing or set(mapped) - set(theirs):
-        raise RuntimeError(
-            f"name mapping mismatch: missing {sorted(missing - expected_missing)[:5]}, "
-            f"extra {sorted(set(mapped) - set(theirs))[:5]}"
-        )
-    for k in expected_missing:
-        mapped[k] = PLACEHOLDER
-    model.update(tree_unflatten(list(mapped.items())))
-    return model
-
-
-class ExpertLayout:
-    """Moves each layer's gate/up expert weights between the two models' layouts, exactly."""
-
-    def __init__(self, ours, theirs):
-        self.ours, self.theirs, self.active = ours, theirs, "ours"
-
-    def activate(self, which: str) -> None:
-        if which == self.active:
-            return
-        for lo, lt in zip(self.ours.model.layers, self.theirs.model.layers):
-            if "gate" not in lo.mlp:
-                continue
-            fused = lo.mlp.experts.gate_up_proj
-            gate, up = lt.mlp.switch_mlp.gate_proj, lt.mlp.switch_mlp.up_proj
-            inter = lo.mlp.experts.intermediate_size
-            for s in QSUFFIX:
-                if which == "mlxlm":
-                    a = getattr(fused, s)
-                    g, u = mx.contiguous(a[:, :inter]), mx.contiguous(a[:, inter:])
-                    mx.eval(g, u)
-                    setattr(gate, s, g)
-                    setattr(up, s, u)
-                    setattr(fused, s, PLACEHOLDER)
-                else:
-                    a = mx.concatenate([getattr(gate, s), getattr(up, s)], axis=1)
-                    mx.eval(a)
-                    setattr(fused, s, a)
-                    setattr(gate, s, PLACEHOLDER)
-                    setattr(up, s, PLACEHOLDER)
-                del a
-        mx.clear_cache()
-        self.active = which
-
-
-def prefill(model, prompt: mx.array, cache: list, prefill_step: int) -> mx.array:
-    """`generate_step`'s prefill: all but the last prompt token, in chunks of `prefill_step`,
-    the cache evaluated per chunk; returns the last token (the first decode step's input)."""
-    p = prompt
-    while p.size > 1:
-        n = min(prefill_step, p.size - 1)
-        model(p[:n][None], cache=cache)
-        mx.eval([c.state for c in cache])
-        p = p[n:]
-        mx.clear_cache()
-    return p
-
-
-def generate(model, prompt: mx.array, n_gen: int, prefill_step: int) -> dict:
-    """`mlx_lm.generate.generate_step`'s loop, greedy, timed: prefill, then decode."""
-    from mlx_lm.models.cache import make_prompt_cache
-
-    cache = make_prompt_cache(model)
-    mx.synchronize()
-    mx.clear_cache()
-    mx.reset_peak_memory()
-    t0 = time.perf_counter()
-    p = prefill(model, prompt, cache, prefill_step)
-
-    def step(tok):
-        logits = model(tok[None], cache=cache)[:, -1, :]
-        logprobs = logits - mx.logsumexp(logits, keepdims=True)
-        return mx.argmax(logprobs, axis=-1), logprobs
-
-    y, logprobs = step(p)
-    mx.async_eval(y, logprobs)
-    mx.eval(y)
-    t1 = time.perf_counter()
-    prefill_peak = mx.get_peak_memory()
-    first_logprobs = logprobs
-    mx.reset_peak_memory()
-    tokens = []
-    t2 = time.perf_counter()
-    for _ in range(n_gen):
-        next_y, next_logprobs = step(y)
-        mx.async_eval(next_y, next_logprobs)
-        tokens.append(y.item())
-        y = next_y
-    t3 = time.perf_counter()
-    decode_peak = mx.get_peak_memory()
-    kv_bytes = sum(c.nbytes for c in cache)
-    return {
-        "prefill_s": t1 - t0,
-        "decode_s": t3 - t2,
-        "prefill_tps": prompt.size / (t1 - t0),
-        "decode_tps": n_gen / (t3 - t2),
-        "prefill_peak_gb": prefill_peak / GB,
-        "decode_peak_gb": decode_peak / GB,
-        "kv_gb": kv_bytes / GB,
-        "tokens": tokens,
-        "first_logprobs": first_logprobs,
-    }
-
-
-def plain_paths():
-    """Context manager turning this project's fast paths off, if it has any."""
-    fast_paths = getattr(moe_module, "fast_paths", None)
-    return fast_paths(False) if fast_paths is not None else contextlib.nullcontext()
-
-
-def versions() -> dict:
-    out = {"python": platform.python_version(), "platform": platform.platform()}
-    for pkg in ("mlx", "mlx-lm", "mlx-cuda-13", "mlx-metal"):
-        try:
-            out[pkg] = metadata.version(pkg)
-        except metadata.PackageNotFoundError:
-            pass
-    out["mlx_core"] = getattr(mx, "__version__", None)
-    return out
-
-
-def device_name() -> str:
-    info = mx.device_info() if hasattr(mx, "device_info") else {}
-    return f"{mx.default_device()} {info.get('device_name', '')} {info.get('architecture', '')}"
-
-
-def add_model_args(ap: argparse.ArgumentParser) -> None:
-    """The options that shape the random model (shared with profile_decode.py)."""
-    ap.add_argument("--config", default=str(DEFAULT_CONFIG))
-    ap.add_argument("--layers", type=int, default=0, help="0: the release's 32")
-    ap.add_argument("--width-scale", type=float, default=1.0, help="scales hidden, heads, MLPs")
-    ap.add_argument("--experts", type=int, default=0, help="0: the release's 64")
-    ap.add_argument("--vocab", type=int, default=0, help="0: the release's 128167")
-    ap.add_argument("--bits", type=int, default=4)
-    ap.add_argument("--group-size", type=int, default=64)
-    ap.add_argument("--recipe", choices=("uniform", "mixed"), default="uniform")
-    ap.add_argument("--dtype", choices=("bfloat16", "float16"), default="bfloat16")
-    ap.add_argument("--embed-scale", type=float, default=4.0, help="embedding/head value scale")
-    ap.add_argument("--prefill-step", type=int, default=2048, help="generate_step's default")
-    ap.add_argument("--seed", type=int, default=0)
+from benchmarks.a13b import (
+    GB,
+    ExpertLayout,
+    add_model_args,
+    build_mlxlm,
+    build_ours,
+    device_name,
+    generate,
+    log,
+    plain_paths,
+    release_config,
+    versions,
+)
 
 
 def main() -> None:
@@ -411,7 +134,7 @@ def main() -> None:
             if layout is not None:
                 layout.activate("mlxlm" if name == "mlxlm" else "ours")
             for n in prompt_lens:
-                with plain_paths() if name == "ours_plain" else contextlib.nullcontext():
+                with plain_paths(ours) if name == "ours_plain" else contextlib.nullcontext():
                     r = generate(by_name[name], prompts[n], args.gen, args.prefill_step)
                 rec = {k: v for k, v in r.items() if k not in ("tokens", "first_logprobs")}
                 log(
@@ -446,7 +169,7 @@ def main() -> None:
     if layout is not None:
         layout.activate("ours")
     if not args.no_agreement:
-        with plain_paths():
+        with plain_paths(ours):
             for n in prompt_lens:
                 r = generate(ours, prompts[n], args.gen, args.prefill_step)
                 fast, plain = tokens[("ours", n)], r["tokens"]
@@ -460,7 +183,6 @@ def main() -> None:
                     "of": len(fast),
                     "first_token_equal": fast[0] == plain[0],
                     "first_logprob_max_abs_diff": diff,
-                    "fast_paths_present": hasattr(moe_module, "fast_paths"),
                 }
                 if ("mlxlm", n) in tokens:
                     other = tokens[("mlxlm", n)]

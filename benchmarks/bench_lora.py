@@ -6,8 +6,8 @@ ever built), rank-r LoRA on the same modules (attention, shared MLP, routed expe
 --lora-layers layers, and the same compiled Adam step on random tokens. Each measurement runs in a
 fresh process, so peak memory is its own, and prints one JSON line:
 
-    python benchmarks/bench_lora.py                                   # A13B, on a GPU
-    python benchmarks/bench_lora.py --layers 2 --width-scale 0.0625 --vocab 4096 \\
+    python -m benchmarks.bench_lora                                   # A13B, on a GPU
+    python -m benchmarks.bench_lora --layers 2 --width-scale 0.0625 --vocab 4096 \\
         --seq-lengths 128 256 --steps 3                                # a quick CPU check
 """
 
@@ -102,9 +102,9 @@ def build(
     lora = {"rank": args.rank, "scale": 20.0, "dropout": 0.0, "keys": keys}
     if impl == "hunyuan_mlx":
         from hunyuan_mlx import HunYuanMoEV1Config, HunYuanMoEV1ForCausalLM
-        from hunyuan_mlx.adapters import prepare_model
-        from hunyuan_mlx.lora import checkpoint_layers
         from hunyuan_mlx.quantize import apply_quantization
+        from hunyuan_mlx.tuner.adapters import prepare_model
+        from hunyuan_mlx.tuner.trainer import checkpoint_layers
 
         model = HunYuanMoEV1ForCausalLM(HunYuanMoEV1Config.from_dict(config))
         apply_quantization(model, quant)
@@ -143,7 +143,7 @@ def measure(
     impl: str, seq_length: int, checkpointing: bool, args: argparse.Namespace
 ) -> dict[str, Any]:
     """Build, warm up (compile), then time `--steps` training steps of one configuration."""
-    from hunyuan_mlx.lora import training_step
+    from hunyuan_mlx.tuner.trainer import training_step
 
     mx.random.seed(0)
     config = model_config(args)
@@ -217,7 +217,7 @@ def main() -> None:
         for seq_length in args.seq_lengths:
             for impl in args.impls:
                 one = f"{impl}:{seq_length}:{checkpointing}"
-                command = [sys.executable, __file__, *sys.argv[1:], "--one", one]
+                command = [sys.executable, "-m", "benchmarks.bench_lora", *sys.argv[1:], "--one", one]
                 try:
                     timeout = args.row_timeout
                     done = subprocess.run(command, capture_output=True, text=True, timeout=timeout)

@@ -1,27 +1,25 @@
 """Is `GatheredGLU` right on this backend? Its paths against a float32 reference computed expert
 by expert with plain matmuls, for unquantized and 4-bit experts, at test and A13B shapes.
 
-`plain` is the call with fast paths off, `padded` the padded path forced; last, `raw_sorted`
-forces MLX's sorted `gather_mm` on unquantized A13B-shaped experts (what `GatheredLinear` would
-run without the CUDA workaround in `GatheredGLU.sorted_gather_mm_unsafe`).
+`default` is the call under this backend's default `FastPaths` (with any MLX workaround),
+`padded` the padded path forced; last, `raw_sorted` runs the plain path (`FastPaths.off()`) on
+unquantized A13B-shaped experts: MLX's sorted `gather_mm`, which the CUDA workaround avoids.
 
-    python benchmarks/check_gather_mm.py
+    python -m benchmarks.check_gather_mm
 """
 
 from __future__ import annotations
 
+import dataclasses
 import json
-import sys
-from pathlib import Path
 
 import mlx.core as mx
 import mlx.nn as nn
 import numpy as np
 
-sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
-
-from hunyuan_mlx import moe  # noqa: E402
-from hunyuan_mlx.moe import GatheredGLU  # noqa: E402
+from hunyuan_mlx.models import FastPaths
+from hunyuan_mlx.models.experts import GatheredGLU
+from hunyuan_mlx.models.fast_paths import routed_experts
 
 
 def dense(p):
@@ -55,6 +53,8 @@ def relerr(out, ref):
 
 def main():
     mx.random.seed(0)
+    default = FastPaths.default()
+    padded_always = dataclasses.replace(default, padded_min_rows=1)
     shapes = [(64, 32, 8, 2, [3, 40]), (4096, 3072, 64, 8, [1, 8, 40, 100])]
     last = None
     for d, inter, e, k, token_counts in shapes:
@@ -80,17 +80,11 @@ def main():
                         "dtype": str(dtype),
                         "rows": t * k,
                     }
-                    with moe.fast_paths(False):
-                        plain = glu(x, indices, weights)
-                    old = dict(moe.PADDED_MIN_ROWS)
-                    moe.PADDED_MIN_ROWS[moe.backend()] = 1
-                    padded = glu(x, indices, weights)
-                    moe.PADDED_MIN_ROWS.update(old)
-                    rec["plain_is_padded"] = bool(
-                        t * k >= moe.SORT_THRESHOLD and glu.sorted_gather_mm_unsafe()
-                    )
-                    rec["plain_relerr"], rec["padded_relerr"] = (
-                        relerr(plain, ref),
+                    out = routed_experts(default, glu, x, indices, weights)
+                    padded = routed_experts(padded_always, glu, x, indices, weights)
+                    rec["default_is_padded"] = default.takes_padded(glu, t * k)
+                    rec["default_relerr"], rec["padded_relerr"] = (
+                        relerr(out, ref),
                         relerr(padded, ref),
                     )
                     print(json.dumps(rec), flush=True)
@@ -99,9 +93,7 @@ def main():
                 if last is None or last[0] is not glu:
                     del glu
     glu, x, indices, weights, ref, rec = last
-    glu.sorted_gather_mm_unsafe = lambda: False  # MLX's sorted gather_mm, as the plain path had
-    with moe.fast_paths(False):
-        raw = glu(x, indices, weights)
+    raw = routed_experts(FastPaths.off(), glu, x, indices, weights)
     o = raw.reshape(ref.shape).astype(mx.float32)
     print(
         json.dumps(

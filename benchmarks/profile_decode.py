@@ -1,6 +1,6 @@
 """Decode-step variants at full A13B shape: where a token's time goes, and what fusing saves.
 
-Builds the model as `bench_generate.py` does, prefills one prompt per variant, then times greedy
+Builds the model as `bench_generate` does, prefills one prompt per variant, then times greedy
 decode (pipelined as mlx-lm's generate_step) for each variant, interleaved over rounds, and the host
 time to build one step's graph (no evaluation). Variants patch this project's model at runtime, so
 that they can be measured before any layout change is made for real:
@@ -12,7 +12,7 @@ that they can be measured before any layout change is made for real:
   only);
 - fast+qkv+shared: and the shared expert's gate/up fused likewise.
 
-    python benchmarks/profile_decode.py --prompt 512 --gen 64 --rounds 3
+    python -m benchmarks.profile_decode --prompt 512 --gen 64 --rounds 3
 """
 
 from __future__ import annotations
@@ -23,7 +23,6 @@ import contextlib
 import json
 import re
 import statistics
-import sys
 import tempfile
 import time
 from pathlib import Path
@@ -31,13 +30,10 @@ from pathlib import Path
 import mlx.core as mx
 import mlx.nn as nn
 
-sys.path.insert(0, str(Path(__file__).resolve().parent))
-sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
-
-import bench_generate as bg  # noqa: E402
-
-from hunyuan_mlx import model as model_module  # noqa: E402
-from hunyuan_mlx import moe as moe_module  # noqa: E402
+from benchmarks import a13b as bg
+from hunyuan_mlx.models import FastPaths
+from hunyuan_mlx.models import fast_paths as fp
+from hunyuan_mlx.models.hunyuan import HunYuanMoEV1MLP
 
 
 def fuse(linears: list[nn.Module]) -> nn.QuantizedLinear:
@@ -142,9 +138,8 @@ def main():
         theirs.eval()
     prompt = mx.random.randint(0, cfg["vocab_size"], (args.prompt,), key=mx.random.key(7))
     prompt = prompt.astype(mx.uint32)
-    Layer = model_module.HunYuanMoEV1DecoderLayer
-    MLP = moe_module.HunYuanMoEV1MLP
-    original_pre, original_mlp = Layer._decode_pre, MLP.__call__
+    MLP = HunYuanMoEV1MLP
+    original_pre, original_mlp = fp._decode_pre, MLP.__call__
     need_qkv = any("qkv" in v for v in variants)
     need_shared = any("shared" in v for v in variants)
     for layer in ours.layers:
@@ -157,16 +152,16 @@ def main():
 
     @contextlib.contextmanager
     def variant(name):
-        Layer._decode_pre = fused_pre if "qkv" in name else original_pre
+        fp._decode_pre = fused_pre if "qkv" in name else original_pre
         MLP.__call__ = fused_shared_call if "shared" in name else original_mlp
         for layer in ours.layers:
             layer._decode_fns = None  # retrace with the patched functions
-        ctx = moe_module.fast_paths(False) if name == "plain" else contextlib.nullcontext()
+        ctx = fp.using(ours, FastPaths.off()) if name == "plain" else contextlib.nullcontext()
         try:
             with ctx:
                 yield
         finally:
-            Layer._decode_pre, MLP.__call__ = original_pre, original_mlp
+            fp._decode_pre, MLP.__call__ = original_pre, original_mlp
 
     res: dict[str, list] = {}
     ref_tokens = {}

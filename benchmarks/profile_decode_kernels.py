@@ -8,7 +8,7 @@ Split variants run a token's top-8 experts as several `gather_qmm` calls of fewe
 (`split4`: 4 + 4, `split7`: 7 + 1, `split1`: 8 x 1); `head_*` is the tied 128167 x 4096 head at one
 token, as one `quantized_matmul` or as chunks of at most 16384 rows concatenated.
 
-    python benchmarks/profile_decode_kernels.py
+    python -m benchmarks.profile_decode_kernels
 """
 
 from __future__ import annotations

@@ -5,7 +5,7 @@ Times (median of `--reps`, after a warm-up, synchronised) each piece of one deco
 T tokens, and the candidate ways to run the routed experts, checking each candidate against the
 sorted `gather_qmm` result (relative error, NaN). Prints one JSON line per measurement.
 
-    python benchmarks/profile_moe.py --tokens 1,512,2048
+    python -m benchmarks.profile_moe --tokens 1,512,2048
 """
 
 from __future__ import annotations

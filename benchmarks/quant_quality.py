@@ -8,7 +8,7 @@ float32 over the same fixed token stream. One JSON line per recipe: size on disk
 weight, top-1 agreement with the bf16 model and the mean KL(bf16 || quantized) of the
 next-token distributions.
 
-    python benchmarks/quant_quality.py [--layers 4 --hidden 512 --width 384 --tokens 512]
+    python -m benchmarks.quant_quality [--layers 4 --hidden 512 --width 384 --tokens 512]
 """
 
 from __future__ import annotations
@@ -24,11 +24,9 @@ from pathlib import Path
 
 import mlx.core as mx
 
-sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
-from convert_memory import release_config, write_checkpoint  # noqa: E402
-
-from hunyuan_mlx import load_model  # noqa: E402
-from hunyuan_mlx.converter import convert  # noqa: E402
+from benchmarks.synthetic import release_config, write_checkpoint
+from hunyuan_mlx import load_model
+from hunyuan_mlx.converter import convert
 
 # label -> convert() quantization arguments
 RECIPES: dict[str, dict] = {
