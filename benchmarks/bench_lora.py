@@ -217,7 +217,8 @@ def main() -> None:
         for seq_length in args.seq_lengths:
             for impl in args.impls:
                 one = f"{impl}:{seq_length}:{checkpointing}"
-                command = [sys.executable, "-m", "benchmarks.bench_lora", *sys.argv[1:], "--one", one]
+                command = [sys.executable, "-m", "benchmarks.bench_lora", *sys.argv[1:]]
+                command += ["--one", one]
                 try:
                     timeout = args.row_timeout
                     done = subprocess.run(command, capture_output=True, text=True, timeout=timeout)
