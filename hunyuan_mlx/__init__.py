@@ -5,25 +5,11 @@ converter, `generation/` the generation loop and chat, `tuner/` fine-tuning; `co
 `generate`, `chat`, `lora` and `fuse` are the commands (`hunyuan-mlx <command>`).
 """
 
+from . import models
 from .converter import convert
 from .loading import load, load_model
-from .models import (
-    FastPaths,
-    HunYuanMoEV1Config,
-    HunYuanMoEV1ForCausalLM,
-    HunYuanMoEV1ForSequenceClassification,
-    HunYuanMoEV1Model,
-)
+from .models import *  # noqa: F403  (the model classes and FastPaths: models.__all__)
 
 __version__ = "0.1.0"
 
-__all__ = [
-    "FastPaths",
-    "HunYuanMoEV1Config",
-    "HunYuanMoEV1ForCausalLM",
-    "HunYuanMoEV1ForSequenceClassification",
-    "HunYuanMoEV1Model",
-    "convert",
-    "load",
-    "load_model",
-]
+__all__ = [*models.__all__, "convert", "load", "load_model"]

@@ -8,20 +8,13 @@ from __future__ import annotations
 import argparse
 
 from .cli import add_debug_argument, run_main
-from .converter import (
-    DEFAULT_DTYPE,
-    DEFAULT_MAX_SHARD_SIZE,
-    DEFAULT_MLX_PATH,
-    DEFAULT_Q_MODE,
-    DTYPES,
-    Q_MODE_DEFAULTS,
-    convert,
-)
-from .quantize import DEFAULT_QUANT_RECIPE, QUANT_RECIPES
+from .converter import DEFAULT_MLX_PATH, DTYPES, Q_MODE_DEFAULTS, ConversionOptions, convert
+from .quantize import QUANT_RECIPES
 
 
 def build_parser() -> argparse.ArgumentParser:
     """The command line, with mlx_lm.convert's flag names where it has the flag."""
+    d = ConversionOptions()
     parser = argparse.ArgumentParser(
         prog="python -m hunyuan_mlx.convert",
         description="Convert a HunYuan MoE V1 checkpoint to MLX (streaming, optionally quantized).",
@@ -41,24 +34,24 @@ def build_parser() -> argparse.ArgumentParser:
         help="Quantization group size (default: the mode's, 64 for affine).",
     )
     parser.add_argument(
-        "--q-mode", default=DEFAULT_Q_MODE, choices=list(Q_MODE_DEFAULTS), help="Quantization mode."
+        "--q-mode", default=d.q_mode, choices=list(Q_MODE_DEFAULTS), help="Quantization mode."
     )
     parser.add_argument(
         "--quant-recipe",
-        default=DEFAULT_QUANT_RECIPE,
+        default=d.quant_recipe,
         choices=list(QUANT_RECIPES),
         help="uniform: every module at --q-bits; mixed_N: routed experts at --q-bits, attention, "
         "shared expert and embedding/head at N bits.",
     )
     parser.add_argument(
         "--dtype",
-        default=DEFAULT_DTYPE,
+        default=d.dtype,
         choices=DTYPES,
         help="Type of the unquantized weights and of quantization scales.",
     )
     parser.add_argument(
         "--max-shard-size",
-        default=DEFAULT_MAX_SHARD_SIZE,
+        default=d.max_shard_size,
         help="Largest output shard, e.g. 5GB, 500MB.",
     )
     parser.add_argument(

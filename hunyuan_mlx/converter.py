@@ -99,6 +99,21 @@ PER_EXPERT_RE = re.compile(
 )
 
 
+@dataclass(frozen=True)
+class ConversionOptions:
+    """How to convert (the command's flags; defaults as mlx_lm.convert's)."""
+
+    quantize: bool = False
+    q_group_size: int | None = None  # None: the mode's default (Q_MODE_DEFAULTS)
+    q_bits: int | None = None
+    q_mode: str = DEFAULT_Q_MODE
+    quant_recipe: str = DEFAULT_QUANT_RECIPE
+    dtype: str = DEFAULT_DTYPE
+    max_shard_size: str | int = DEFAULT_MAX_SHARD_SIZE
+    dequantize: bool = False
+    force: bool = False  # replace a non-empty destination
+
+
 def parse_size(size: str | int) -> int:
     """Bytes in a size such as "5GB", "500MB", "40KiB" or a plain number."""
     if isinstance(size, int):
@@ -470,45 +485,34 @@ class _Written:
 
 
 def plan_conversion(
-    hf_path: str | Path,
-    mlx_path: str | Path = DEFAULT_MLX_PATH,
-    quantize: bool = False,
-    q_group_size: int | None = None,
-    q_bits: int | None = None,
-    q_mode: str = DEFAULT_Q_MODE,
-    quant_recipe: str = DEFAULT_QUANT_RECIPE,
-    dtype: str = DEFAULT_DTYPE,
-    max_shard_size: str | int = DEFAULT_MAX_SHARD_SIZE,
-    dequantize: bool = False,
-    force: bool = False,
+    hf_path: str | Path, mlx_path: str | Path, options: ConversionOptions
 ) -> ConversionPlan:
     """Check the options, the destination and every source tensor's name, shape and dtype."""
-    if dtype not in DTYPES:
-        raise ValueError(f"dtype must be one of {DTYPES}, got {dtype!r}")
-    if quantize and dequantize:
+    o = options
+    if o.dtype not in DTYPES:
+        raise ValueError(f"dtype must be one of {DTYPES}, got {o.dtype!r}")
+    if o.quantize and o.dequantize:
         raise ValueError("Choose either quantize or dequantize, not both")
     quant = None
-    if quantize:
-        quant = quant_params(q_bits, q_group_size, q_mode)
+    if o.quantize:
+        quant = quant_params(o.q_bits, o.q_group_size, o.q_mode)
         # What the recipe gives a module other than a routed expert; rejects unknown recipes.
-        check_quant_params(recipe_params(quant_recipe, "model.embed_tokens", quant))
-    elif (q_bits, q_group_size, q_mode, quant_recipe) != (
-        None,
-        None,
-        DEFAULT_Q_MODE,
-        DEFAULT_QUANT_RECIPE,
-    ):
-        raise ValueError("Quantization options (bits, group size, mode, recipe) need -q")
-    max_bytes = parse_size(max_shard_size)
+        check_quant_params(recipe_params(o.quant_recipe, "model.embed_tokens", quant))
+    else:
+        defaults = ConversionOptions()
+        quant_options = ("q_bits", "q_group_size", "q_mode", "quant_recipe")
+        if any(getattr(o, k) != getattr(defaults, k) for k in quant_options):
+            raise ValueError("Quantization options (bits, group size, mode, recipe) need -q")
+    max_bytes = parse_size(o.max_shard_size)
     mlx_path = Path(mlx_path).expanduser()
     source_path = resolve_model_path(hf_path)
-    _check_destination(mlx_path, source_path, force)
+    _check_destination(mlx_path, source_path, o.force)
     source = _read_source(source_path)
-    if source.config.quantization is not None and not (quantize or dequantize):
+    if source.config.quantization is not None and not (o.quantize or o.dequantize):
         raise ValueError(
             f"{source_path} is already quantized: pass --dequantize, or -q to re-quantize"
         )
-    if dequantize and source.config.quantization is None:
+    if o.dequantize and source.config.quantization is None:
         raise ValueError(f"--dequantize needs a quantized MLX checkpoint; {source_path} is not")
     out_config = HunYuanMoEV1Config.from_dict(
         {k: v for k, v in source.config.to_dict().items() if k != "quantization"}
@@ -522,10 +526,10 @@ def plan_conversion(
         out_config=out_config,
         expected=expected,
         modules=dict(skeleton.named_modules()),
-        out_dtype=getattr(mx, dtype),
+        out_dtype=getattr(mx, o.dtype),
         max_bytes=max_bytes,
         quant=quant,
-        quant_recipe=quant_recipe,
+        quant_recipe=o.quant_recipe,
     )
 
 
@@ -599,36 +603,17 @@ def finish_conversion(plan: ConversionPlan, out: _Written, directory: Path) -> l
 def convert(
     hf_path: str | Path,
     mlx_path: str | Path = DEFAULT_MLX_PATH,
-    quantize: bool = False,
-    q_group_size: int | None = None,
-    q_bits: int | None = None,
-    q_mode: str = DEFAULT_Q_MODE,
-    quant_recipe: str = DEFAULT_QUANT_RECIPE,
-    dtype: str = DEFAULT_DTYPE,
-    max_shard_size: str | int = DEFAULT_MAX_SHARD_SIZE,
-    dequantize: bool = False,
     upload_repo: str | None = None,
-    force: bool = False,
+    **options: Any,
 ) -> ConversionSummary:
-    """Convert `hf_path` (directory or Hub repo id) into an MLX checkpoint at `mlx_path`.
+    """Convert `hf_path` (directory or Hub repo id) into an MLX checkpoint at `mlx_path`;
+    `options` are `ConversionOptions` fields (`quantize=True, q_bits=4`, ...).
 
     The output is written into a temporary directory beside `mlx_path` and renamed into place at
     the end; on any error or interrupt it is removed, and the source is never touched.
     """
     start = time.perf_counter()
-    plan = plan_conversion(
-        hf_path,
-        mlx_path,
-        quantize=quantize,
-        q_group_size=q_group_size,
-        q_bits=q_bits,
-        q_mode=q_mode,
-        quant_recipe=quant_recipe,
-        dtype=dtype,
-        max_shard_size=max_shard_size,
-        dequantize=dequantize,
-        force=force,
-    )
+    plan = plan_conversion(hf_path, mlx_path, ConversionOptions(**options))
     mlx_path = plan.mlx_path
     mlx_path.parent.mkdir(parents=True, exist_ok=True)
     tmp = Path(tempfile.mkdtemp(prefix=f".{mlx_path.name}.", suffix=".tmp", dir=mlx_path.parent))

@@ -67,43 +67,20 @@ def add_generation_arguments(parser: argparse.ArgumentParser, max_tokens: int) -
             type=kind,
             help=f"{what} (default: the checkpoint's generation_config.json, else {default})",
         )
-    parser.add_argument(
-        "--repetition-context-size",
-        type=int,
-        default=d.repetition_context_size,
-        help="How many recent tokens the repetition penalty looks at (default: %(default)s)",
-    )
     parser.add_argument("--seed", type=int, default=None, help="PRNG seed")
-    parser.add_argument(
-        "--max-kv-size",
-        type=int,
-        default=d.max_kv_size,
-        help="Maximum key-value cache size (a rotating window); also the longest prompt allowed",
-    )
-    parser.add_argument(
-        "--kv-bits",
-        type=int,
-        default=d.kv_bits,
-        help="Number of bits for KV cache quantization. Defaults to no quantization.",
-    )
-    parser.add_argument(
-        "--kv-group-size",
-        type=int,
-        default=d.kv_group_size,
-        help="Group size for KV cache quantization (default: %(default)s)",
-    )
-    parser.add_argument(
-        "--quantized-kv-start",
-        type=int,
-        default=d.quantized_kv_start,
-        help="With --kv-bits, quantize the KV cache from this step on (default: %(default)s)",
-    )
-    parser.add_argument(
-        "--prefill-step-size",
-        type=int,
-        default=d.prefill_step_size,
-        help="Number of prompt tokens to process at a time (default: %(default)s)",
-    )
+    int_flags = [
+        ("--repetition-context-size", "How many recent tokens the repetition penalty looks at"),
+        ("--max-kv-size", "Maximum key-value cache size (a rotating window; also the longest "
+         "prompt allowed)"),
+        ("--kv-bits", "Number of bits for KV cache quantization"),
+        ("--kv-group-size", "Group size for KV cache quantization"),
+        ("--quantized-kv-start", "With --kv-bits, quantize the KV cache from this step on"),
+        ("--prefill-step-size", "Number of prompt tokens to process at a time"),
+    ]
+    for flag, what in int_flags:
+        default = getattr(d, flag[2:].replace("-", "_"))
+        shown = "none" if default is None else default
+        parser.add_argument(flag, type=int, default=default, help=f"{what} (default: {shown})")
 
 
 def settings_from_args(args: argparse.Namespace, model_path: Path) -> GenerationSettings:

@@ -17,6 +17,8 @@ import numpy as np
 
 from ..quantize import dequantize
 
+Rows = mx.array | None  # which of x's rows each gathered product reads (None: broadcast)
+
 # Sorting rows by expert costs two argsorts and a gather; it pays off once a call routes enough
 # rows that experts repeat, and lets gather_(q)mm read each expert's weights once. mlx-lm's value.
 SORT_THRESHOLD = 64
@@ -78,11 +80,7 @@ class GatheredLinear(nn.Module):
         self.weight = mx.random.uniform(-scale, scale, (num_experts, output_dims, input_dims))
 
     def __call__(
-        self,
-        x: mx.array,
-        indices: mx.array,
-        sorted_indices: bool = False,
-        lhs_indices: mx.array | None = None,
+        self, x: mx.array, indices: mx.array, sorted_indices: bool = False, lhs_indices: Rows = None
     ) -> mx.array:
         """Row r of x's batch (`lhs_indices`, default: broadcast) times expert `indices[r]`."""
         weight = self.weight.swapaxes(-1, -2)
@@ -143,11 +141,7 @@ class QuantizedGatheredLinear(nn.Module):
         self.freeze()
 
     def __call__(
-        self,
-        x: mx.array,
-        indices: mx.array,
-        sorted_indices: bool = False,
-        lhs_indices: mx.array | None = None,
+        self, x: mx.array, indices: mx.array, sorted_indices: bool = False, lhs_indices: Rows = None
     ) -> mx.array:
         return mx.gather_qmm(
             x,

@@ -88,27 +88,14 @@ def padding_causal_mask(attention_mask: mx.array, length: int, offset: int) -> m
 
 def causal_lm_forward(
     lm: nn.Module,
-    input_ids: mx.array | None = None,
-    inputs_embeds: mx.array | None = None,
-    attention_mask: mx.array | None = None,
-    position_ids: mx.array | None = None,
-    past_key_values: list[Any] | None = None,
-    use_cache: bool | None = None,
-    output_hidden_states: bool = False,
+    *args: Any,
     labels: mx.array | None = None,
     logits_to_keep: int = 0,
+    **kwargs: Any,
 ) -> CausalLMOutput:
-    """transformers' forward. `logits_to_keep` > 0 computes the head for the last N only."""
-    out = base_model_forward(
-        lm.model,
-        input_ids,
-        inputs_embeds,
-        attention_mask,
-        position_ids,
-        past_key_values,
-        use_cache,
-        output_hidden_states,
-    )
+    """transformers' forward: `base_model_forward`'s arguments, plus `labels` for the loss and
+    `logits_to_keep` > 0 to compute the head for the last N positions only."""
+    out = base_model_forward(lm.model, *args, **kwargs)
     hidden = out.last_hidden_state
     if logits_to_keep:
         hidden = hidden[:, -logits_to_keep:]
@@ -133,27 +120,12 @@ def causal_lm_loss(logits: mx.array, labels: mx.array) -> mx.array:
 
 
 def sequence_classification_forward(
-    classifier: nn.Module,
-    input_ids: mx.array | None = None,
-    inputs_embeds: mx.array | None = None,
-    attention_mask: mx.array | None = None,
-    position_ids: mx.array | None = None,
-    past_key_values: list[Any] | None = None,
-    use_cache: bool | None = None,
-    output_hidden_states: bool = False,
-    labels: mx.array | None = None,
+    classifier: nn.Module, *args: Any, labels: mx.array | None = None, **kwargs: Any
 ) -> SequenceClassifierOutput:
-    """The `score` head at each row's last non-padding token, and transformers' loss."""
-    out = base_model_forward(
-        classifier.model,
-        input_ids,
-        inputs_embeds,
-        attention_mask,
-        position_ids,
-        past_key_values,
-        use_cache,
-        output_hidden_states,
-    )
+    """The `score` head at each row's last non-padding token (`base_model_forward`'s arguments),
+    and transformers' loss for `labels`."""
+    out = base_model_forward(classifier.model, *args, **kwargs)
+    input_ids = args[0] if args else kwargs.get("input_ids")
     logits = classifier.score(out.last_hidden_state)
     batch_size = logits.shape[0]
     pad = classifier.config.pad_token_id

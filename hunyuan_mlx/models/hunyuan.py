@@ -23,6 +23,9 @@ from .fast_paths import FastPaths, compiled_decode_step, routed_experts, set_fas
 from .rope import HunYuanMoEV1RotaryEmbedding
 from .weights import sanitize
 
+Mask = mx.array | str | None  # a boolean/additive array, "causal", or None
+KV = tuple[mx.array, mx.array]  # a layer's key and value projections, shared under CLA
+
 
 def split_heads(x: mx.array, num_heads: int) -> mx.array:
     """(B, L, heads * head_dim) -> (B, heads, L, head_dim)."""
@@ -64,11 +67,11 @@ class HunYuanMoEV1Attention(nn.Module):
     def __call__(
         self,
         x: mx.array,
-        mask: mx.array | str | None,
+        mask: Mask,
         cache: Any = None,
-        shared_kv: tuple[mx.array, mx.array] | None = None,
+        shared_kv: KV | None = None,
         position_ids: mx.array | None = None,
-    ) -> tuple[mx.array, tuple[mx.array, mx.array]]:
+    ) -> tuple[mx.array, KV]:
         """Returns the output and the (unrotated) key/value projections for CLA sharing."""
         if shared_kv is None:
             shared_kv = (self.k_proj(x), self.v_proj(x))
@@ -84,7 +87,7 @@ class HunYuanMoEV1Attention(nn.Module):
     def heads(
         self,
         queries: mx.array,
-        shared_kv: tuple[mx.array, mx.array],
+        shared_kv: KV,
         offset: int | mx.array,
         position_ids: mx.array | None = None,
     ) -> tuple[mx.array, mx.array, mx.array]:
@@ -188,13 +191,10 @@ class HunYuanMoEV1DecoderLayer(nn.Module):
         self._decode_fns = None  # fast_paths.compiled_decode_step's, compiled on first use
 
     def __call__(
-        self,
-        x: mx.array,
-        mask: mx.array | str | None,
-        cache: Any = None,
-        shared_kv: tuple[mx.array, mx.array] | None = None,
+        self, x: mx.array, mask: Mask, cache: Any = None, shared_kv: KV | None = None,
         position_ids: mx.array | None = None,
-    ) -> tuple[mx.array, tuple[mx.array, mx.array]]:
+    ) -> tuple[mx.array, KV]:
+        """Returns the output and the attention's key/value projections for CLA sharing."""
         r, shared_kv = self.self_attn(self.input_layernorm(x), mask, cache, shared_kv, position_ids)
         h = x + r
         return h + self.mlp(self.post_attention_layernorm(h)), shared_kv
@@ -250,18 +250,32 @@ class HunYuanMoEV1Model(nn.Module):
     forward = hf_compat.base_model_forward
 
 
-class HunYuanMoEV1ForCausalLM(nn.Module):
+class HunYuanMoEV1PreTrainedModel(nn.Module):
+    """What every head shares: the config, the decoder and its fast-path policy."""
+
     fast_paths = FastPaths.off()
 
     def __init__(self, config: HunYuanMoEV1Config, fast_paths: FastPaths | None = None):
         """`fast_paths` defaults to every fast path measured on this backend."""
         super().__init__()
         self.config = config
-        self.model_type = config.model_type
         self.model = HunYuanMoEV1Model(config)
+        set_fast_paths(self, fast_paths or FastPaths.default())
+
+    def sanitize(self, weights: dict[str, mx.array]) -> dict[str, mx.array]:
+        return sanitize(weights, self.config)
+
+    @property
+    def layers(self) -> list[HunYuanMoEV1DecoderLayer]:
+        return self.model.layers
+
+
+class HunYuanMoEV1ForCausalLM(HunYuanMoEV1PreTrainedModel):
+    def __init__(self, config: HunYuanMoEV1Config, fast_paths: FastPaths | None = None):
+        super().__init__(config, fast_paths)
+        self.model_type = config.model_type
         if not config.tie_word_embeddings:
             self.lm_head = nn.Linear(config.hidden_size, config.vocab_size, bias=False)
-        set_fast_paths(self, fast_paths or FastPaths.default())
 
     def __call__(
         self,
@@ -281,32 +295,17 @@ class HunYuanMoEV1ForCausalLM(nn.Module):
     def make_cache(self) -> list[KVCache]:
         return self.model.make_cache()
 
-    def sanitize(self, weights: dict[str, mx.array]) -> dict[str, mx.array]:
-        return sanitize(weights, self.config)
-
-    @property
-    def layers(self) -> list[HunYuanMoEV1DecoderLayer]:
-        return self.model.layers
-
     forward = hf_compat.causal_lm_forward
 
 
-class HunYuanMoEV1ForSequenceClassification(nn.Module):
+class HunYuanMoEV1ForSequenceClassification(HunYuanMoEV1PreTrainedModel):
     """A `score` head read at each row's last non-padding token, as transformers does."""
 
-    fast_paths = FastPaths.off()
-
     def __init__(self, config: HunYuanMoEV1Config, fast_paths: FastPaths | None = None):
-        super().__init__()
-        self.config = config
-        self.model = HunYuanMoEV1Model(config)
+        super().__init__(config, fast_paths)
         self.score = nn.Linear(config.hidden_size, config.num_labels, bias=False)
-        set_fast_paths(self, fast_paths or FastPaths.default())
 
     def __call__(self, input_ids: mx.array) -> mx.array:
         return self.forward(input_ids).logits
-
-    def sanitize(self, weights: dict[str, mx.array]) -> dict[str, mx.array]:
-        return sanitize(weights, self.config)
 
     forward = hf_compat.sequence_classification_forward

@@ -21,7 +21,7 @@ from mlx_lm.tuner.lora import LoRALinear
 from mlx_lm.utils import dequantize_model as dequantize_mlx_lm_layers
 
 from ..files import check_tensors, read_json
-from ..models.experts import GATHERED_LINEARS, GatheredLinear, QuantizedGatheredLinear
+from ..models.experts import GATHERED_LINEARS, GatheredLinear, QuantizedGatheredLinear, Rows
 
 ADAPTER_FILE = "adapters.safetensors"
 ADAPTER_CONFIG_FILE = "adapter_config.json"
@@ -83,11 +83,7 @@ class LoRAGatheredLinear(nn.Module):
         self.lora_b = mx.zeros((num_experts, output_dims, rank))
 
     def __call__(
-        self,
-        x: mx.array,
-        indices: mx.array,
-        sorted_indices: bool = False,
-        lhs_indices: mx.array | None = None,
+        self, x: mx.array, indices: mx.array, sorted_indices: bool = False, lhs_indices: Rows = None
     ) -> mx.array:
         y = self.linear(x, indices, sorted_indices=sorted_indices, lhs_indices=lhs_indices)
         h = self.dropout(x).astype(self.lora_a.dtype)
