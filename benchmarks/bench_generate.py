@@ -152,6 +152,7 @@ def main() -> None:
                 if rnd == 0:
                     tokens[(name, n)] = r["tokens"]
                     firsts[(name, n)] = r["first_logprobs"]
+                    log({"kind": "tokens", "model": name, "prompt": n, "tokens": r["tokens"]}, sink)
                     continue
                 for k in ("prefill_tps", "decode_tps", "prefill_peak_gb", "decode_peak_gb"):
                     results.setdefault((name, n, k), []).append(rec[k])
