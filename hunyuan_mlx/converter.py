@@ -398,7 +398,7 @@ def _component(name: str) -> str:
         return "head"
     if "norm" in name:
         return "norms"
-    if ".gate.wg." in name:
+    if is_router(name):
         return "router"
     if "shared_mlp" in name:
         return "shared expert"
