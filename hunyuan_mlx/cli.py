@@ -10,6 +10,9 @@ import os
 import sys
 import traceback
 from collections.abc import Iterator, Sequence
+from signal import SIGINT
+
+from .interrupts import Interrupted
 
 # Command -> the module whose `main(argv)` runs it (`python -m hunyuan_mlx.<command>` too).
 COMMANDS = {
@@ -36,7 +39,8 @@ def add_debug_argument(parser: argparse.ArgumentParser) -> None:
 @contextlib.contextmanager
 def run_main(prog: str, debug: bool = False) -> Iterator[None]:
     """Errors a user can cause become `prog: error: message` on stderr and exit status 1, as
-    argparse reports a bad flag; Ctrl-C exits with 130. `debug` keeps the traceback."""
+    argparse reports a bad flag; Ctrl-C exits with 130, SIGTERM and SIGHUP (when raised as
+    `Interrupted`) with 128 + their number. `debug` keeps the traceback."""
     debug = debug or os.environ.get(DEBUG_ENV, "") not in ("", "0")
     try:
         yield
@@ -45,11 +49,12 @@ def run_main(prog: str, debug: bool = False) -> Iterator[None]:
             traceback.print_exc()
         print(f"{prog}: error: {e}", file=sys.stderr)
         raise SystemExit(1) from None
-    except KeyboardInterrupt:
+    except KeyboardInterrupt as e:
         if debug:
             traceback.print_exc()
-        print(f"\n{prog}: error: interrupted", file=sys.stderr)
-        raise SystemExit(130) from None
+        by = f" ({e})" if isinstance(e, Interrupted) and e.signum != SIGINT else ""
+        print(f"\n{prog}: error: interrupted{by}", file=sys.stderr)
+        raise SystemExit(e.exit_status if isinstance(e, Interrupted) else 128 + SIGINT) from None
 
 
 def main(argv: Sequence[str] | None = None) -> None:

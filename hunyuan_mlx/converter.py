@@ -14,10 +14,8 @@ even when tied), transformers 5 saves (per-expert or fused 3-D experts), and MLX
 from __future__ import annotations
 
 import json
-import os
 import re
 import shutil
-import tempfile
 import time
 from collections import defaultdict
 from dataclasses import dataclass, field
@@ -28,7 +26,15 @@ import mlx.core as mx
 from mlx.utils import tree_flatten
 from tqdm import tqdm
 
-from .files import INDEX_FILE, check_safetensors, check_tensors, read_json, weight_files
+from .files import (
+    INDEX_FILE,
+    check_destination,
+    check_safetensors,
+    check_tensors,
+    read_json,
+    staged_output,
+    weight_files,
+)
 from .loading import resolve_model_path
 from .models import HunYuanMoEV1Config, HunYuanMoEV1ForCausalLM
 from .models.weights import sanitize
@@ -413,32 +419,6 @@ def _precision_label(params: dict[str, Any] | None, dtype: mx.Dtype) -> str:
     return f"{params['bits']}-bit {params['mode']} g{params['group_size']}"
 
 
-def _check_destination(mlx_path: Path, source_path: Path, force: bool) -> None:
-    """Refuse to overwrite a non-empty destination without `force`, and ever the source."""
-    destination, source = mlx_path.resolve(), source_path.resolve()
-    if destination == source or destination in source.parents:
-        raise ValueError(f"Output path {mlx_path} would overwrite the source {source_path}")
-    if not mlx_path.exists() or force:
-        return
-    if mlx_path.is_dir() and not any(mlx_path.iterdir()):
-        return
-    raise ValueError(f"Output path {mlx_path} already exists and is not empty (use --force)")
-
-
-def _replace(tmp: Path, mlx_path: Path) -> None:
-    """Move the finished output into place; an existing destination is removed only after."""
-    old = None
-    if mlx_path.exists() or mlx_path.is_symlink():
-        old = mlx_path.with_name(f".{mlx_path.name}.old-{os.getpid()}")
-        mlx_path.rename(old)
-    tmp.rename(mlx_path)
-    if old is not None:
-        if old.is_dir() and not old.is_symlink():
-            shutil.rmtree(old)
-        else:
-            old.unlink()
-
-
 def _copy_side_files(source_path: Path, out: Path) -> None:
     """Tokenizer and generation files, minus remote-code entries, plus a tokenizer.json."""
     for name in COPIED_FILES:
@@ -470,6 +450,7 @@ class ConversionPlan:
     max_bytes: int
     quant: dict[str, Any] | None  # the routed experts' parameters when quantizing
     quant_recipe: str
+    source_name: str  # as the user gave it: a path or a Hub repo id
 
 
 @dataclass
@@ -491,8 +472,6 @@ def plan_conversion(
     o = options
     if o.dtype not in DTYPES:
         raise ValueError(f"dtype must be one of {DTYPES}, got {o.dtype!r}")
-    if o.quantize and o.dequantize:
-        raise ValueError("Choose either quantize or dequantize, not both")
     quant = None
     if o.quantize:
         quant = quant_params(o.q_bits, o.q_group_size, o.q_mode)
@@ -506,13 +485,17 @@ def plan_conversion(
     max_bytes = parse_size(o.max_shard_size)
     mlx_path = Path(mlx_path).expanduser()
     source_path = resolve_model_path(hf_path)
-    _check_destination(mlx_path, source_path, o.force)
+    check_destination(mlx_path, source_path, o.force)
     source = _read_source(source_path)
-    if source.config.quantization is not None and not (o.quantize or o.dequantize):
+    quantized = source.config.quantization
+    if quantized is not None and not o.dequantize:
+        bits = quantized.get("bits")
         raise ValueError(
-            f"{source_path} is already quantized: pass --dequantize, or -q to re-quantize"
+            f"{source_path} is already quantized ({bits}-bit): convert from the original float "
+            "weights; --dequantize writes it back to float, and --dequantize with -q re-quantizes "
+            "it, keeping its own rounding error on top of the new one"
         )
-    if o.dequantize and source.config.quantization is None:
+    if o.dequantize and quantized is None:
         raise ValueError(f"--dequantize needs a quantized MLX checkpoint; {source_path} is not")
     out_config = HunYuanMoEV1Config.from_dict(
         {k: v for k, v in source.config.to_dict().items() if k != "quantization"}
@@ -530,6 +513,7 @@ def plan_conversion(
         max_bytes=max_bytes,
         quant=quant,
         quant_recipe=o.quant_recipe,
+        source_name=str(hf_path),
     )
 
 
@@ -597,7 +581,32 @@ def finish_conversion(plan: ConversionPlan, out: _Written, directory: Path) -> l
         config.extra.pop(key, None)
     config.save_pretrained(directory)
     _copy_side_files(plan.source.path, directory)
+    write_model_card(plan, out, directory)
     return shards
+
+
+def write_model_card(plan: ConversionPlan, out: _Written, directory: Path) -> None:
+    """A README.md saying what the folder is, how it was made and how to run it."""
+    precision = "unquantized"
+    if out.quantization is not None:
+        q = out.quantization
+        precision = f"{q['bits']}-bit {q['mode']}, group size {q['group_size']}"
+        if plan.quant_recipe != "uniform":
+            precision += f", recipe {plan.quant_recipe}"
+    card = f"""---
+library_name: mlx
+tags: [mlx, hunyuan]
+---
+# {plan.mlx_path.name}
+
+Hunyuan MoE V1 in MLX format ({precision}), converted from `{plan.source_name}` by hunyuan-mlx
+(`python -m hunyuan_mlx.convert`). With hunyuan-mlx installed:
+
+```sh
+python -m hunyuan_mlx.generate --model PATH_TO_THIS_FOLDER --prompt "Hello"
+```
+"""
+    (directory / "README.md").write_text(card, encoding="utf-8")
 
 
 def convert(
@@ -613,21 +622,17 @@ def convert(
     the end; on any error or interrupt it is removed, and the source is never touched.
     """
     start = time.perf_counter()
-    plan = plan_conversion(hf_path, mlx_path, ConversionOptions(**options))
-    mlx_path = plan.mlx_path
-    mlx_path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = Path(tempfile.mkdtemp(prefix=f".{mlx_path.name}.", suffix=".tmp", dir=mlx_path.parent))
+    settings = ConversionOptions(**options)
+    plan = plan_conversion(hf_path, mlx_path, settings)
     # Freed buffers go back to the system at once instead of into MLX's cache.
     cache_limit = mx.set_cache_limit(0)
     try:
-        written = stream_conversion(plan, tmp)
-        shards = finish_conversion(plan, written, tmp)
-        _replace(tmp, mlx_path)
-    except BaseException:
-        shutil.rmtree(tmp, ignore_errors=True)
-        raise
+        with staged_output(plan.mlx_path, settings.force) as tmp:
+            written = stream_conversion(plan, tmp)
+            shards = finish_conversion(plan, written, tmp)
     finally:
         mx.set_cache_limit(cache_limit)
+    mlx_path = plan.mlx_path
 
     summary = ConversionSummary(
         mlx_path=mlx_path,
@@ -648,8 +653,14 @@ def upload(mlx_path: Path, upload_repo: str) -> None:
     """Create (if needed) the Hub model repo `upload_repo` and upload the converted folder."""
     from huggingface_hub import create_repo, upload_folder
 
-    create_repo(upload_repo, exist_ok=True)
-    upload_folder(repo_id=upload_repo, folder_path=str(mlx_path), repo_type="model")
+    try:
+        create_repo(upload_repo, exist_ok=True)
+        upload_folder(repo_id=upload_repo, folder_path=str(mlx_path), repo_type="model")
+    except Exception as e:  # the Hub client raises its own, requests' and httpx's errors
+        raise RuntimeError(
+            f"Could not upload to the Hub repo {upload_repo} ({type(e).__name__}: {e}); "
+            f"the converted model is in {mlx_path}"
+        ) from None
     print(f"Uploaded to https://huggingface.co/{upload_repo}")
 
 

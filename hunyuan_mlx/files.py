@@ -1,18 +1,27 @@
-"""Reading checkpoint files with errors that name the file: JSON, JSONL, safetensors headers and
-shards, and the one check of a set of tensors against what a model expects."""
+"""Checkpoint files: reading them with errors that name the file (JSON, JSONL, safetensors headers
+and shards, the one check of tensors against a model), and writing an output folder whole or not
+at all (`staged_output`)."""
 
 from __future__ import annotations
 
+import contextlib
 import json
+import os
+import shutil
 import struct
-from collections.abc import Callable, Mapping
+import sys
+import tempfile
+from collections.abc import Callable, Iterator, Mapping
 from pathlib import Path
 from typing import Any
 
 import mlx.core as mx
 
+from .interrupts import signals_as_interrupts
+
 INDEX_FILE = "model.safetensors.index.json"
 NAMES_SHOWN = 5  # how many missing / unexpected tensor names an error lists
+PARTIAL_SUFFIX = ".tmp"  # of the hidden folder an output is written into before its rename
 
 
 def read_json(path: str | Path) -> Any:
@@ -125,3 +134,71 @@ def check_tensors(
 def _names(names: list[str]) -> str:
     shown = ", ".join(names[:NAMES_SHOWN])
     return shown + (", ..." if len(names) > NAMES_SHOWN else "")
+
+
+def check_destination(destination: Path, source: Path, force: bool) -> None:
+    """Refuse to overwrite a non-empty folder or a file without `force`, and ever the source."""
+    resolved, source_resolved = destination.resolve(), source.resolve()
+    if resolved == source_resolved or resolved in source_resolved.parents:
+        raise ValueError(f"Output path {destination} would overwrite the source {source}")
+    if not destination.exists() or force:
+        return
+    if not destination.is_dir():
+        raise ValueError(f"Output path {destination} is a file, not a folder (use --force)")
+    if any(destination.iterdir()):
+        raise ValueError(
+            f"Output path {destination} already exists and is not empty (use --force)"
+        )
+
+
+def partial_outputs(destination: Path) -> list[Path]:
+    """Folders that interrupted runs writing `destination` left beside it (see `staged_output`)."""
+    return sorted(destination.parent.glob(f".{destination.name}.*{PARTIAL_SUFFIX}"))
+
+
+@contextlib.contextmanager
+def staged_output(destination: Path, force: bool = False) -> Iterator[Path]:
+    """A new folder beside `destination` to write the output into: renamed to `destination` when
+    the block ends, removed on any error or interrupt (Ctrl-C, SIGTERM, SIGHUP), so nothing
+    half-written is left. Leftovers of earlier runs that could not clean up (SIGKILL, a power
+    cut) are reported, and removed with `force`."""
+    leftovers = partial_outputs(destination)
+    if leftovers:
+        names = ", ".join(str(p) for p in leftovers)
+        if force:
+            for path in leftovers:
+                shutil.rmtree(path, ignore_errors=True)
+            print(f"Removed the partial output of an earlier run: {names}", file=sys.stderr)
+        else:
+            print(
+                f"Note: an earlier run writing {destination} left a partial output: {names} "
+                "(remove it, or pass --force to)",
+                file=sys.stderr,
+            )
+    destination.parent.mkdir(parents=True, exist_ok=True)
+    prefix = f".{destination.name}."
+    tmp = Path(tempfile.mkdtemp(prefix=prefix, suffix=PARTIAL_SUFFIX, dir=destination.parent))
+    umask = os.umask(0)
+    os.umask(umask)
+    tmp.chmod(0o777 & ~umask)  # mkdtemp's 0700 would hide the output from other users
+    try:
+        with signals_as_interrupts():
+            yield tmp
+            _replace(tmp, destination)
+    except BaseException:
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise
+
+
+def _replace(tmp: Path, destination: Path) -> None:
+    """Move the finished output into place; an existing destination is removed only after."""
+    old = None
+    if destination.exists() or destination.is_symlink():
+        old = destination.with_name(f".{destination.name}.old-{os.getpid()}")
+        destination.rename(old)
+    tmp.rename(destination)
+    if old is not None:
+        if old.is_dir() and not old.is_symlink():
+            shutil.rmtree(old)
+        else:
+            old.unlink()

@@ -35,7 +35,10 @@ def resolve_model_path(path_or_repo: str | Path) -> Path:
     try:
         return Path(snapshot_download(repo_id, allow_patterns=HUB_PATTERNS))
     except (HfHubHTTPError, LocalEntryNotFoundError, OSError) as e:
-        raise FileNotFoundError(f"Could not get Hub repo {repo_id}: {e}") from e
+        raise FileNotFoundError(
+            f"No local folder {path} (from {Path.cwd()}), and as a Hub repo id {repo_id} "
+            f"could not be fetched: {e}"
+        ) from None
 
 
 def load_model(

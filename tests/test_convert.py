@@ -8,9 +8,13 @@ from __future__ import annotations
 
 import importlib
 import json
+import os
 import shutil
+import signal
+import stat
 import subprocess
 import sys
+import time
 from pathlib import Path
 
 import mlx.core as mx
@@ -290,7 +294,8 @@ def test_dequantize_round_trip(converted, tmp_path):
 
 
 def test_mlx_lm_switch_mlp_layout_requantizes(converted, tmp_path):
-    """mlx-lm's layout and per-module entries (switch_mlp paths) read back; -q re-quantizes."""
+    """mlx-lm's layout and per-module entries (switch_mlp paths) read back; -q with --dequantize
+    re-quantizes."""
     four_bit = converted(quantize=True, dtype="float32", q_group_size=32)
     src = shutil.copytree(four_bit, tmp_path / "src")
     tensors = as_mlx_lm_layout(read_weights(src))
@@ -304,7 +309,9 @@ def test_mlx_lm_switch_mlp_layout_requantizes(converted, tmp_path):
     convert(src, dequantized, dequantize=True, dtype="float32")
     np.testing.assert_allclose(mlx_logits(dequantized), mlx_logits(four_bit), atol=1e-4)
     eight_bit = tmp_path / "eight_bit"
-    convert(src, eight_bit, quantize=True, q_bits=8, q_group_size=32, dtype="float32")
+    convert(
+        src, eight_bit, quantize=True, dequantize=True, q_bits=8, q_group_size=32, dtype="float32"
+    )
     assert json.loads((eight_bit / "config.json").read_text())["quantization"]["bits"] == 8
     assert load_model(eight_bit).model.layers[0].self_attn.q_proj.bits == 8
 
@@ -447,12 +454,15 @@ def test_quantization_mlx_cannot_do(untied, tmp_path, kwargs, message):
 def test_option_conflicts(untied, converted, tmp_path):
     with pytest.raises(ValueError, match="need -q"):
         convert(untied[0], tmp_path / "out", q_bits=4)
-    with pytest.raises(ValueError, match="not both"):
+    with pytest.raises(ValueError, match="needs a quantized"):
         convert(untied[0], tmp_path / "out", quantize=True, dequantize=True)
     with pytest.raises(ValueError, match="needs a quantized"):
         convert(untied[0], tmp_path / "out", dequantize=True)
     with pytest.raises(ValueError, match="already quantized"):
         convert(converted(quantize=True), tmp_path / "out")
+    # Re-quantizing a quantized model only when asked to dequantize first, explicitly.
+    with pytest.raises(ValueError, match=r"already quantized \(4-bit\): convert from the original"):
+        convert(converted(quantize=True), tmp_path / "out", quantize=True, q_bits=8)
     with pytest.raises(ValueError, match="max_shard_size|Cannot read size"):
         convert(untied[0], tmp_path / "out", max_shard_size="5 parsecs")
     assert_no_output(tmp_path / "out")
@@ -558,3 +568,85 @@ def test_parser_flags():
     )
     assert (args.upload_repo, args.q_mode, args.force, args.quantize) == ("me/x", "mxfp4", 1, 1)
     assert parse_size("5GB") == 5 * 10**9 and parse_size("40KiB") == 40 * 1024
+
+
+# --- nothing lost: signals, leftovers, modes, files, upload ---------------------------------
+
+# The converter slowed down in its child process, so that a signal lands mid-conversion.
+SLOW_CONVERT = """
+import sys, time
+import hunyuan_mlx.converter as converter
+write = converter._write_tensor
+converter._write_tensor = lambda *a: (time.sleep(0.05), write(*a))
+from hunyuan_mlx.convert import main
+main(sys.argv[1:])
+"""
+
+
+@pytest.mark.parametrize("signum", [signal.SIGTERM, signal.SIGHUP, signal.SIGINT])
+def test_signal_mid_conversion_leaves_nothing(untied, tmp_path, signum):
+    dst = tmp_path / "out"
+    args = ["--hf-path", str(untied[0]), "--mlx-path", str(dst)]
+    run = subprocess.Popen(
+        [sys.executable, "-c", SLOW_CONVERT, *args], cwd=REPO, stderr=subprocess.PIPE, text=True
+    )
+    deadline = time.monotonic() + 60
+    while not list(tmp_path.glob(".out.*.tmp")) and time.monotonic() < deadline:
+        time.sleep(0.05)
+    assert list(tmp_path.glob(".out.*.tmp")), "the conversion never started writing"
+    run.send_signal(signum)
+    _, stderr = run.communicate(timeout=60)
+    assert run.returncode == 128 + signum
+    assert stderr.strip().endswith(PROG_ERROR.strip() + " interrupted" + (
+        "" if signum == signal.SIGINT else f" ({signal.Signals(signum).name})"
+    ))
+    assert_no_output(dst)
+
+
+def test_leftover_of_a_killed_run_is_reported_then_removed_with_force(untied, tmp_path, capsys):
+    dst = tmp_path / "out"
+    leftover = tmp_path / ".out.k1ll3d.tmp"
+    leftover.mkdir()
+    (leftover / "model-00001.safetensors").write_bytes(b"partial")
+    convert(untied[0], dst)
+    assert "Note: an earlier run writing" in capsys.readouterr().err and leftover.is_dir()
+    convert(untied[0], dst, force=True)
+    assert "Removed the partial output" in capsys.readouterr().err
+    assert not leftover.exists() and (dst / "config.json").is_file()
+
+
+def test_output_folder_has_the_umask_mode(untied, tmp_path):
+    umask = os.umask(0o022)
+    try:
+        convert(untied[0], tmp_path / "out")
+    finally:
+        os.umask(umask)
+    assert stat.S_IMODE((tmp_path / "out").stat().st_mode) == 0o755
+
+
+def test_destination_that_is_a_file(untied, tmp_path):
+    dst = tmp_path / "out"
+    dst.write_text("")
+    with pytest.raises(ValueError, match="is a file, not a folder"):
+        convert(untied[0], dst)
+    assert dst.is_file()
+
+
+def test_upload_failure_is_one_line_and_keeps_the_output(untied, tmp_path, monkeypatch, capsys):
+    import huggingface_hub
+
+    class ConnectError(Exception):  # the Hub client's errors are not all OSErrors (httpx)
+        pass
+
+    def offline(*args, **kwargs):
+        raise ConnectError("[Errno -3] Temporary failure in name resolution")
+
+    monkeypatch.setattr(huggingface_hub, "create_repo", offline)
+    dst = tmp_path / "out"
+    argv = ["--hf-path", str(untied[0]), "--mlx-path", str(dst), "--upload-repo", "me/model"]
+    assert exit_status(argv) == 1
+    err = capsys.readouterr().err
+    assert err.count("\n") == 1 and "Could not upload to the Hub repo me/model" in err
+    assert f"the converted model is in {dst}" in err
+    card = (dst / "README.md").read_text()
+    assert "library_name: mlx" in card and str(untied[0]) in card

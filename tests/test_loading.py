@@ -211,3 +211,17 @@ def test_hub_repo_id_downloads_only_what_loading_needs(tiny_checkpoint, monkeypa
     assert repo_id == "tencent/Hunyuan-A13B-Instruct"
     assert "*.safetensors" in patterns and "*.json" in patterns
     assert not any(p.endswith((".bin", ".pt", ".py")) or p == "*" for p in patterns)
+
+
+def test_mistyped_relative_path_says_no_such_folder(monkeypatch):
+    """`work/small` looks like a Hub repo id too: the error says it is neither."""
+    import huggingface_hub
+    from huggingface_hub.errors import LocalEntryNotFoundError
+
+    def offline(repo_id, **kwargs):
+        raise LocalEntryNotFoundError("Cannot reach the Hub (offline mode)")
+
+    monkeypatch.setattr(huggingface_hub, "snapshot_download", offline)
+    message = r"No local folder work/small \(from .*\), and as a Hub repo id work/small could not"
+    with pytest.raises(FileNotFoundError, match=message):
+        load_model("work/small")
