@@ -24,6 +24,9 @@ def build_parser() -> argparse.ArgumentParser:
         action="store_true",
         help="Write unquantized weights (from a quantized base).",
     )
+    parser.add_argument(
+        "--force", action="store_true", help="Replace an existing non-empty output directory."
+    )
     add_debug_argument(parser)
     return parser
 
@@ -33,7 +36,7 @@ def main(argv: list[str] | None = None) -> None:
     parser = build_parser()
     args = parser.parse_args(argv)
     with run_main(parser.prog, args.debug):
-        out = fuse(args.model, args.adapter_path, args.save_path, args.dequantize)
+        out = fuse(args.model, args.adapter_path, args.save_path, args.dequantize, args.force)
     print(f"Saved the fused model to {out}")
 
 

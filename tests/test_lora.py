@@ -10,7 +10,9 @@ from __future__ import annotations
 
 import dataclasses
 import json
+import os
 import shutil
+import signal
 import warnings
 from pathlib import Path
 
@@ -33,12 +35,12 @@ from hunyuan_mlx import load, load_model
 from hunyuan_mlx.files import read_jsonl
 from hunyuan_mlx.fuse import main as fuse_main
 from hunyuan_mlx.lora import main as lora_main
-from hunyuan_mlx.models import FastPaths
+from hunyuan_mlx.models import FastPaths, HunYuanMoEV1Config, HunYuanMoEV1ForCausalLM
 from hunyuan_mlx.models.fast_paths import using
 from hunyuan_mlx.models.hf_compat import IGNORE_INDEX
 from hunyuan_mlx.quantize import apply_quantization
 from hunyuan_mlx.tokenizer import HunYuanTokenizer
-from hunyuan_mlx.tuner.adapters import LoRAGatheredLinear, prepare_model
+from hunyuan_mlx.tuner.adapters import LoRAGatheredLinear, load_adapters, prepare_model
 from hunyuan_mlx.tuner.data import load_examples
 from hunyuan_mlx.tuner.fuse import fuse
 from hunyuan_mlx.tuner.fuse import save_checkpoint as save_mlx_checkpoint
@@ -131,7 +133,8 @@ def test_training_and_validation_losses_fall(trained):
     train_losses = [r["train_loss"] for r in recorder.train]
     val_losses = [r["val_loss"] for r in recorder.val]
     assert [r["iteration"] for r in recorder.train] == [5, 10, 15, 20, 25, 30]
-    assert [r["iteration"] for r in recorder.val] == [0, 9, 19, 29]
+    # Validated where checkpoints are written (10, 20, 30): the final adapters too.
+    assert [r["iteration"] for r in recorder.val] == [0, 10, 20, 30]
     assert train_losses[-1] < 0.8 * train_losses[0]
     assert val_losses[-1] < 0.85 * val_losses[0]
     for key in ("learning_rate", "iterations_per_second", "tokens_per_second", "peak_memory"):
@@ -219,12 +222,14 @@ def test_resume_continues_steps_and_optimizer(dense_model_dir, car_splits, tmp_p
         train(model, train_set, valid_set, config, recorder)
         return recorder
 
-    run(str(tmp_path / "straight"), 6)
+    straight_run = run(str(tmp_path / "straight"), 6)
     run(str(tmp_path / "first"), 3)
     resumed = run(
         str(tmp_path / "second"), 6, str(tmp_path / "first" / "0000003_adapters.safetensors")
     )
     assert [r["iteration"] for r in resumed.train] == [5, 6]
+    # The count of trained tokens goes on from the checkpoint's.
+    assert resumed.train[-1]["trained_tokens"] == straight_run.train[-1]["trained_tokens"]
     assert (tmp_path / "second" / "0000006_adapters.safetensors").is_file()
     straight = mx.load(str(tmp_path / "straight" / "adapters.safetensors"))
     second = mx.load(str(tmp_path / "second" / "adapters.safetensors"))
@@ -470,3 +475,70 @@ def test_adapters_under_inference_fast_paths(trained, car_splits):
         plain = prefill_and_step()
     for a, b in zip(fast, plain):
         assert mx.allclose(a, b, atol=1e-4, rtol=0)
+
+
+class InterruptAt(Recorder):
+    """Sends this process `signum` when training reports iteration `iteration`."""
+
+    def __init__(self, iteration: int, signum: int) -> None:
+        super().__init__()
+        self.iteration, self.signum = iteration, signum
+
+    def on_train_loss_report(self, train_info: dict) -> None:
+        super().on_train_loss_report(train_info)
+        if train_info["iteration"] == self.iteration:
+            os.kill(os.getpid(), self.signum)
+
+
+@pytest.mark.parametrize("signum", [signal.SIGINT, signal.SIGTERM])
+def test_interrupt_saves_adapters_and_optimizer_then_resumes(
+    dense_model_dir, car_splits, tmp_path, signum
+):
+    """Ctrl-C (or SIGTERM) mid-run: the step finishes, adapters and optimizer state are saved
+    where --resume-adapter-file takes them, and the run goes on from there as if uninterrupted."""
+    train_set, valid_set, _ = car_splits
+    options = {**TRAIN_OPTIONS, "save_every": 100, "steps_per_eval": 100}
+    config = LoRAConfig(iters=8, adapter_path=str(tmp_path / "a"), **options)
+    with pytest.raises(KeyboardInterrupt) as info:
+        train(load_model(dense_model_dir), train_set, valid_set, config, InterruptAt(5, signum))
+    assert info.value.exit_status == 128 + signum
+    checkpoint = tmp_path / "a" / "0000005_adapters.safetensors"
+    assert checkpoint.is_file() and optimizer_file(checkpoint).is_file()
+    resumed = dataclasses.replace(
+        config, adapter_path=str(tmp_path / "b"), resume_adapter_file=str(checkpoint)
+    )
+    train(load_model(dense_model_dir), train_set, valid_set, resumed)
+    straight = dataclasses.replace(config, adapter_path=str(tmp_path / "c"))
+    train(load_model(dense_model_dir), train_set, valid_set, straight)
+    b = mx.load(str(tmp_path / "b" / "adapters.safetensors"))
+    for name, value in mx.load(str(tmp_path / "c" / "adapters.safetensors")).items():
+        assert mx.allclose(b[name], value, atol=1e-6), name
+
+
+def test_adapters_meet_another_model(trained, dense_model_dir):
+    """Adapters say which model they were made for when applied to a different one."""
+    _, adapter_path, _ = trained
+    config = json.loads((adapter_path / "adapter_config.json").read_text())
+    assert config["num_layers"] == 2  # resolved, not -1
+    other = HunYuanMoEV1Config.from_pretrained(dense_model_dir)
+    other.num_hidden_layers = 4
+    with pytest.raises(ValueError, match=r"trained on another model \(.*num_hidden_layers 2"):
+        load_adapters(HunYuanMoEV1ForCausalLM(other), adapter_path)
+    with pytest.raises(ValueError, match="use --num-layers 2, or -1 for all"):
+        prepare_model(load_model(dense_model_dir), "lora", 16)
+
+
+def test_fuse_refuses_a_non_empty_destination_and_leaves_no_stale_shards(
+    trained, dense_model_dir, tmp_path
+):
+    _, adapter_path, _ = trained
+    out = tmp_path / "fused"
+    out.mkdir()
+    stale = out / "model-00003-of-00003.safetensors"
+    stale.write_bytes(b"old")
+    with pytest.raises(ValueError, match="already exists and is not empty"):
+        fuse(dense_model_dir, adapter_path, out)
+    assert stale.is_file()
+    fuse(dense_model_dir, adapter_path, out, force=True)
+    assert not stale.exists() and (out / "config.json").is_file()
+    assert [p.name for p in tmp_path.iterdir()] == ["fused"]

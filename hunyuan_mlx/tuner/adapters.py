@@ -39,6 +39,17 @@ LORA_TARGETS: dict[str, tuple[str, ...]] = {
     "experts": ("mlp.experts.gate_up_proj", "mlp.experts.down_proj"),
 }
 DEFAULT_LORA_TARGETS = ("attention", "shared_mlp", "experts")
+# Config fields that decide which adapter tensors exist and their shapes.
+BASE_MODEL_KEYS = (
+    "num_hidden_layers",
+    "hidden_size",
+    "num_attention_heads",
+    "num_key_value_heads",
+    "head_dim",
+    "num_experts",
+    "moe_intermediate_size",
+    "intermediate_size",
+)
 # mlx-lm's defaults.
 DEFAULT_LORA_PARAMETERS: dict[str, Any] = {"rank": 8, "scale": 20.0, "dropout": 0.0}
 
@@ -126,7 +137,10 @@ def tuned_layers(model: nn.Module, num_layers: int) -> list[nn.Module]:
     """The last `num_layers` decoder layers (all of them for -1), as mlx-lm counts."""
     layers = model.layers
     if num_layers > len(layers):
-        raise ValueError(f"Asked to tune {num_layers} layers; the model has {len(layers)}")
+        raise ValueError(
+            f"Asked to tune {num_layers} layers; the model has {len(layers)} "
+            f"(use --num-layers {len(layers)}, or -1 for all)"
+        )
     return layers if num_layers < 0 else layers[len(layers) - num_layers :]
 
 
@@ -135,8 +149,9 @@ def prepare_model(
     fine_tune_type: str,
     num_layers: int,
     lora_parameters: dict[str, Any] | None = None,
-) -> None:
-    """Freeze the base and make trainable what `fine_tune_type` trains, in place.
+) -> int:
+    """Freeze the base and make trainable what `fine_tune_type` trains, in place; returns how
+    many layers that is.
 
     lora/dora wrap the targets (`lora_parameters["keys"]`, layer-relative paths) of the last
     `num_layers` layers; full unfreezes those layers whole, which needs unquantized weights.
@@ -150,7 +165,7 @@ def prepare_model(
             if any(name.endswith(".scales") for name, _ in tree_flatten(layer.parameters())):
                 raise ValueError("Full fine-tuning needs an unquantized model; use lora or dora")
             layer.unfreeze()
-        return
+        return len(layers)
     parameters = {**DEFAULT_LORA_PARAMETERS, **(lora_parameters or {})}
     keys = set(resolve_targets(parameters.get("keys") or list(DEFAULT_LORA_TARGETS)))
     for layer in layers:
@@ -160,6 +175,7 @@ def prepare_model(
             if path in keys
         ]
         layer.update_modules(tree_unflatten(replaced))
+    return len(layers)
 
 
 def adapter_weights(model: nn.Module) -> dict[str, mx.array]:
@@ -194,9 +210,22 @@ def load_adapter_weights(model: nn.Module, file: str | Path) -> None:
     model.load_weights(list(weights.items()), strict=False)
 
 
+def base_model_signature(model: nn.Module) -> dict[str, Any]:
+    """The config fields adapters depend on, recorded with them to check the model they meet."""
+    return {key: getattr(model.config, key) for key in BASE_MODEL_KEYS}
+
+
 def load_adapters(model: nn.Module, adapter_path: str | Path) -> nn.Module:
     """Apply the adapters of a training run (`adapter_config.json` + `adapters.safetensors`)."""
     config = read_adapter_config(adapter_path)
+    made_for = config.get("base_model")
+    if made_for is not None and made_for != base_model_signature(model):
+        theirs = ", ".join(f"{k} {v}" for k, v in made_for.items())
+        ours = ", ".join(f"{k} {v}" for k, v in base_model_signature(model).items())
+        raise ValueError(
+            f"The adapters in {adapter_path} were trained on another model "
+            f"({config.get('model')}: {theirs}); this model has {ours}"
+        )
     prepare_model(
         model,
         config.get("fine_tune_type", "lora"),

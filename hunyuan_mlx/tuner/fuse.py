@@ -13,7 +13,7 @@ from pathlib import Path
 import mlx.nn as nn
 from mlx_lm.utils import save_model
 
-from ..files import INDEX_FILE
+from ..files import INDEX_FILE, check_destination, staged_output
 from ..loading import load_model, resolve_model_path
 from ..models import HunYuanMoEV1Config
 from .adapters import fuse_adapters
@@ -21,28 +21,27 @@ from .adapters import fuse_adapters
 # mlx-lm's defaults.
 DEFAULT_ADAPTER_PATH = "adapters"
 DEFAULT_SAVE_PATH = "fused_model"
+# Files of the source that the fused checkpoint writes anew.
+REWRITTEN = ("config.json", INDEX_FILE)
 
 
 def save_checkpoint(
-    model: nn.Module, config: HunYuanMoEV1Config, source: Path, save_path: str | Path
+    model: nn.Module,
+    config: HunYuanMoEV1Config,
+    source: Path,
+    save_path: str | Path,
+    force: bool = False,
 ) -> Path:
-    """Write `model` with `config`, plus every side file of `source` (tokenizer, generation)."""
+    """Write `model` with `config`, plus every side file of `source` (tokenizer, generation),
+    whole or not at all; a non-empty `save_path` is replaced only with `force`."""
     save_path = Path(save_path)
-    if save_path.resolve() == source.resolve():
-        raise ValueError("The save path must differ from the model path")
-    save_model(save_path, model)
-    config.save_pretrained(save_path)
-    for file in source.iterdir():
-        if (
-            file.is_file()
-            and file.suffix != ".safetensors"
-            and file.name
-            not in (
-                "config.json",
-                INDEX_FILE,
-            )
-        ):
-            shutil.copyfile(file, save_path / file.name)
+    check_destination(save_path, source, force)
+    with staged_output(save_path, force) as tmp:
+        save_model(tmp, model)
+        config.save_pretrained(tmp)
+        for file in source.iterdir():
+            if file.is_file() and file.suffix != ".safetensors" and file.name not in REWRITTEN:
+                shutil.copyfile(file, tmp / file.name)
     return save_path
 
 
@@ -51,13 +50,13 @@ def fuse(
     adapter_path: str | Path = DEFAULT_ADAPTER_PATH,
     save_path: str | Path = DEFAULT_SAVE_PATH,
     dequantize: bool = False,
+    force: bool = False,
 ) -> Path:
     """Load the base with its adapters, fuse them and save a standalone checkpoint."""
     model_path = resolve_model_path(model)
+    check_destination(Path(save_path), model_path, force)  # before the minutes of loading
     config = HunYuanMoEV1Config.from_pretrained(model_path)
     fused = fuse_adapters(load_model(model_path, adapter_path=adapter_path), dequantize)
     if dequantize:
         config.quantization = None
-    return save_checkpoint(fused, config, model_path, save_path)
-
-
+    return save_checkpoint(fused, config, model_path, save_path, force)

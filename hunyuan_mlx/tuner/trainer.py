@@ -29,6 +29,7 @@ from mlx_lm.tuner.callbacks import TrainingCallback
 from mlx_lm.tuner.trainer import evaluate, iterate_batches
 from mlx_lm.tuner.utils import build_schedule, print_trainable_parameters
 
+from ..interrupts import deferred
 from ..loading import load
 from ..models.hf_compat import masked_cross_entropy
 from .adapters import (
@@ -36,6 +37,7 @@ from .adapters import (
     DEFAULT_LORA_PARAMETERS,
     DEFAULT_LORA_TARGETS,
     adapter_weights,
+    base_model_signature,
     load_adapter_weights,
     load_adapters,
     prepare_model,
@@ -129,19 +131,26 @@ def optimizer_file(adapter_file: str | Path) -> Path:
 
 
 def save_checkpoint(
-    model: nn.Module, optimizer: optim.Optimizer, adapter_file: Path, iteration: int
+    model: nn.Module,
+    optimizer: optim.Optimizer,
+    adapter_file: Path,
+    iteration: int,
+    trained_tokens: int,
 ) -> None:
-    """Write the adapters and, beside them, the optimizer state and iteration."""
+    """Write the adapters and, beside them, the optimizer state, iteration and tokens trained."""
     mx.save_safetensors(str(adapter_file), adapter_weights(model))
     mx.save_safetensors(
         str(optimizer_file(adapter_file)),
         dict(tree_flatten(optimizer.state)),
-        metadata={"iteration": str(iteration)},
+        metadata={"iteration": str(iteration), "trained_tokens": str(trained_tokens)},
     )
 
 
-def resume(model: nn.Module, optimizer: optim.Optimizer, adapter_file: str | Path) -> int:
-    """Load a checkpoint into a prepared model and optimizer; returns the iteration reached.
+def resume(
+    model: nn.Module, optimizer: optim.Optimizer, adapter_file: str | Path
+) -> tuple[int, int]:
+    """Load a checkpoint into a prepared model and optimizer; returns the iteration reached and
+    the tokens trained so far.
 
     Without an optimizer file beside the adapters (e.g. mlx-lm's) only the weights are loaded and
     training starts again at iteration 0 with a fresh optimizer.
@@ -154,10 +163,10 @@ def resume(model: nn.Module, optimizer: optim.Optimizer, adapter_file: str | Pat
             "iteration 0 with a fresh optimizer",
             stacklevel=2,
         )
-        return 0
+        return 0, 0
     state, metadata = mx.load(str(state_file), return_metadata=True)
     optimizer.state = tree_unflatten(list(state.items()))
-    return int(metadata["iteration"])
+    return int(metadata["iteration"]), int(metadata.get("trained_tokens", 0))
 
 
 @cache
@@ -248,17 +257,23 @@ def train(
     `train_set` / `valid_set` are `(tokens, offset)` examples (`hunyuan_mlx.data`).
     """
     mx.random.seed(config.seed)
-    prepare_model(model, config.fine_tune_type, config.num_layers, lora_parameters(config))
+    layers = prepare_model(model, config.fine_tune_type, config.num_layers, lora_parameters(config))
     optimizer = optim.Adam(learning_rate=learning_rate_schedule(config))
-    start = (
-        resume(model, optimizer, config.resume_adapter_file) if config.resume_adapter_file else 0
-    )
+    start, trained_tokens = 0, 0
+    if config.resume_adapter_file:
+        start, trained_tokens = resume(model, optimizer, config.resume_adapter_file)
     if start >= config.iters:
         raise ValueError(f"The checkpoint is at iteration {start}; raise --iters to go on")
     print_trainable_parameters(model)
     adapter_path = Path(config.adapter_path)
     save_adapter_config(
-        {**dataclasses.asdict(config), "lora_parameters": lora_parameters(config)}, adapter_path
+        {
+            **dataclasses.asdict(config),
+            "num_layers": layers,  # resolved: -1 would not say which model they fit
+            "lora_parameters": lora_parameters(config),
+            "base_model": base_model_signature(model),
+        },
+        adapter_path,
     )
     if config.grad_checkpoint:
         checkpoint_layers(model)
@@ -270,45 +285,57 @@ def train(
     # Replay the data order of an uninterrupted run.
     for _ in range(start):
         next(batches)
-    model.train()
-    losses, tokens, steps, elapsed, trained_tokens = 0.0, 0, 0, 0.0, 0
-    for it in range(start + 1, config.iters + 1):
-        if valid_set and (it == start + 1 or it % config.steps_per_eval == 0 or it == config.iters):
-            tic = time.perf_counter()
-            val_loss = validate(model, valid_set, config, config.val_batches)
-            model.train()
-            val_time = time.perf_counter() - tic
-            report(callback, {"iteration": it - 1, "val_loss": val_loss, "val_time": val_time})
 
+    def validate_at(iteration: int) -> None:
         tic = time.perf_counter()
-        loss, ntokens = step(*next(batches))
-        mx.eval(state, loss, ntokens)
-        elapsed += time.perf_counter() - tic
-        losses += loss.item()
-        tokens += ntokens.item()
-        steps += 1
+        val_loss = validate(model, valid_set, config, config.val_batches)
+        model.train()
+        val_time = time.perf_counter() - tic
+        report(callback, {"iteration": iteration, "val_loss": val_loss, "val_time": val_time})
 
-        if it % config.steps_per_report == 0 or it == config.iters:
-            trained_tokens += tokens
-            report(
-                callback,
-                {
-                    "iteration": it,
-                    "train_loss": losses / steps,
-                    "learning_rate": optimizer.learning_rate.item(),
-                    "iterations_per_second": steps / elapsed,
-                    "tokens_per_second": tokens / elapsed,
-                    "trained_tokens": trained_tokens,
-                    "peak_memory": mx.get_peak_memory() / 1e9,
-                },
-            )
-            losses, tokens, steps, elapsed = 0.0, 0, 0, 0.0
-        if it % config.save_every == 0:
-            checkpoint = adapter_path / f"{it:07d}_{ADAPTER_FILE}"
-            save_checkpoint(model, optimizer, checkpoint, it)
-            save_checkpoint(model, optimizer, adapter_path / ADAPTER_FILE, it)
-            print(f"Iter {it}: Saved adapter weights to {checkpoint}", flush=True)
-    save_checkpoint(model, optimizer, adapter_path / ADAPTER_FILE, config.iters)
+    model.train()
+    if valid_set:
+        validate_at(start)
+    losses, tokens, steps, elapsed = 0.0, 0, 0, 0.0
+    # Ctrl-C, SIGTERM or SIGHUP: finish the step, save, then stop (a second one stops at once).
+    with deferred() as interrupt:
+        for it in range(start + 1, config.iters + 1):
+            tic = time.perf_counter()
+            loss, ntokens = step(*next(batches))
+            mx.eval(state, loss, ntokens)
+            elapsed += time.perf_counter() - tic
+            losses += loss.item()
+            tokens += ntokens.item()
+            trained_tokens += ntokens.item()
+            steps += 1
+
+            if it % config.steps_per_report == 0 or it == config.iters:
+                report(
+                    callback,
+                    {
+                        "iteration": it,
+                        "train_loss": losses / steps,
+                        "learning_rate": optimizer.learning_rate.item(),
+                        "iterations_per_second": steps / elapsed,
+                        "tokens_per_second": tokens / elapsed,
+                        "trained_tokens": trained_tokens,
+                        "peak_memory": mx.get_peak_memory() / 1e9,
+                    },
+                )
+                losses, tokens, steps, elapsed = 0.0, 0, 0, 0.0
+            # Validated where checkpoints are written, so the last adapters are validated too.
+            if valid_set and (it % config.steps_per_eval == 0 or it == config.iters):
+                validate_at(it)
+            interrupted = interrupt.signum is not None and it < config.iters
+            if it % config.save_every == 0 or interrupted:
+                checkpoint = adapter_path / f"{it:07d}_{ADAPTER_FILE}"
+                save_checkpoint(model, optimizer, checkpoint, it, trained_tokens)
+                save_checkpoint(model, optimizer, adapter_path / ADAPTER_FILE, it, trained_tokens)
+                print(f"Iter {it}: Saved adapter weights to {checkpoint}", flush=True)
+            if interrupted:
+                print(f"Interrupted: go on with --resume-adapter-file {checkpoint}", flush=True)
+                interrupt.raise_if_requested()
+    save_checkpoint(model, optimizer, adapter_path / ADAPTER_FILE, config.iters, trained_tokens)
     print(f"Saved final weights to {adapter_path / ADAPTER_FILE}", flush=True)
 
 
