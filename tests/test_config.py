@@ -36,7 +36,12 @@ def test_release_config():
     assert [config.layer_moe_topk(i) for i in (0, 31)] == [8, 8]
     assert config.layer_moe_intermediate_size(5) == 3072
     assert config.layer_num_shared_expert(5) == 1
-    assert config.rope_scaling == {"type": "dynamic", "alpha": 1000.0}
+    # NTK-alpha; the keys it does not use are kept, as transformers requires some of them.
+    assert config.rope_scaling == {
+        "type": "dynamic",
+        "alpha": 1000.0,
+        **{"beta_fast": 32, "beta_slow": 1, "factor": 1.0, "mscale": 1.0, "mscale_all_dim": 1.0},
+    }
     assert config.tie_word_embeddings and config.use_qk_norm and config.norm_topk_prob
     assert not config.use_cla
     assert config.extra["vit_patch"] == 1  # unknown keys are kept

@@ -37,6 +37,7 @@ from hunyuan_mlx.convert import build_parser, main
 from hunyuan_mlx.converter import convert, parse_size
 from hunyuan_mlx.files import INDEX_FILE
 from hunyuan_mlx.models.experts import QuantizedGatheredLinear
+from hunyuan_mlx.tokenizer import HunYuanTokenizer
 
 REPO = Path(__file__).resolve().parents[1]
 IDS = np.random.default_rng(0).integers(0, TINY_CONFIG["vocab_size"], (2, 24))
@@ -650,3 +651,34 @@ def test_upload_failure_is_one_line_and_keeps_the_output(untied, tmp_path, monke
     assert f"the converted model is in {dst}" in err
     card = (dst / "README.md").read_text()
     assert "library_name: mlx" in card and str(untied[0]) in card
+
+
+def test_converted_config_reads_in_transformers(tmp_path):
+    """transformers 5 reads the config.json we write (RoPE keys it requires kept) and, with the
+    source weights, builds the model whose logits ours equal."""
+    from transformers import AutoConfig, AutoModelForCausalLM
+
+    torch_model = build_torch_model(seed=2, rope_scaling=ALPHA_ROPE)
+    src = save_checkpoint(torch_model, tmp_path / "src")
+    rewrite_as_release_config(src)  # rope_theta + rope_scaling with alpha, as the release
+    out = tmp_path / "out"
+    convert(src, out, dtype="float32")
+    config = AutoConfig.from_pretrained(out)
+    assert config.model_type == "hunyuan_v1_moe" and config.rope_parameters["alpha"] == 1000.0
+    hf = shutil.copytree(src, tmp_path / "hf")
+    shutil.copyfile(out / "config.json", hf / "config.json")
+    theirs = AutoModelForCausalLM.from_pretrained(hf, dtype=torch.float32).eval()
+    assert np.abs(torch_logits(theirs) - torch_logits(torch_model)).max() <= 1e-4
+    assert np.abs(mlx_logits(out) - torch_logits(theirs)).max() <= 1e-4
+
+
+def test_converted_tokenizer_reads_in_transformers(tiny_release, tmp_path):
+    """AutoTokenizer opens a converted folder (no remote code) and encodes as ours does."""
+    from transformers import AutoTokenizer
+
+    out = tmp_path / "out"
+    convert(tiny_release, out)
+    theirs = AutoTokenizer.from_pretrained(out)
+    ours = HunYuanTokenizer.from_pretrained(out)
+    for text in ("Why is the sky blue?", "车系：奥迪q5l；宝马x5", "<think>\n</think>\n<answer>x"):
+        assert theirs.encode(text, add_special_tokens=False) == ours.encode(text)

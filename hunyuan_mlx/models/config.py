@@ -203,20 +203,25 @@ def _check_positive(name: str, value: Any) -> None:
         raise ValueError(f"{name} must be a positive int, got {value!r}")
 
 
-def _normalise_rope_scaling(scaling: dict[str, Any]) -> dict[str, Any]:
-    """Keep the keys that define the rotation; `alpha` makes a `dynamic` RoPE fixed NTK-alpha."""
+def _normalise_rope_scaling(scaling: dict[str, Any]) -> dict[str, Any] | None:
+    """`type` plus the source's keys; `alpha` makes a `dynamic` RoPE fixed NTK-alpha.
+
+    Keys this project does not use (`beta_fast`, `mscale`, a `factor` beside `alpha`, ...) are
+    kept, so that a saved config still reads in transformers, which requires some of them.
+    """
     rope_type = scaling.get("type", scaling.get("rope_type"))
     if rope_type not in ROPE_TYPES:
         raise ValueError(f"rope_scaling type must be one of {ROPE_TYPES}, got {rope_type!r}")
     if rope_type == "default":
         return None
-    out: dict[str, Any] = {"type": rope_type}
-    if rope_type == "dynamic" and scaling.get("alpha") is not None:
-        out["alpha"] = float(scaling["alpha"])
-        if out["alpha"] <= 0:
-            raise ValueError(f"rope_scaling alpha must be positive, got {scaling['alpha']!r}")
+    out = {"type": rope_type}
+    out.update({k: v for k, v in scaling.items() if k not in ("type", "rope_type")})
+    if rope_type == "dynamic" and out.get("alpha") is not None:
+        if not isinstance(out["alpha"], (int, float)) or out["alpha"] <= 0:
+            raise ValueError(f"rope_scaling alpha must be positive, got {out['alpha']!r}")
+        out["alpha"] = float(out["alpha"])
         return out
-    factor = scaling.get("factor")
+    factor = out.get("factor")
     if not isinstance(factor, (int, float)) or factor <= 0:
         raise ValueError(f"rope_scaling type {rope_type!r} needs a positive factor, got {factor!r}")
     out["factor"] = float(factor)
