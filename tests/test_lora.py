@@ -542,3 +542,14 @@ def test_fuse_refuses_a_non_empty_destination_and_leaves_no_stale_shards(
     fuse(dense_model_dir, adapter_path, out, force=True)
     assert not stale.exists() and (out / "config.json").is_file()
     assert [p.name for p in tmp_path.iterdir()] == ["fused"]
+
+
+def test_cli_bad_data_line_is_one_line(full_vocab_model_dir, tmp_path, capsys):
+    data = tmp_path / "data"
+    data.mkdir()
+    (data / "train.jsonl").write_text('{"text": "fine"}\n{"text": broken\n')
+    with pytest.raises(SystemExit) as exit_info:
+        lora_main(["--model", str(full_vocab_model_dir), "--train", "--data", str(data)])
+    err = capsys.readouterr().err
+    assert exit_info.value.code == 1 and err.count("\n") == 1
+    assert f"{data / 'train.jsonl'}, line 2: not valid JSON" in err
