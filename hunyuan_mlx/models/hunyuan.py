@@ -217,7 +217,7 @@ class HunYuanMoEV1Model(nn.Module):
         inputs: mx.array | None,
         cache: list[Any] | None = None,
         input_embeddings: mx.array | None = None,
-        mask: mx.array | str | None = None,
+        mask: Mask = None,
         position_ids: mx.array | None = None,
         hidden_states: list[mx.array] | None = None,
     ) -> mx.array:
