@@ -154,10 +154,10 @@ def measure(
     lengths = mx.array([[0, seq_length + 1]] * args.batch_size)
     mx.reset_peak_memory()
     for _ in range(args.warmup):
-        mx.eval(step(batch, lengths), state)
+        mx.eval(step(batch, lengths, None, True), state)
     tic = time.perf_counter()
     for _ in range(args.steps):
-        loss, _ = step(batch, lengths)
+        loss, _, _ = step(batch, lengths, None, True)
         mx.eval(loss, state)
     seconds = (time.perf_counter() - tic) / args.steps
     return {

@@ -14,7 +14,14 @@ import yaml
 
 from .cli import add_debug_argument, run_main
 from .tuner.adapters import FINE_TUNE_TYPES, LORA_TARGETS
-from .tuner.trainer import LR_SCHEDULES, LoRAConfig, run
+from .tuner.trainer import (
+    LR_SCHEDULES,
+    METRICS_FILE,
+    OPTIMIZERS,
+    REPORT_TO,
+    LoRAConfig,
+    run,
+)
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -69,6 +76,21 @@ def build_parser() -> argparse.ArgumentParser:
         "--resume-adapter-file", help="A checkpoint (…_adapters.safetensors) to continue from."
     )
     p.add_argument("--seed", type=int, help=f"default: {d.seed}")
+    p.add_argument(
+        "--optimizer",
+        choices=list(OPTIMIZERS),
+        help=f"default: {d.optimizer}; its settings: optimizer_config in the YAML config",
+    )
+    p.add_argument(
+        "--grad-accumulation-steps",
+        type=int,
+        help=f"Batches per optimizer step (default: {d.grad_accumulation_steps}).",
+    )
+    p.add_argument(
+        "--report-to",
+        choices=REPORT_TO,
+        help=f"jsonl: every report as a line of {METRICS_FILE} in the adapter path.",
+    )
     p.add_argument("-c", "--config", help="YAML file whose keys are these options' names.")
     add_debug_argument(p)
     return p

@@ -67,12 +67,15 @@ class Recorder(TrainingCallback):
     def __init__(self) -> None:
         self.train: list[dict] = []
         self.val: list[dict] = []
+        self.events: list[dict] = []  # both, in order
 
     def on_train_loss_report(self, train_info: dict) -> None:
         self.train.append(train_info)
+        self.events.append(train_info)
 
     def on_val_loss_report(self, val_info: dict) -> None:
         self.val.append(val_info)
+        self.events.append(val_info)
 
 
 def write_model(path: Path, vocab_size: int) -> Path:
@@ -553,3 +556,43 @@ def test_cli_bad_data_line_is_one_line(full_vocab_model_dir, tmp_path, capsys):
     err = capsys.readouterr().err
     assert exit_info.value.code == 1 and err.count("\n") == 1
     assert f"{data / 'train.jsonl'}, line 2: not valid JSON" in err
+
+
+def test_optimizer_choice_accumulation_and_metrics_file(dense_model_dir, car_splits, tmp_path):
+    """AdamW with its settings, two batches per optimizer step, every report in metrics.jsonl."""
+    train_set, valid_set, _ = car_splits
+    options = {**TRAIN_OPTIONS, "save_every": 4, "steps_per_eval": 4, "steps_per_report": 2}
+    config = LoRAConfig(
+        iters=8,
+        adapter_path=str(tmp_path / "a"),
+        optimizer="adamw",
+        optimizer_config={"adamw": {"weight_decay": 0.1}},
+        grad_accumulation_steps=2,
+        report_to="jsonl",
+        **options,
+    )
+    recorder = Recorder()
+    train(load_model(dense_model_dir), train_set, valid_set, config, recorder)
+    state, metadata = mx.load(str(tmp_path / "a" / "optimizer.safetensors"), return_metadata=True)
+    assert state["step"].item() == 4 and metadata["optimizer"] == "AdamW"  # 8 batches, 2 a step
+    lines = [json.loads(x) for x in (tmp_path / "a" / "metrics.jsonl").read_text().splitlines()]
+    assert lines == recorder.events
+    with pytest.raises(ValueError, match="holds the state of AdamW, not of Adam"):
+        resumed = dataclasses.replace(
+            config,
+            optimizer="adam",
+            optimizer_config={},
+            adapter_path=str(tmp_path / "b"),
+            resume_adapter_file=str(tmp_path / "a" / "0000004_adapters.safetensors"),
+        )
+        train(load_model(dense_model_dir), train_set, valid_set, resumed)
+    for bad, message in (
+        (dict(grad_accumulation_steps=3), "must be at least 1 and divide save_every"),
+        (dict(optimizer="lbfgs"), "Unknown optimizer 'lbfgs'"),
+        (dict(optimizer_config={"adamw": {"betas": 0.9}}), "optimizer_config for adamw"),
+        (dict(report_to="wandb"), "nothing here reaches the network"),
+    ):
+        with pytest.raises(ValueError, match=message):
+            bad_config = dataclasses.replace(config, **bad)
+            train(load_model(dense_model_dir), train_set, valid_set, bad_config)
+

@@ -11,6 +11,7 @@ step, iteration in its metadata), and `--resume-adapter-file` continues the same
 from __future__ import annotations
 
 import dataclasses
+import json
 import math
 import time
 import warnings
@@ -24,7 +25,7 @@ import mlx.core as mx
 import mlx.nn as nn
 import mlx.optimizers as optim
 import numpy as np
-from mlx.utils import tree_flatten, tree_unflatten
+from mlx.utils import tree_flatten, tree_map, tree_unflatten
 from mlx_lm.tuner.callbacks import TrainingCallback
 from mlx_lm.tuner.trainer import evaluate, iterate_batches
 from mlx_lm.tuner.utils import build_schedule, print_trainable_parameters
@@ -48,6 +49,14 @@ from .data import load_data_dir
 
 OPTIMIZER_FILE = "optimizer.safetensors"
 LR_SCHEDULES = ("constant", "cosine")
+OPTIMIZERS: dict[str, type[optim.Optimizer]] = {
+    "adam": optim.Adam,
+    "adamw": optim.AdamW,
+    "sgd": optim.SGD,
+    "adafactor": optim.Adafactor,
+}
+REPORT_TO = ("jsonl",)
+METRICS_FILE = "metrics.jsonl"
 
 
 @dataclass
@@ -82,6 +91,11 @@ class LoRAConfig:
     adapter_path: str = "adapters"
     resume_adapter_file: str | None = None
     seed: int = 0
+    optimizer: str = "adam"
+    # Per-optimizer keyword arguments, as mlx-lm's YAML: {"adamw": {"weight_decay": 0.01}}.
+    optimizer_config: dict[str, dict[str, Any]] = field(default_factory=dict)
+    grad_accumulation_steps: int = 1  # batches whose gradients add up to one optimizer step
+    report_to: str | None = None  # "jsonl": metrics.jsonl in the adapter path (no network)
 
 
 def lora_parameters(config: LoRAConfig) -> dict[str, Any]:
@@ -109,6 +123,41 @@ def learning_rate_schedule(config: LoRAConfig) -> float | Callable[[mx.array], m
     else:
         raise ValueError(f"Unknown lr schedule {schedule!r}; choose from {LR_SCHEDULES}")
     return build_schedule({**spec, "warmup": config.warmup})
+
+
+def build_optimizer(config: LoRAConfig) -> optim.Optimizer:
+    """`config.optimizer` with the learning-rate schedule and its `optimizer_config` entry."""
+    name = config.optimizer.lower()
+    unknown = sorted({name, *config.optimizer_config} - OPTIMIZERS.keys())
+    if unknown:
+        raise ValueError(f"Unknown optimizer {unknown[0]!r}; choose from {', '.join(OPTIMIZERS)}")
+    try:
+        return OPTIMIZERS[name](
+            learning_rate=learning_rate_schedule(config), **config.optimizer_config.get(name, {})
+        )
+    except TypeError as e:
+        raise ValueError(f"optimizer_config for {name}: {e}") from None
+
+
+class MetricsFile(TrainingCallback):
+    """Appends every report as one JSON line to a local file, then passes it on."""
+
+    def __init__(self, path: Path, then: TrainingCallback | None = None) -> None:
+        self.path, self.then = path, then
+
+    def _write(self, info: dict[str, Any]) -> None:
+        with open(self.path, "a", encoding="utf-8") as f:
+            f.write(json.dumps(info) + "\n")
+
+    def on_train_loss_report(self, train_info: dict[str, Any]) -> None:
+        self._write(train_info)
+        if self.then is not None:
+            self.then.on_train_loss_report(train_info)
+
+    def on_val_loss_report(self, val_info: dict[str, Any]) -> None:
+        self._write(val_info)
+        if self.then is not None:
+            self.then.on_val_loss_report(val_info)
 
 
 def masked_loss(model: nn.Module, batch: mx.array, lengths: mx.array) -> tuple[mx.array, mx.array]:
@@ -142,7 +191,11 @@ def save_checkpoint(
     mx.save_safetensors(
         str(optimizer_file(adapter_file)),
         dict(tree_flatten(optimizer.state)),
-        metadata={"iteration": str(iteration), "trained_tokens": str(trained_tokens)},
+        metadata={
+            "iteration": str(iteration),
+            "trained_tokens": str(trained_tokens),
+            "optimizer": type(optimizer).__name__,
+        },
     )
 
 
@@ -165,6 +218,12 @@ def resume(
         )
         return 0, 0
     state, metadata = mx.load(str(state_file), return_metadata=True)
+    saved = metadata.get("optimizer", type(optimizer).__name__)
+    if saved != type(optimizer).__name__:
+        raise ValueError(
+            f"{state_file} holds the state of {saved}, not of {type(optimizer).__name__}: "
+            "resume with the same --optimizer"
+        )
     optimizer.state = tree_unflatten(list(state.items()))
     return int(metadata["iteration"]), int(metadata.get("trained_tokens", 0))
 
@@ -229,18 +288,26 @@ def validate(model: nn.Module, dataset: list, config: LoRAConfig, num_batches: i
 
 
 def training_step(
-    model: nn.Module, optimizer: optim.Optimizer
-) -> tuple[Callable[[mx.array, mx.array], tuple[mx.array, mx.array]], list[Any]]:
-    """A compiled step (loss, gradients, optimizer update) on `(batch, lengths)`, returning the
-    loss and token count, and the state it updates (evaluate it after each step)."""
+    model: nn.Module, optimizer: optim.Optimizer, accumulation_steps: int = 1
+) -> tuple[Callable[..., tuple[mx.array, mx.array, Any]], list[Any]]:
+    """A compiled step on `(batch, lengths, gradients so far, update)`: the loss, token count and
+    gradients added to those so far; with `update`, the optimizer applies their mean over the
+    `accumulation_steps` batches instead, and no gradients are returned. Also returns the state the
+    step updates (evaluate it after each step)."""
     loss_and_grad = nn.value_and_grad(model, masked_loss)
     state = [model.state, optimizer.state, mx.random.state]
 
     @partial(mx.compile, inputs=state, outputs=state)
-    def step(batch: mx.array, lengths: mx.array) -> tuple[mx.array, mx.array]:
+    def step(batch: mx.array, lengths: mx.array, so_far: Any, update: bool) -> tuple:
         (loss, tokens), grads = loss_and_grad(model, batch, lengths)
-        optimizer.update(model, grads)
-        return loss, tokens
+        if so_far is not None:
+            grads = tree_map(mx.add, grads, so_far)
+        if update:
+            if accumulation_steps > 1:
+                grads = tree_map(lambda g: g / accumulation_steps, grads)
+            optimizer.update(model, grads)
+            grads = None
+        return loss, tokens, grads
 
     return step, state
 
@@ -258,7 +325,18 @@ def train(
     """
     mx.random.seed(config.seed)
     layers = prepare_model(model, config.fine_tune_type, config.num_layers, lora_parameters(config))
-    optimizer = optim.Adam(learning_rate=learning_rate_schedule(config))
+    accumulation = config.grad_accumulation_steps
+    if accumulation < 1 or config.save_every % accumulation:
+        raise ValueError(
+            f"grad_accumulation_steps ({accumulation}) must be at least 1 and divide save_every "
+            f"({config.save_every}): a checkpoint holds no partial gradients"
+        )
+    if config.report_to is not None and config.report_to not in REPORT_TO:
+        raise ValueError(
+            f"report_to {config.report_to!r} is not supported; choose from {', '.join(REPORT_TO)} "
+            "(nothing here reaches the network)"
+        )
+    optimizer = build_optimizer(config)
     start, trained_tokens = 0, 0
     if config.resume_adapter_file:
         start, trained_tokens = resume(model, optimizer, config.resume_adapter_file)
@@ -278,7 +356,9 @@ def train(
     if config.grad_checkpoint:
         checkpoint_layers(model)
 
-    step, state = training_step(model, optimizer)
+    if config.report_to == "jsonl":
+        callback = MetricsFile(adapter_path / METRICS_FILE, callback)
+    step, state = training_step(model, optimizer, accumulation)
     batches: Iterator = iterate_batches(
         train_set, config.batch_size, config.max_seq_length, loop=True, seed=config.seed
     )
@@ -296,13 +376,13 @@ def train(
     model.train()
     if valid_set:
         validate_at(start)
-    losses, tokens, steps, elapsed = 0.0, 0, 0, 0.0
+    losses, tokens, steps, elapsed, grads = 0.0, 0, 0, 0.0, None
     # Ctrl-C, SIGTERM or SIGHUP: finish the step, save, then stop (a second one stops at once).
     with deferred() as interrupt:
         for it in range(start + 1, config.iters + 1):
             tic = time.perf_counter()
-            loss, ntokens = step(*next(batches))
-            mx.eval(state, loss, ntokens)
+            loss, ntokens, grads = step(*next(batches), grads, it % accumulation == 0)
+            mx.eval(state, loss, ntokens, grads)
             elapsed += time.perf_counter() - tic
             losses += loss.item()
             tokens += ntokens.item()
@@ -326,7 +406,9 @@ def train(
             # Validated where checkpoints are written, so the last adapters are validated too.
             if valid_set and (it % config.steps_per_eval == 0 or it == config.iters):
                 validate_at(it)
+            # Stops where an optimizer step ends, so that no partial gradients are lost.
             interrupted = interrupt.signum is not None and it < config.iters
+            interrupted = interrupted and it % accumulation == 0
             if it % config.save_every == 0 or interrupted:
                 checkpoint = adapter_path / f"{it:07d}_{ADAPTER_FILE}"
                 save_checkpoint(model, optimizer, checkpoint, it, trained_tokens)
