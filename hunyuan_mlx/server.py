@@ -1,0 +1,137 @@
+"""An OpenAI-compatible HTTP server for a HunYuan checkpoint: `python -m hunyuan_mlx.server`.
+
+Chat and text completions (JSON or streamed), with Hunyuan's reasoning and tool calls parsed out,
+a prompt cache across requests, and one worker thread serving the queued requests in turn.
+"""
+
+from __future__ import annotations
+
+import argparse
+import dataclasses
+import json
+import logging
+import sys
+from collections.abc import Sequence
+from typing import Any
+
+from hunyuan_mlx.cli import GenerationSettings, add_generation_arguments, cli_errors
+from hunyuan_mlx.loading import load, resolve_model_path
+
+from .serve.app import DEFAULT_HOST, DEFAULT_MAX_REQUEST_BYTES, DEFAULT_PORT, Server, Service
+from .serve.engine import Engine
+from .serve.prompt_cache import DEFAULT_PROMPT_CACHE_SIZE, PromptCache
+
+SERVER_MAX_TOKENS = 512  # mlx-lm server's --max-tokens default
+
+
+def json_object(text: str) -> dict[str, Any]:
+    """argparse type: a JSON object."""
+    value = json.loads(text)
+    if not isinstance(value, dict):
+        raise argparse.ArgumentTypeError(f"expected a JSON object, got {text!r}")
+    return value
+
+
+def build_parser() -> argparse.ArgumentParser:
+    """The `python -m hunyuan_mlx.server` flags (mlx-lm server's names and defaults)."""
+    parser = argparse.ArgumentParser(
+        prog="python -m hunyuan_mlx.server", description="OpenAI-compatible HunYuan server"
+    )
+    parser.add_argument(
+        "--model", required=True, help="Local checkpoint directory or Hugging Face repo id"
+    )
+    parser.add_argument(
+        "--adapter-path", default=None, help="Directory of trained LoRA/DoRA adapters to apply"
+    )
+    parser.add_argument(
+        "--host", default=DEFAULT_HOST, help="Host for the HTTP server (default: %(default)s)"
+    )
+    parser.add_argument(
+        "--port",
+        type=int,
+        default=DEFAULT_PORT,
+        help="Port for the HTTP server, 0 for any free one (default: %(default)s)",
+    )
+    parser.add_argument(
+        "--api-key", default=None, help="Require this bearer token on every request but /health"
+    )
+    parser.add_argument(
+        "--chat-template-args",
+        type=json_object,
+        default="{}",
+        help="JSON object of arguments for the chat template, e.g. '{\"enable_thinking\":false}'",
+    )
+    parser.add_argument(
+        "--prompt-cache-size",
+        type=int,
+        default=DEFAULT_PROMPT_CACHE_SIZE,
+        help="Maximum number of distinct KV caches to hold in the prompt cache "
+        "(default: %(default)s)",
+    )
+    parser.add_argument(
+        "--prompt-cache-bytes",
+        type=int,
+        default=None,
+        help="Maximum size in bytes of the KV caches (default: no limit)",
+    )
+    parser.add_argument(
+        "--max-request-bytes",
+        type=int,
+        default=DEFAULT_MAX_REQUEST_BYTES,
+        help="Largest request body accepted (default: %(default)s)",
+    )
+    parser.add_argument(
+        "--log-level",
+        default="INFO",
+        choices=["DEBUG", "INFO", "WARNING", "ERROR", "CRITICAL"],
+        help="Set the logging level (default: %(default)s)",
+    )
+    add_generation_arguments(parser, max_tokens=SERVER_MAX_TOKENS)
+    return parser
+
+
+def build_service(args: argparse.Namespace) -> Service:
+    """Load the model and start the engine for parsed flags."""
+    model_path = resolve_model_path(args.model)
+    names = [f.name for f in dataclasses.fields(GenerationSettings)]
+    defaults = GenerationSettings.from_checkpoint(
+        model_path, **{n: getattr(args, n) for n in names}
+    )
+    model, tokenizer = load(model_path, adapter_path=args.adapter_path)
+    if tokenizer is None:
+        raise FileNotFoundError(f"No tokenizer (hy.tiktoken or tokenizer.json) in {model_path}")
+    cache = PromptCache(args.prompt_cache_size, args.prompt_cache_bytes)
+    engine = Engine(model, tokenizer, cache, seed=args.seed)
+    engine.start()
+    return Service(
+        args.model,
+        model,
+        tokenizer,
+        engine,
+        defaults,
+        template_args=args.chat_template_args,
+        api_key=args.api_key,
+        max_request_bytes=args.max_request_bytes,
+    )
+
+
+def main(argv: Sequence[str] | None = None) -> None:
+    """CLI entry point: serve until interrupted."""
+    parser = build_parser()
+    args = parser.parse_args(argv)
+    logging.basicConfig(
+        level=getattr(logging, args.log_level), format="%(asctime)s - %(levelname)s - %(message)s"
+    )
+    with cli_errors(parser.prog):
+        service = build_service(args)
+        server = Server((args.host, args.port), service)
+        host, port = server.server_address[:2]
+        print(f"Serving {args.model} on http://{host}:{port}", file=sys.stderr, flush=True)
+        try:
+            server.serve_forever()
+        finally:
+            server.server_close()
+
+
+if __name__ == "__main__":
+    main()
