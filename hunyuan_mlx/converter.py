@@ -31,6 +31,7 @@ from tqdm import tqdm
 
 from .config import HunYuanMoEV1Config
 from .loading import INDEX_FILE, check_safetensors, resolve_model_path, weight_files
+from .mlx_lm_model import add_model_file
 from .model import HunYuanMoEV1ForCausalLM
 from .quantize import (
     DEFAULT_QUANT_RECIPE,
@@ -566,6 +567,8 @@ def convert(
         for key in ("quantization_config", "auto_map"):
             out_config.extra.pop(key, None)
         out_config.save_pretrained(tmp)
+        # mlx-lm interop: config.json names a model file that imports this package.
+        add_model_file(tmp)
         _copy_side_files(source_path, tmp)
         _replace(tmp, mlx_path)
     except BaseException:
