@@ -277,3 +277,11 @@ def test_the_api_key_is_required(server, client):
         urllib.request.urlopen(request)
     assert e.value.code == 401
     assert post(url, "/v1/chat/completions", body)[0] == 200
+
+
+def test_a_seed_makes_sampling_repeat(server, client):
+    _, model = server
+    sampled = {"temperature": 1.0, "max_tokens": 12}
+    runs = [chat(client, model, "Pick words.", seed=s, **sampled) for s in (7, 7, 8)]
+    texts = [r.choices[0].message.content for r in runs]
+    assert texts[0] == texts[1] != texts[2]

@@ -15,6 +15,7 @@ import queue
 import select
 import socket
 import time
+from collections.abc import Iterator
 from datetime import datetime
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from typing import Any
@@ -134,7 +135,7 @@ class Service:
         try:
             return dataclasses.replace(self.defaults, **request.sampling)
         except ValueError as e:
-            raise invalid(next(iter(request.sampling), "max_tokens"), str(e)) from None
+            raise APIError(400, str(e)) from None
 
 
 class Reply:
@@ -279,26 +280,25 @@ class Handler(BaseHTTPRequestHandler):
             raise APIError(400, "The request body must be a JSON object")
         return body
 
-    def _next_event(self, job: Job, last_check: list[float]) -> Started | Token | None:
-        """The job's next event; checks every `POLL_SECONDS` that the client is still there."""
+    def _events(self, job: Job) -> Iterator[Started | Token]:
+        """The job's events until it ends; every `POLL_SECONDS` checks that the client is still
+        there (a client waiting for a whole reply is otherwise never written to)."""
+        checked = time.monotonic()
         while True:
             try:
                 event = job.events.get(timeout=POLL_SECONDS)
             except queue.Empty:
                 event = ...
-            if event is ... or time.monotonic() - last_check[0] >= POLL_SECONDS:
-                last_check[0] = time.monotonic()
+            if event is ... or time.monotonic() - checked >= POLL_SECONDS:
+                checked = time.monotonic()
                 if self._client_gone():
                     raise ClientGone
+            if event is None:
+                return
+            if isinstance(event, Exception):
+                raise event
             if event is not ...:
-                if isinstance(event, Exception):
-                    raise event
-                return event
-
-    def _events(self, job: Job):
-        last_check = [time.monotonic()]
-        while (event := self._next_event(job, last_check)) is not None:
-            yield event
+                yield event
 
     def _client_gone(self) -> bool:
         """Whether the client closed its end (a readable socket with nothing to read)."""
