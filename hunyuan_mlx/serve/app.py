@@ -436,6 +436,8 @@ class Server(ThreadingHTTPServer):
     """A threading HTTP server whose handlers reach `service`."""
 
     daemon_threads = True
+    # socketserver's default backlog of 5 resets connections when more clients arrive at once.
+    request_queue_size = socket.SOMAXCONN
 
     def __init__(self, address: tuple[str, int], service: Service) -> None:
         super().__init__(address, Handler)
