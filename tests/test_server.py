@@ -279,6 +279,33 @@ def test_the_api_key_is_required(server, client):
     assert post(url, "/v1/chat/completions", body)[0] == 200
 
 
+def test_a_refused_request_leaves_the_client_able_to_go_on(server):
+    """Refused before its body is read (401, unknown endpoint) or after (400): the client's
+    next request, on the same connection if the server keeps it, gets its own answer."""
+    url, _ = server
+    host, port = url.removeprefix("http://").split(":")
+    good = json.dumps({"messages": [{"role": "user", "content": "hi"}], "max_tokens": 2})
+    refusals = [
+        ("/v1/chat/completions", good, {}, 401),
+        ("/v1/nowhere", good, {"Authorization": f"Bearer {API_KEY}"}, 404),
+        ("/v1/chat/completions", "{bad", {"Authorization": f"Bearer {API_KEY}"}, 400),
+    ]
+    for path, body, headers, status in refusals:
+        conn = http.client.HTTPConnection(host, int(port))
+        conn.request("POST", path, body, headers)
+        response = conn.getresponse()
+        assert response.status == status
+        response.read()
+        if response.will_close:
+            conn.close()
+            conn = http.client.HTTPConnection(host, int(port))
+        conn.request("POST", "/v1/chat/completions", good, {"Authorization": f"Bearer {API_KEY}"})
+        response = conn.getresponse()
+        assert response.status == 200
+        assert json.loads(response.read())["object"] == "chat.completion"
+        conn.close()
+
+
 def test_a_seed_makes_sampling_repeat(server, client):
     _, model = server
     sampled = {"temperature": 1.0, "max_tokens": 12}

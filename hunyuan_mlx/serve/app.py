@@ -64,6 +64,17 @@ def template_clock(fmt: str) -> str:
     return datetime.now().replace(second=0, microsecond=0).strftime(fmt)
 
 
+def parse_json(raw: bytes) -> dict[str, Any]:
+    """A request body: one JSON object."""
+    try:
+        body = json.loads(raw)
+    except (json.JSONDecodeError, UnicodeDecodeError) as e:
+        raise APIError(400, f"The request body is not valid JSON: {e}") from None
+    if not isinstance(body, dict):
+        raise APIError(400, "The request body must be a JSON object")
+    return body
+
+
 class ClientGone(Exception):
     """The client closed its connection: its job is cancelled and nothing more is sent."""
 
@@ -225,11 +236,13 @@ class Handler(BaseHTTPRequestHandler):
     def do_POST(self) -> None:
         path = self.path.split("?", 1)[0]
         service = self.server.service
+        raw = None
         try:
             self._authorize()
             if path not in ROUTES:
                 raise APIError(404, f"No such endpoint: POST {path}", code="not_found")
-            body = self._read_json()
+            raw = self._read_body()
+            body = parse_json(raw)
             request = ROUTES[path](body)
             service.check_model(body.get("model"))
             job = Job(
@@ -239,6 +252,9 @@ class Handler(BaseHTTPRequestHandler):
                 top_logprobs=request.top_logprobs,
             )
         except APIError as e:
+            if raw is None:
+                # The body is left unread, so the connection cannot carry another request.
+                self.close_connection = True
             self._send_json(e.status, e.body())
             return
         service.engine.submit(job)
@@ -261,24 +277,14 @@ class Handler(BaseHTTPRequestHandler):
                 401, "Missing or incorrect API key (Authorization: Bearer)", code="invalid_api_key"
             )
 
-    def _read_json(self) -> dict[str, Any]:
+    def _read_body(self) -> bytes:
         length = self.headers.get("Content-Length")
         if length is None or not length.isdigit():
-            self.close_connection = True
             raise APIError(411, "The request needs a Content-Length header")
         limit = self.server.service.max_request_bytes
         if int(length) > limit:
-            # The body is left unread, so the connection cannot carry another request.
-            self.close_connection = True
             raise APIError(413, f"The request body is over {limit} bytes", code="body_too_large")
-        raw = self.rfile.read(int(length))
-        try:
-            body = json.loads(raw)
-        except (json.JSONDecodeError, UnicodeDecodeError) as e:
-            raise APIError(400, f"The request body is not valid JSON: {e}") from None
-        if not isinstance(body, dict):
-            raise APIError(400, "The request body must be a JSON object")
-        return body
+        return self.rfile.read(int(length))
 
     def _events(self, job: Job) -> Iterator[Started | Token]:
         """The job's events until it ends; every `POLL_SECONDS` checks that the client is still
