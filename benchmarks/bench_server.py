@@ -8,9 +8,12 @@ mlx-lm builds its own `models.hunyuan`. Without `--tokenizer-dir` the checkpoint
 tokenizer of the release's size (256 bytes, then letter strings, then the 210 special tokens):
 random weights make any text, and only the token counts matter here.
 
-Then, for each of `--systems` (ours, mlxlm), one after the other (one model in memory at a time):
+Then, for each of `--systems`, one after the other (one model in memory at a time): `ours` (this
+server as it starts by default: one request at a time), `ours_batch` (with continuous batching,
+`--decode-concurrency` as mlx-lm's default) and `mlxlm` (mlx-lm's server, which batches):
 - `generate`'s decode tokens/s: `python -m hunyuan_mlx.generate` / `python -m mlx_lm generate`,
-  greedy, `--gen` tokens after a `--prompt-tokens` prompt, as their `--verbose` output reports it;
+  greedy, `--gen` tokens after a `--prompt-tokens` prompt, as their `--verbose` output reports it
+  (once per project);
 - the server (`python -m hunyuan_mlx.server` / `python -m mlx_lm server`) on a free port; after a
   warm-up request, for each of `--clients`, that many clients at once each stream a completion of
   `--gen` tokens after a distinct prompt: one client's decode tokens/s (tokens after the first,
@@ -51,6 +54,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 import bench_generate as bg  # noqa: E402
 
+from hunyuan_mlx.serve.engine import BATCH_DECODE_CONCURRENCY  # noqa: E402
 from hunyuan_mlx.tokenizer import SPECIAL_TOKEN_NAMES, TIKTOKEN_FILE  # noqa: E402
 from hunyuan_mlx.tokenizer_json import write_tokenizer_json  # noqa: E402
 
@@ -70,6 +74,15 @@ SYNTHETIC_TEMPLATE = (
 LETTERS = b"abcdefghijklmnopqrstuvwxyz"
 CONNECT_ATTEMPTS = 10
 JSON_HEADERS = {"Content-Type": "application/json"}
+# system -> (server command, the project whose `generate` it is compared with)
+SYSTEMS = {
+    "ours": (["hunyuan_mlx.server", "--decode-concurrency", "1"], "ours"),
+    "ours_batch": (
+        ["hunyuan_mlx.server", "--decode-concurrency", str(BATCH_DECODE_CONCURRENCY)],
+        "ours",
+    ),
+    "mlxlm": (["mlx_lm", "server"], "mlxlm"),
+}
 STATS_RE = re.compile(r"Generation: (\d+) tokens, ([\d.]+) tokens-per-sec")
 
 
@@ -146,9 +159,9 @@ def prompt_text(client: int, n_tokens: int) -> str:
     return " ".join(w.decode() for w in words)
 
 
-def run_generate(system: str, model_dir: Path, args) -> dict:
+def run_generate(project: str, model_dir: Path, args) -> dict:
     """`generate`'s decode speed, from its verbose report."""
-    module = ["hunyuan_mlx.generate", "--verbose"] if system == "ours" else ["mlx_lm", "generate"]
+    module = ["hunyuan_mlx.generate", "--verbose"] if project == "ours" else ["mlx_lm", "generate"]
     command = [
         sys.executable,
         "-m",
@@ -184,8 +197,8 @@ def free_port() -> int:
 
 def start_server(system: str, model_dir: Path, port: int, log_file: Path, timeout: float):
     """A server process, once its /health answers."""
-    module = ["hunyuan_mlx.server"] if system == "ours" else ["mlx_lm", "server"]
-    command = [sys.executable, "-m", *module, "--model", str(model_dir), "--port", str(port)]
+    command = [sys.executable, "-m", *SYSTEMS[system][0], "--model", str(model_dir)]
+    command += ["--port", str(port)]
     with open(log_file, "w") as sink:
         process = subprocess.Popen(command, stdout=sink, stderr=subprocess.STDOUT, env=child_env())
     deadline = time.monotonic() + timeout
@@ -297,7 +310,7 @@ def main() -> None:
     ap.add_argument("--prompt-tokens", type=int, default=512)
     ap.add_argument("--gen", type=int, default=128, help="tokens generated per request")
     ap.add_argument("--clients", default="1,4,16", help="concurrent clients per measurement")
-    ap.add_argument("--systems", default="ours,mlxlm", help="of ours, mlxlm")
+    ap.add_argument("--systems", default=",".join(SYSTEMS), help=f"of {', '.join(SYSTEMS)}")
     ap.add_argument("--tokenizer-dir", default=None, help="the release's tokenizer files")
     ap.add_argument("--work-dir", default=None, help="where the checkpoint goes (default: tmp)")
     ap.add_argument("--startup-timeout", type=float, default=1800)
@@ -326,9 +339,11 @@ def main() -> None:
     found: dict[tuple[str, str, int], dict] = {}
     try:
         for system in args.systems.split(","):
-            record = run_generate(system, model_dir, args)
-            found[(system, "generate", 1)] = record
-            bg.log({"kind": "generate", "system": system, **record}, sink)
+            project = SYSTEMS[system][1]
+            if (project, "generate", 1) not in found:
+                record = run_generate(project, model_dir, args)
+                found[(project, "generate", 1)] = record
+                bg.log({"kind": "generate", "system": project, **record}, sink)
             port = free_port()
             log_file = work / f"{system}_server.log"
             process = start_server(system, model_dir, port, log_file, args.startup_timeout)
@@ -348,7 +363,7 @@ def main() -> None:
     summary: dict = {"kind": "summary"}
     for system in args.systems.split(","):
         one = found.get((system, "server", 1))
-        gen = found.get((system, "generate", 1))
+        gen = found.get((SYSTEMS[system][1], "generate", 1))
         if one and gen and one["client_decode_tps_mean"]:
             summary[f"{system}_server_vs_generate_decode"] = (
                 one["client_decode_tps_mean"] / gen["decode_tps"]

@@ -1,7 +1,8 @@
 """An OpenAI-compatible HTTP server for a HunYuan checkpoint: `python -m hunyuan_mlx.server`.
 
 Chat and text completions (JSON or streamed), with Hunyuan's reasoning and tool calls parsed out,
-a prompt cache across requests, and one worker thread serving the queued requests in turn.
+a prompt cache across requests, and one worker thread that owns the model and serves concurrent
+requests one at a time or, with --decode-concurrency > 1, with continuous batching.
 """
 
 from __future__ import annotations
@@ -18,7 +19,12 @@ from hunyuan_mlx.cli import GenerationSettings, add_generation_arguments, cli_er
 from hunyuan_mlx.loading import load, resolve_model_path
 
 from .serve.app import DEFAULT_HOST, DEFAULT_MAX_REQUEST_BYTES, DEFAULT_PORT, Server, Service
-from .serve.engine import Engine
+from .serve.engine import (
+    DEFAULT_DECODE_CONCURRENCY,
+    DEFAULT_PROMPT_CONCURRENCY,
+    BatchEngine,
+    Engine,
+)
 from .serve.prompt_cache import DEFAULT_PROMPT_CACHE_SIZE, PromptCache
 
 SERVER_MAX_TOKENS = 512  # mlx-lm server's --max-tokens default
@@ -75,6 +81,20 @@ def build_parser() -> argparse.ArgumentParser:
         help="Maximum size in bytes of the KV caches (default: no limit)",
     )
     parser.add_argument(
+        "--decode-concurrency",
+        type=int,
+        default=DEFAULT_DECODE_CONCURRENCY,
+        help="Decode up to this many requests in one batch (continuous batching, e.g. 32); 1 "
+        "serves them one at a time, as does a quantized or rotating KV cache "
+        "(default: %(default)s)",
+    )
+    parser.add_argument(
+        "--prompt-concurrency",
+        type=int,
+        default=DEFAULT_PROMPT_CONCURRENCY,
+        help="Prefill up to this many prompts together when batching (default: %(default)s)",
+    )
+    parser.add_argument(
         "--max-request-bytes",
         type=int,
         default=DEFAULT_MAX_REQUEST_BYTES,
@@ -101,7 +121,19 @@ def build_service(args: argparse.Namespace) -> Service:
     if tokenizer is None:
         raise FileNotFoundError(f"No tokenizer (hy.tiktoken or tokenizer.json) in {model_path}")
     cache = PromptCache(args.prompt_cache_size, args.prompt_cache_bytes)
-    engine = Engine(model, tokenizer, cache, seed=args.seed)
+    # mlx-lm's batch generator batches plain KV caches only.
+    if args.decode_concurrency > 1 and defaults.kv_bits is None and defaults.max_kv_size is None:
+        engine: Engine = BatchEngine(
+            model,
+            tokenizer,
+            cache,
+            seed=args.seed,
+            decode_concurrency=args.decode_concurrency,
+            prompt_concurrency=args.prompt_concurrency,
+            prefill_step_size=defaults.prefill_step_size,
+        )
+    else:
+        engine = Engine(model, tokenizer, cache, seed=args.seed)
     engine.start()
     return Service(
         args.model,

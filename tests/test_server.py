@@ -29,10 +29,8 @@ STARTUP_SECONDS = 60
 GREEDY = {"temperature": 0.0, "max_tokens": 12}
 
 
-@pytest.fixture(scope="module")
-def server(tiny_release, tmp_path_factory):
-    """(base URL, model id) of a server process; stopped after the module's tests."""
-    log = tmp_path_factory.mktemp("server") / "server.log"
+def start_server(tiny_release, log: Path, *flags: str):
+    """(base URL, model id) of a server process, until the generator is closed."""
     env = {
         **os.environ,
         "PYTHONPATH": os.pathsep.join([str(ROOT), os.environ.get("PYTHONPATH", "")]),
@@ -49,6 +47,7 @@ def server(tiny_release, tmp_path_factory):
         API_KEY,
         "--max-request-bytes",
         str(MAX_REQUEST_BYTES),
+        *flags,
     ]
     with open(log, "w") as sink:
         process = subprocess.Popen(command, stdout=sink, stderr=subprocess.STDOUT, env=env)
@@ -62,6 +61,19 @@ def server(tiny_release, tmp_path_factory):
     finally:
         process.terminate()
         process.wait(timeout=10)
+
+
+@pytest.fixture(scope="module")
+def server(tiny_release, tmp_path_factory):
+    """A server as it starts by default (one request at a time)."""
+    yield from start_server(tiny_release, tmp_path_factory.mktemp("server") / "server.log")
+
+
+@pytest.fixture(scope="module")
+def batching_server(tiny_release, tmp_path_factory):
+    """A server with continuous batching."""
+    log = tmp_path_factory.mktemp("batching") / "server.log"
+    yield from start_server(tiny_release, log, "--decode-concurrency", "8")
 
 
 @pytest.fixture(scope="module")
@@ -177,8 +189,10 @@ def test_text_completions_stream_and_not(server):
     assert text == choice["text"]
 
 
-def test_eight_concurrent_clients_each_get_their_own_reply(server, client):
-    _, model = server
+@pytest.mark.parametrize("kind", ["queue", "batch"])
+def test_eight_concurrent_clients_each_get_their_own_reply(request, kind):
+    url, model = request.getfixturevalue("server" if kind == "queue" else "batching_server")
+    client = openai.OpenAI(base_url=f"{url}/v1", api_key=API_KEY, max_retries=0)
     questions = [f"Question number {i}: what is {i} plus {i}?" for i in range(8)]
     with ThreadPoolExecutor(8) as pool:
         together = list(pool.map(lambda q: chat(client, model, q), questions))

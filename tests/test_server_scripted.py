@@ -8,6 +8,7 @@ import json
 import socket
 import threading
 import time
+from concurrent.futures import ThreadPoolExecutor
 from datetime import datetime
 from types import SimpleNamespace
 
@@ -20,7 +21,7 @@ from mlx_lm.models.cache import KVCache
 from hunyuan_mlx.cli import GenerationSettings
 from hunyuan_mlx.serve import app
 from hunyuan_mlx.serve.app import Server, Service
-from hunyuan_mlx.serve.engine import Engine
+from hunyuan_mlx.serve.engine import BatchEngine, Engine
 from hunyuan_mlx.serve.prompt_cache import PromptCache
 from hunyuan_mlx.tokenizer import HunYuanTokenizer
 
@@ -47,7 +48,7 @@ class ScriptedModel(nn.Module):
     Its KV cache stores the token ids themselves, so the model knows the whole context even when
     the server's prompt cache supplies most of it; the reply starts after the context's last
     `<|extra_0|>` (and the no-thinking block, when the prompt has one). `processed` counts the
-    tokens run through the model: what prefill and decoding cost.
+    tokens run through the model: what prefill and decoding cost; `widest`, the largest batch.
     """
 
     def __init__(self, tokenizer: HunYuanTokenizer, delay: float = 0.0) -> None:
@@ -61,6 +62,7 @@ class ScriptedModel(nn.Module):
         self.delay = delay
         self.script: list[int] = []
         self.processed = 0
+        self.widest = 0  # the largest batch seen
 
     def make_cache(self) -> list[KVCache]:
         return [KVCache()]
@@ -68,17 +70,22 @@ class ScriptedModel(nn.Module):
     def __call__(self, inputs: mx.array, cache: list[KVCache], input_embeddings=None) -> mx.array:
         ids = inputs.astype(mx.float32)[:, None, :, None]
         context, _ = cache[0].update_and_fetch(ids, ids)
-        history = [int(t) for t in context[0, 0, :, 0].tolist()]
-        self.processed += inputs.shape[1]
+        self.processed += inputs.size
+        self.widest = max(self.widest, inputs.shape[0])
         time.sleep(self.delay)
+        # A batch's rows are left-padded (with id 0): the padding comes before any prompt end.
+        tokens = [self.next_token([int(t) for t in row]) for row in context[:, 0, :, 0].tolist()]
+        return mx.where(mx.arange(self.vocab_size) == mx.array(tokens)[:, None], 0.0, -1e9)[:, None]
+
+    def next_token(self, history: list[int]) -> int:
+        """The script's token after `history` (the context so far)."""
         # A prefill chunk may not reach the prompt's end yet: its logits are not used.
         ends = [i + 1 for i, t in enumerate(history) if t == self.prompt_end] or [len(history)]
         start = ends[-1]
         if history[start : start + len(self.no_think)] == self.no_think:
             start += len(self.no_think)
         n = len(history) - start
-        token = self.script[n] if n < len(self.script) else self.eos
-        return mx.where(mx.arange(self.vocab_size) == token, 0.0, -1e9)[None, None]
+        return self.script[n] if n < len(self.script) else self.eos
 
 
 @pytest.fixture(scope="module")
@@ -86,11 +93,12 @@ def tokenizer() -> HunYuanTokenizer:
     return HunYuanTokenizer.from_pretrained(shared_dir())
 
 
-@pytest.fixture(scope="module")
-def served(tokenizer):
-    """(openai client, scripted model, server address) of an in-process server."""
+@pytest.fixture(scope="module", params=[Engine, BatchEngine], ids=["queue", "batch"])
+def served(tokenizer, request):
+    """(openai client, scripted model, server address, engine) of an in-process server, with
+    each engine."""
     model = ScriptedModel(tokenizer)
-    engine = Engine(model, tokenizer, PromptCache())
+    engine = request.param(model, tokenizer, PromptCache())
     engine.start()
     service = Service(MODEL_ID, model, tokenizer, engine, GenerationSettings(max_tokens=200))
     server = Server(("127.0.0.1", 0), service)
@@ -98,7 +106,7 @@ def served(tokenizer):
     thread.start()
     host, port = server.server_address[:2]
     client = openai.OpenAI(base_url=f"http://{host}:{port}/v1", api_key="unused", max_retries=0)
-    yield client, model, (host, port)
+    yield client, model, (host, port), engine
     server.shutdown()
     server.server_close()
     engine.stop()
@@ -211,7 +219,7 @@ SCRIPTED = [
 def test_scripted_outputs_parse_the_same_streamed_and_not(
     served, tokenizer, pieces, tools, thinking, reasoning, content, calls, finish
 ):
-    client, model, _ = served
+    client, model, _, _ = served
     script(model, tokenizer, *pieces)
     kwargs = {"tools": tools} if tools else {}
     if thinking is not None:
@@ -226,14 +234,14 @@ def test_scripted_outputs_parse_the_same_streamed_and_not(
 
 
 def test_tool_choice_none_leaves_tool_mode(served, tokenizer):
-    client, model, _ = served
+    client, model, _, _ = served
     script(model, tokenizer, "助手：你好！")
     reply = ask(client, USER, False, tools=[WEATHER_TOOL], tool_choice="none")
     assert reply[1] == "助手：你好！"
 
 
 def test_a_tool_conversation_prefills_only_its_new_tokens(served, tokenizer, monkeypatch):
-    client, model, _ = served
+    client, model, _, _ = served
     # The template writes the time (to the minute) into the prompt: keep it still meanwhile.
     fixed = datetime(2026, 1, 2, 3, 4, 5)
     monkeypatch.setattr(app, "datetime", SimpleNamespace(now=lambda: fixed))
@@ -261,7 +269,7 @@ def test_a_tool_conversation_prefills_only_its_new_tokens(served, tokenizer, mon
 
 @pytest.mark.parametrize("stream", [True, False])
 def test_a_client_that_disconnects_stops_its_generation(served, tokenizer, stream):
-    client, model, address = served
+    client, model, address, _ = served
     script(model, tokenizer, "word " * 150)
     model.delay = 0.02
     try:
@@ -291,7 +299,7 @@ def test_a_client_that_disconnects_stops_its_generation(served, tokenizer, strea
 
 
 def test_stop_strings_and_logprobs(served, tokenizer):
-    client, model, _ = served
+    client, model, _, _ = served
     script(model, tokenizer, "<answer>one two three</answer>")
     for stream in (False, True):
         reply = ask(client, USER, stream, stop=["three"])
@@ -301,3 +309,18 @@ def test_stop_strings_and_logprobs(served, tokenizer):
     assert [e.token for e in entries] == [tokenizer.decode([t]) for t in model.script]
     assert all(e.logprob == 0.0 and e.top_logprobs[0].token == e.token for e in entries)
     assert all(len(e.top_logprobs) == 2 for e in entries)
+
+
+def test_concurrent_requests_share_batches_only_with_the_batch_engine(served, tokenizer):
+    client, model, _, _ = served
+    script(model, tokenizer, "<answer>", "together " * 20, "</answer>")
+    model.widest = 0
+    model.delay = 0.01
+    try:
+        with ThreadPoolExecutor(4) as pool:
+            replies = list(pool.map(lambda _: ask(client, USER, True), range(4)))
+    finally:
+        model.delay = 0.0
+    assert all(r[1] == ("together " * 20).strip() and r[3] == "stop" for r in replies)
+    batched = isinstance(served[3], BatchEngine)
+    assert (model.widest > 1) == batched
