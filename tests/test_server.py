@@ -20,6 +20,10 @@ import pytest
 # The fixture registers under its name, `tiny_release`.
 from test_generate import tiny_release_fixture  # noqa: F401
 
+from hunyuan_mlx.cli import GenerationSettings
+from hunyuan_mlx.serve.app import Service
+from hunyuan_mlx.server import build_parser
+
 openai = pytest.importorskip("openai")
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -326,3 +330,14 @@ def test_a_seed_makes_sampling_repeat(server, client):
     runs = [chat(client, model, "Pick words.", seed=s, **sampled) for s in (7, 7, 8)]
     texts = [r.choices[0].message.content for r in runs]
     assert texts[0] == texts[1] != texts[2]
+
+
+def test_chat_template_args_are_checked_at_startup(capsys):
+    parser = build_parser()
+    with pytest.raises(SystemExit):
+        parser.parse_args(["--model", "m", "--chat-template-args", "[1]"])
+    assert "expected a JSON object" in capsys.readouterr().err
+    args = parser.parse_args(["--model", "m", "--chat-template-args", '{"enable_thinking": false}'])
+    assert args.chat_template_args == {"enable_thinking": False}
+    with pytest.raises(ValueError, match="cannot set tools"):
+        Service("m", None, None, None, GenerationSettings(), template_args={"tools": []})

@@ -50,6 +50,7 @@ MODEL_ALIASES = ("default_model",)  # the name mlx-lm's server answers to whatev
 OWNER = "hunyuan-mlx"
 # How often a waiting request thread checks that its client is still connected.
 POLL_SECONDS = 0.1
+NO_EVENT = object()  # what a wait for a job's event that timed out gives
 # chat_template_kwargs that are not the client's to set.
 RESERVED_TEMPLATE_KWARGS = ("messages", "tools", "tokenize", "return_dict", "strftime_now")
 ROUTES = {"/v1/chat/completions": parse_chat, "/v1/completions": parse_completion}
@@ -100,6 +101,9 @@ class Service:
         self.engine = engine
         self.defaults = defaults
         self.template_args = dict(template_args or {})
+        reserved = [k for k in RESERVED_TEMPLATE_KWARGS if k in self.template_args]
+        if reserved:
+            raise ValueError(f"The chat template arguments cannot set {', '.join(reserved)}")
         self.api_key = api_key
         self.max_request_bytes = max_request_bytes
         self.created = now()
@@ -154,7 +158,6 @@ class Reply:
     output is parsed, tokens, log-probabilities and the finish reason are counted."""
 
     def __init__(self, request: Request, job: Job) -> None:
-        self.request = request
         self.job = job
         self.parser = OutputParser(tools=request.tools is not None) if request.chat else None
         self.stops = StopStrings(request.stop)
@@ -202,7 +205,7 @@ class Handler(BaseHTTPRequestHandler):
     protocol_version = "HTTP/1.1"
     server: Server
 
-    def log_message(self, format: str, *args: Any) -> None:  # noqa: A002 (the base's name)
+    def log_message(self, format: str, *args: Any) -> None:
         log.info("%s - %s", self.address_string(), format % args)
 
     def do_OPTIONS(self) -> None:
@@ -294,8 +297,8 @@ class Handler(BaseHTTPRequestHandler):
             try:
                 event = job.events.get(timeout=POLL_SECONDS)
             except queue.Empty:
-                event = ...
-            if event is ... or time.monotonic() - checked >= POLL_SECONDS:
+                event = NO_EVENT
+            if event is NO_EVENT or time.monotonic() - checked >= POLL_SECONDS:
                 checked = time.monotonic()
                 if self._client_gone():
                     raise ClientGone
@@ -303,7 +306,7 @@ class Handler(BaseHTTPRequestHandler):
                 return
             if isinstance(event, Exception):
                 raise event
-            if event is not ...:
+            if event is not NO_EVENT:
                 yield event
 
     def _client_gone(self) -> bool:
@@ -395,7 +398,13 @@ class Handler(BaseHTTPRequestHandler):
         try:
             for event in self._events(job):
                 delta = reply.add(event)
-                parts = delta_chunks(delta) if request.chat else [delta.content] * bool(delta)
+                parts = (
+                    delta_chunks(delta)
+                    if request.chat
+                    else [delta.content]
+                    if delta.content
+                    else []
+                )
                 for part in parts:
                     self._send_event(choice(part))
         except ClientGone:

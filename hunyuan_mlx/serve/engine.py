@@ -25,6 +25,13 @@ from hunyuan_mlx.tokenizer import HunYuanTokenizer
 from .prompt_cache import PromptCache
 from .protocol import TokenLogprob
 
+# mlx-lm's server batches by default (32). Here batching is opt-in: the batched caches' attention
+# mask takes the model off its compiled single-token decode step, and a lone request then decodes
+# at about half of `generate`'s speed (CPU, tiny shape; benchmarks/bench_server.py measures both).
+DEFAULT_DECODE_CONCURRENCY = 1
+DEFAULT_PROMPT_CONCURRENCY = 8  # mlx-lm server's --prompt-concurrency
+BATCH_DECODE_CONCURRENCY = 32  # mlx-lm server's --decode-concurrency
+
 
 @dataclass(frozen=True)
 class Started:
@@ -137,14 +144,6 @@ def token_logprob(logprobs: mx.array, token: int, top: int) -> TokenLogprob:
         order = mx.argsort(-values)
         alternatives = tuple(zip(ids[order].tolist(), values[order].tolist()))
     return TokenLogprob(token, logprobs[token].item(), alternatives)
-
-
-# mlx-lm's server batches by default (32). Here batching is opt-in: the batched caches' attention
-# mask takes the model off its compiled single-token decode step, and a lone request then decodes
-# at about half of `generate`'s speed (CPU, tiny shape; benchmarks/bench_server.py measures both).
-DEFAULT_DECODE_CONCURRENCY = 1
-DEFAULT_PROMPT_CONCURRENCY = 8  # mlx-lm server's --prompt-concurrency
-BATCH_DECODE_CONCURRENCY = 32  # mlx-lm server's --decode-concurrency
 
 
 @dataclass
