@@ -306,7 +306,7 @@ def measure_clients(port: int, model: str, clients: int, args, round_index: int)
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     bg.add_model_args(ap)
-    ap.add_argument("--tiny", action="store_true", help=f"a CPU-sized run: {TINY}")
+    ap.add_argument("--tiny", action="store_true", help=f"CPU-sized defaults: {TINY}")
     ap.add_argument("--prompt-tokens", type=int, default=512)
     ap.add_argument("--gen", type=int, default=128, help="tokens generated per request")
     ap.add_argument("--clients", default="1,4,16", help="concurrent clients per measurement")
@@ -315,10 +315,9 @@ def main() -> None:
     ap.add_argument("--work-dir", default=None, help="where the checkpoint goes (default: tmp)")
     ap.add_argument("--startup-timeout", type=float, default=1800)
     ap.add_argument("--out", default=None, help="also write the JSON lines here")
+    if ap.parse_known_args()[0].tiny:
+        ap.set_defaults(**TINY)  # flags given explicitly still win
     args = ap.parse_args()
-    if args.tiny:
-        for key, value in TINY.items():
-            setattr(args, key, value)
     sink = open(args.out, "w") if args.out else None
     mx.random.seed(args.seed)
     cfg = bg.release_config(args)

@@ -26,8 +26,9 @@ from .prompt_cache import PromptCache
 from .protocol import TokenLogprob
 
 # mlx-lm's server batches by default (32). Here batching is opt-in: the batched caches' attention
-# mask takes the model off its compiled single-token decode step, and a lone request then decodes
-# at about half of `generate`'s speed (CPU, tiny shape; benchmarks/bench_server.py measures both).
+# mask takes the model off its compiled single-token decode step, and a lone sequence decoded
+# slower in mlx-lm's batch generator than in `stream_generate` (CPU, tiny model, interleaved runs:
+# 0.58-0.86x in 5 of 6, 1.05x in one); benchmarks/bench_server.py measures both on a GPU.
 DEFAULT_DECODE_CONCURRENCY = 1
 DEFAULT_PROMPT_CONCURRENCY = 8  # mlx-lm server's --prompt-concurrency
 BATCH_DECODE_CONCURRENCY = 32  # mlx-lm server's --decode-concurrency
