@@ -112,6 +112,9 @@ def build_parser() -> argparse.ArgumentParser:
 
 def build_service(args: argparse.Namespace) -> Service:
     """Load the model and start the engine for parsed flags."""
+    for flag in ("decode_concurrency", "prompt_concurrency", "max_request_bytes"):
+        if getattr(args, flag) < 1:
+            raise ValueError(f"--{flag.replace('_', '-')} must be >= 1")
     model_path = resolve_model_path(args.model)
     names = [f.name for f in dataclasses.fields(GenerationSettings)]
     defaults = GenerationSettings.from_checkpoint(

@@ -231,6 +231,7 @@ BAD_REQUESTS = [
     ({"messages": [{"role": "user", "content": "hi"}], "max_tokens": 0}, 400, "max_tokens"),
     ({"messages": [{"role": "user", "content": "hi"}], "max_tokens": "5"}, 400, "max_tokens"),
     ({"messages": [{"role": "user", "content": "hi"}], "n": 2}, 400, "n"),
+    ({"messages": [{"role": "user", "content": "hi"}], "seed": -1}, 400, "seed"),
     ({"messages": [{"role": "user", "content": "hi"}], "stop": ["a"] * 5}, 400, "stop"),
     (
         {"messages": [{"role": "user", "content": "hi"}], "tool_choice": "required"},
@@ -266,6 +267,23 @@ def test_bad_requests_get_a_4xx_naming_the_field_and_the_server_goes_on(
     assert got == status
     assert error["error"]["param"] == param and error["error"]["message"]
     assert chat(client, model, "Still there?").choices[0].message.content
+
+
+BAD_COMPLETIONS = [
+    ({"max_tokens": 2}, "prompt"),
+    ({"prompt": ""}, "prompt"),
+    ({"prompt": [1, 2, 10**9]}, "prompt"),
+    ({"prompt": "hi", "logprobs": 6}, "logprobs"),
+    ({"prompt": "hi", "echo": True}, "echo"),
+]
+
+
+@pytest.mark.parametrize("body,param", BAD_COMPLETIONS)
+def test_bad_completion_requests_name_the_field(server, body, param):
+    url, _ = server
+    status, error = post(url, "/v1/completions", body)
+    assert (status, error["error"]["param"]) == (400, param)
+    assert post(url, "/v1/completions", {"prompt": [1, 2, 3], "max_tokens": 2})[0] == 200
 
 
 def test_a_body_over_the_limit_is_refused(server, client):

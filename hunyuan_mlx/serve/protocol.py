@@ -17,6 +17,7 @@ TOOL_CHOICES = ("auto", "none")
 MAX_STOP_STRINGS = 4  # OpenAI's limit
 MAX_TOP_LOGPROBS = 20  # chat; the legacy completions API allows 5
 MAX_COMPLETION_LOGPROBS = 5
+MAX_SEED = 2**64 - 1  # mx.random.seed takes an unsigned 64-bit integer
 # Request field -> (GenerationSettings field, lowest, highest, integer, open low end).
 SAMPLING_FIELDS: dict[str, tuple[str, float, float, bool, bool]] = {
     "temperature": ("temp", 0.0, math.inf, False, False),
@@ -129,7 +130,7 @@ def _common(body: dict[str, Any], request: Request) -> None:
         if body.get(name) is not None:
             request.sampling[setting] = _number(body, name, low, high, integer, open_low)
     if body.get("seed") is not None:
-        request.seed = _number(body, "seed", -math.inf, math.inf, True, False)
+        request.seed = _number(body, "seed", 0, MAX_SEED, True, False)
     stop = body.get("stop")
     if isinstance(stop, str):
         stop = [stop]
