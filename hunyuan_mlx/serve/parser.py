@@ -42,9 +42,6 @@ class Delta:
     content: str = ""
     tool_calls: list[ToolCall] = field(default_factory=list)
 
-    def __bool__(self) -> bool:
-        return bool(self.reasoning or self.content or self.tool_calls)
-
     def extend(self, other: Delta) -> None:
         """Append `other` to this delta (how a whole reply is gathered)."""
         self.reasoning += other.reasoning

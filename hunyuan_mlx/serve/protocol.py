@@ -86,7 +86,8 @@ def _is_int(value: Any) -> bool:
 
 def _number(
     body: dict[str, Any], name: str, low: float, high: float, integer: bool, open_low: bool
-):
+) -> Any:
+    """Field `name`, refused unless a number (an integer, with `integer`) within the bounds."""
     value = body[name]
     if integer and not _is_int(value):
         raise invalid(name, f"{name} must be an integer, got {value!r}")
