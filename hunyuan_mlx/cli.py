@@ -21,6 +21,7 @@ COMMANDS = {
     "chat": "Chat in the terminal",
     "lora": "Fine-tune with LoRA, DoRA or full fine-tuning",
     "fuse": "Fuse trained adapters into a standalone model",
+    "server": "Serve an OpenAI-compatible HTTP API",
 }
 DEBUG_ENV = "HUNYUAN_MLX_DEBUG"  # set to 1 for tracebacks instead of one-line errors
 # What a user's input can cause (a bad path, value, file or flag combination, MLX refusing it).

@@ -36,6 +36,7 @@ from .files import (
     weight_files,
 )
 from .loading import resolve_model_path
+from .mlx_lm_model import add_model_file
 from .models import HunYuanMoEV1Config, HunYuanMoEV1ForCausalLM
 from .models.weights import sanitize
 from .quantize import (
@@ -580,6 +581,7 @@ def finish_conversion(plan: ConversionPlan, out: _Written, directory: Path) -> l
     for key in ("quantization_config", "auto_map"):
         config.extra.pop(key, None)
     config.save_pretrained(directory)
+    add_model_file(directory)  # mlx-lm interop: config.json names a file importing this package
     _copy_side_files(plan.source.path, directory)
     write_model_card(plan, out, directory)
     return shards

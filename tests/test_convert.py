@@ -682,3 +682,13 @@ def test_converted_tokenizer_reads_in_transformers(tiny_release, tmp_path):
     ours = HunYuanTokenizer.from_pretrained(out)
     for text in ("Why is the sky blue?", "车系：奥迪q5l；宝马x5", "<think>\n</think>\n<answer>x"):
         assert theirs.encode(text, add_special_tokens=False) == ours.encode(text)
+
+
+def test_package_convert_stays_callable_after_the_command_is_imported(untied, tmp_path):
+    """`hunyuan_mlx.convert(...)` (README) works even once the command module was imported,
+    which binds that name in the package."""
+    import hunyuan_mlx
+
+    assert cli_module is hunyuan_mlx.convert  # this file imported the command module
+    summary = hunyuan_mlx.convert(untied[0], tmp_path / "out", dtype="float32")
+    assert summary.mlx_path == tmp_path / "out" and (tmp_path / "out" / "config.json").is_file()

@@ -1,0 +1,1 @@
+"""The OpenAI-compatible server's parts: protocol, output parser, prompt cache, engine, HTTP app."""

@@ -1,0 +1,169 @@
+"""An OpenAI-compatible HTTP server for a HunYuan checkpoint: `python -m hunyuan_mlx.server`.
+
+Chat and text completions (JSON or streamed), with Hunyuan's reasoning and tool calls parsed out,
+a prompt cache across requests, and one worker thread that owns the model and serves concurrent
+requests one at a time or, with --decode-concurrency > 1, with continuous batching.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import logging
+import sys
+from collections.abc import Sequence
+from typing import Any
+
+from .cli import add_debug_argument, run_main
+from .generation.options import add_generation_arguments, settings_from_args
+from .loading import load, resolve_model_path
+from .serve.app import DEFAULT_HOST, DEFAULT_MAX_REQUEST_BYTES, DEFAULT_PORT, Server, Service
+from .serve.engine import (
+    DEFAULT_DECODE_CONCURRENCY,
+    DEFAULT_PROMPT_CONCURRENCY,
+    BatchEngine,
+    Engine,
+)
+from .serve.prompt_cache import DEFAULT_PROMPT_CACHE_SIZE, PromptCache
+
+SERVER_MAX_TOKENS = 512  # mlx-lm server's --max-tokens default
+
+
+def json_object(text: str) -> dict[str, Any]:
+    """argparse type: a JSON object."""
+    value = json.loads(text)
+    if not isinstance(value, dict):
+        raise argparse.ArgumentTypeError(f"expected a JSON object, got {text!r}")
+    return value
+
+
+def build_parser() -> argparse.ArgumentParser:
+    """The `python -m hunyuan_mlx.server` flags (mlx-lm server's names and defaults)."""
+    parser = argparse.ArgumentParser(
+        prog="python -m hunyuan_mlx.server", description="OpenAI-compatible HunYuan server"
+    )
+    parser.add_argument(
+        "--model", required=True, help="Local checkpoint directory or Hugging Face repo id"
+    )
+    parser.add_argument(
+        "--adapter-path", default=None, help="Directory of trained LoRA/DoRA adapters to apply"
+    )
+    parser.add_argument(
+        "--host", default=DEFAULT_HOST, help="Host for the HTTP server (default: %(default)s)"
+    )
+    parser.add_argument(
+        "--port",
+        type=int,
+        default=DEFAULT_PORT,
+        help="Port for the HTTP server, 0 for any free one (default: %(default)s)",
+    )
+    parser.add_argument(
+        "--api-key", default=None, help="Require this bearer token on every request but /health"
+    )
+    parser.add_argument(
+        "--chat-template-args",
+        type=json_object,
+        default="{}",
+        help="JSON object of arguments for the chat template, e.g. '{\"enable_thinking\":false}'",
+    )
+    parser.add_argument(
+        "--prompt-cache-size",
+        type=int,
+        default=DEFAULT_PROMPT_CACHE_SIZE,
+        help="Maximum number of distinct KV caches to hold in the prompt cache "
+        "(default: %(default)s)",
+    )
+    parser.add_argument(
+        "--prompt-cache-bytes",
+        type=int,
+        default=None,
+        help="Maximum size in bytes of the KV caches (default: no limit)",
+    )
+    parser.add_argument(
+        "--decode-concurrency",
+        type=int,
+        default=DEFAULT_DECODE_CONCURRENCY,
+        help="Decode up to this many requests in one batch (continuous batching, e.g. 32); 1 "
+        "serves them one at a time, as does a quantized or rotating KV cache "
+        "(default: %(default)s)",
+    )
+    parser.add_argument(
+        "--prompt-concurrency",
+        type=int,
+        default=DEFAULT_PROMPT_CONCURRENCY,
+        help="Prefill up to this many prompts together when batching (default: %(default)s)",
+    )
+    parser.add_argument(
+        "--max-request-bytes",
+        type=int,
+        default=DEFAULT_MAX_REQUEST_BYTES,
+        help="Largest request body accepted (default: %(default)s)",
+    )
+    parser.add_argument(
+        "--log-level",
+        default="INFO",
+        choices=["DEBUG", "INFO", "WARNING", "ERROR", "CRITICAL"],
+        help="Set the logging level (default: %(default)s)",
+    )
+    add_generation_arguments(parser, max_tokens=SERVER_MAX_TOKENS)
+    add_debug_argument(parser)
+    return parser
+
+
+def build_service(args: argparse.Namespace) -> Service:
+    """Load the model and start the engine for parsed flags."""
+    for flag in ("decode_concurrency", "prompt_concurrency", "max_request_bytes"):
+        if getattr(args, flag) < 1:
+            raise ValueError(f"--{flag.replace('_', '-')} must be >= 1")
+    model_path = resolve_model_path(args.model)
+    defaults = settings_from_args(args, model_path)
+    model, tokenizer = load(model_path, adapter_path=args.adapter_path)
+    if tokenizer is None:
+        raise FileNotFoundError(f"No tokenizer (hy.tiktoken or tokenizer.json) in {model_path}")
+    cache = PromptCache(args.prompt_cache_size, args.prompt_cache_bytes)
+    # mlx-lm's batch generator batches plain KV caches only.
+    if args.decode_concurrency > 1 and defaults.kv_bits is None and defaults.max_kv_size is None:
+        engine: Engine = BatchEngine(
+            model,
+            tokenizer,
+            cache,
+            seed=args.seed,
+            decode_concurrency=args.decode_concurrency,
+            prompt_concurrency=args.prompt_concurrency,
+            prefill_step_size=defaults.prefill_step_size,
+        )
+    else:
+        engine = Engine(model, tokenizer, cache, seed=args.seed)
+    engine.start()
+    return Service(
+        args.model,
+        model,
+        tokenizer,
+        engine,
+        defaults,
+        template_args=args.chat_template_args,
+        api_key=args.api_key,
+        max_request_bytes=args.max_request_bytes,
+    )
+
+
+def main(argv: Sequence[str] | None = None) -> None:
+    """CLI entry point: serve until interrupted."""
+    parser = build_parser()
+    args = parser.parse_args(argv)
+    logging.basicConfig(
+        level=getattr(logging, args.log_level), format="%(asctime)s - %(levelname)s - %(message)s"
+    )
+    with run_main(parser.prog, args.debug):
+        service = build_service(args)
+        server = Server((args.host, args.port), service)
+        host, port = server.server_address[:2]
+        print(f"Serving {args.model} on http://{host}:{port}", file=sys.stderr, flush=True)
+        try:
+            server.serve_forever()
+        finally:
+            server.server_close()
+
+
+if __name__ == "__main__":
+    main()

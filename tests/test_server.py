@@ -1,0 +1,359 @@
+"""`python -m hunyuan_mlx.server` as a real process on a free localhost port, on a tiny random
+model with the release's tokenizer, driven by the `openai` client and by raw HTTP."""
+
+from __future__ import annotations
+
+import http.client
+import json
+import os
+import re
+import subprocess
+import sys
+import time
+import urllib.error
+import urllib.request
+from concurrent.futures import ThreadPoolExecutor
+from pathlib import Path
+
+import pytest
+
+# The fixture registers under its name, `tiny_release`.
+from hunyuan_mlx.generation.settings import GenerationSettings
+from hunyuan_mlx.serve.app import Service
+from hunyuan_mlx.server import build_parser
+
+openai = pytest.importorskip("openai")
+
+ROOT = Path(__file__).resolve().parents[1]
+API_KEY = "test-key"
+MAX_REQUEST_BYTES = 100_000
+STARTUP_SECONDS = 60
+GREEDY = {"temperature": 0.0, "max_tokens": 12}
+
+
+def start_server(tiny_release, log: Path, *flags: str):
+    """(base URL, model id) of a server process, until the generator is closed."""
+    env = {
+        **os.environ,
+        "PYTHONPATH": os.pathsep.join([str(ROOT), os.environ.get("PYTHONPATH", "")]),
+    }
+    command = [
+        sys.executable,
+        "-m",
+        "hunyuan_mlx.server",
+        "--model",
+        str(tiny_release),
+        "--port",
+        "0",
+        "--api-key",
+        API_KEY,
+        "--max-request-bytes",
+        str(MAX_REQUEST_BYTES),
+        *flags,
+    ]
+    with open(log, "w") as sink:
+        process = subprocess.Popen(command, stdout=sink, stderr=subprocess.STDOUT, env=env)
+    try:
+        deadline = time.monotonic() + STARTUP_SECONDS
+        while not (found := re.search(r"on (http://\S+)", log.read_text())):
+            assert process.poll() is None, f"server exited:\n{log.read_text()}"
+            assert time.monotonic() < deadline, f"server did not start:\n{log.read_text()}"
+            time.sleep(0.1)
+        yield found.group(1), str(tiny_release)
+    finally:
+        process.terminate()
+        process.wait(timeout=10)
+
+
+@pytest.fixture(scope="module")
+def server(tiny_release, tmp_path_factory):
+    """A server as it starts by default (one request at a time)."""
+    yield from start_server(tiny_release, tmp_path_factory.mktemp("server") / "server.log")
+
+
+@pytest.fixture(scope="module")
+def batching_server(tiny_release, tmp_path_factory):
+    """A server with continuous batching."""
+    log = tmp_path_factory.mktemp("batching") / "server.log"
+    yield from start_server(tiny_release, log, "--decode-concurrency", "8")
+
+
+@pytest.fixture(scope="module")
+def client(server):
+    url, _ = server
+    return openai.OpenAI(base_url=f"{url}/v1", api_key=API_KEY, max_retries=0)
+
+
+def post(url: str, path: str, body: bytes | dict, key: str | None = API_KEY):
+    """(status, JSON body) of a raw POST."""
+    data = body if isinstance(body, bytes) else json.dumps(body).encode()
+    headers = {"Content-Type": "application/json"}
+    if key is not None:
+        headers["Authorization"] = f"Bearer {key}"
+    request = urllib.request.Request(url + path, data=data, headers=headers)
+    try:
+        with urllib.request.urlopen(request) as response:
+            return response.status, json.loads(response.read())
+    except urllib.error.HTTPError as e:
+        return e.code, json.loads(e.read())
+
+
+def chat(client, model: str, text: str, **kwargs):
+    return client.chat.completions.create(
+        model=model, messages=[{"role": "user", "content": text}], **{**GREEDY, **kwargs}
+    )
+
+
+def streamed(client, model: str, messages: list, **kwargs) -> tuple[str, object, str]:
+    """(content, usage, finish_reason) of a streamed chat request."""
+    content, finish, usage = "", None, None
+    for chunk in client.chat.completions.create(
+        model=model,
+        messages=messages,
+        stream=True,
+        stream_options={"include_usage": True},
+        **{**GREEDY, **kwargs},
+    ):
+        if chunk.usage is not None:
+            usage = chunk.usage
+        for choice in chunk.choices:
+            content += choice.delta.content or ""
+            finish = choice.finish_reason or finish
+    return content, usage, finish
+
+
+def test_health_and_models(server, client):
+    url, model = server
+    with urllib.request.urlopen(url + "/health") as response:
+        assert json.loads(response.read()) == {"status": "ok"}
+    assert [m.id for m in client.models.list().data] == [model]
+
+
+def test_streamed_and_plain_replies_agree_and_the_cache_is_reported(server, client):
+    _, model = server
+    messages = [{"role": "user", "content": "Tell me a story about a fox."}]
+    plain = client.chat.completions.create(model=model, messages=messages, **GREEDY)
+    content, usage, finish = streamed(client, model, messages)
+    assert plain.choices[0].message.content and content == plain.choices[0].message.content
+    assert finish == plain.choices[0].finish_reason == "length"
+    assert (usage.prompt_tokens, usage.completion_tokens, usage.total_tokens) == (
+        plain.usage.prompt_tokens,
+        plain.usage.completion_tokens,
+        plain.usage.total_tokens,
+    )
+    assert plain.usage.completion_tokens == GREEDY["max_tokens"]
+    # The same prompt again: all of it but the last token (which generation starts from) cached.
+    assert usage.prompt_tokens_details.cached_tokens == usage.prompt_tokens - 1
+
+
+def test_the_next_turn_reuses_the_conversation(server, client):
+    _, model = server
+    messages = [
+        {"role": "system", "content": "You are terse."},
+        {"role": "user", "content": "Name a colour."},
+    ]
+    first = client.chat.completions.create(model=model, messages=messages, **GREEDY)
+    messages += [
+        {"role": "assistant", "content": first.choices[0].message.content},
+        {"role": "user", "content": "Another one."},
+    ]
+    second = client.chat.completions.create(model=model, messages=messages, **GREEDY)
+    cached = second.usage.prompt_tokens_details.cached_tokens
+    assert first.usage.prompt_tokens <= cached < second.usage.prompt_tokens
+
+
+def test_text_completions_stream_and_not(server):
+    url, _ = server
+    body = {"prompt": "Once upon a time", **GREEDY, "logprobs": 2}
+    status, plain = post(url, "/v1/completions", body)
+    assert status == 200
+    choice = plain["choices"][0]
+    assert choice["finish_reason"] == "length"
+    logprobs = choice["logprobs"]
+    assert "".join(logprobs["tokens"]) == choice["text"]
+    assert all(len(top) <= 2 for top in logprobs["top_logprobs"])
+    # Greedy: each chosen token is the most likely one (temperature 0, no penalty).
+    for token, lp, top in zip(
+        logprobs["tokens"], logprobs["token_logprobs"], logprobs["top_logprobs"]
+    ):
+        assert lp == pytest.approx(max(top.values())) and top[token] == lp
+    request = urllib.request.Request(
+        url + "/v1/completions",
+        data=json.dumps({**body, "stream": True}).encode(),
+        headers={"Authorization": f"Bearer {API_KEY}"},
+    )
+    text = ""
+    with urllib.request.urlopen(request) as response:
+        events = [line[6:] for line in response.read().decode().splitlines() if line]
+    assert events[-1] == "[DONE]"
+    for event in events[:-1]:
+        text += json.loads(event)["choices"][0]["text"]
+    assert text == choice["text"]
+
+
+@pytest.mark.parametrize("kind", ["queue", "batch"])
+def test_eight_concurrent_clients_each_get_their_own_reply(request, kind):
+    url, model = request.getfixturevalue("server" if kind == "queue" else "batching_server")
+    client = openai.OpenAI(base_url=f"{url}/v1", api_key=API_KEY, max_retries=0)
+    questions = [f"Question number {i}: what is {i} plus {i}?" for i in range(8)]
+    with ThreadPoolExecutor(8) as pool:
+        together = list(pool.map(lambda q: chat(client, model, q), questions))
+    alone = [chat(client, model, q) for q in questions]
+    for a, b in zip(together, alone):
+        assert a.choices[0].message.content == b.choices[0].message.content
+        assert a.choices[0].finish_reason == "length"
+        assert a.usage.completion_tokens == GREEDY["max_tokens"]
+    assert len({r.choices[0].message.content for r in alone}) > 1  # not one reply for all
+
+
+BAD_REQUESTS = [
+    # (body, status, param)
+    (b"{not json", 400, None),
+    (b"[1, 2]", 400, None),
+    ({"model": "gpt-4o", "messages": [{"role": "user", "content": "hi"}]}, 404, "model"),
+    ({}, 400, "messages"),
+    ({"messages": []}, 400, "messages"),
+    ({"messages": [{"role": "wizard", "content": "hi"}]}, 400, "messages[0].role"),
+    ({"messages": [{"role": "user"}]}, 400, "messages[0].content"),
+    ({"messages": [{"role": "user", "content": "word " * 400}]}, 400, "messages"),
+    ({"messages": [{"role": "user", "content": "hi"}], "temperature": -1}, 400, "temperature"),
+    ({"messages": [{"role": "user", "content": "hi"}], "top_p": 0}, 400, "top_p"),
+    ({"messages": [{"role": "user", "content": "hi"}], "top_p": 1.5}, 400, "top_p"),
+    ({"messages": [{"role": "user", "content": "hi"}], "top_k": 2.5}, 400, "top_k"),
+    ({"messages": [{"role": "user", "content": "hi"}], "min_p": 2}, 400, "min_p"),
+    (
+        {"messages": [{"role": "user", "content": "hi"}], "repetition_penalty": 0},
+        400,
+        "repetition_penalty",
+    ),
+    ({"messages": [{"role": "user", "content": "hi"}], "max_tokens": 0}, 400, "max_tokens"),
+    ({"messages": [{"role": "user", "content": "hi"}], "max_tokens": "5"}, 400, "max_tokens"),
+    ({"messages": [{"role": "user", "content": "hi"}], "n": 2}, 400, "n"),
+    ({"messages": [{"role": "user", "content": "hi"}], "seed": -1}, 400, "seed"),
+    ({"messages": [{"role": "user", "content": "hi"}], "stop": ["a"] * 5}, 400, "stop"),
+    (
+        {"messages": [{"role": "user", "content": "hi"}], "tool_choice": "required"},
+        400,
+        "tool_choice",
+    ),
+    ({"messages": [{"role": "user", "content": "hi"}], "top_logprobs": 3}, 400, "top_logprobs"),
+    (
+        {
+            "messages": [{"role": "user", "content": "hi"}],
+            "stream_options": {"include_usage": True},
+        },
+        400,
+        "stream_options",
+    ),
+    (
+        {
+            "messages": [{"role": "user", "content": "hi"}],
+            "chat_template_kwargs": {"enable_thinking": "no"},
+        },
+        400,
+        "chat_template_kwargs.enable_thinking",
+    ),
+]
+
+
+@pytest.mark.parametrize("body,status,param", BAD_REQUESTS)
+def test_bad_requests_get_a_4xx_naming_the_field_and_the_server_goes_on(
+    server, client, body, status, param
+):
+    url, model = server
+    got, error = post(url, "/v1/chat/completions", body)
+    assert got == status
+    assert error["error"]["param"] == param and error["error"]["message"]
+    assert chat(client, model, "Still there?").choices[0].message.content
+
+
+BAD_COMPLETIONS = [
+    ({"max_tokens": 2}, "prompt"),
+    ({"prompt": ""}, "prompt"),
+    ({"prompt": [1, 2, 10**9]}, "prompt"),
+    ({"prompt": "hi", "logprobs": 6}, "logprobs"),
+    ({"prompt": "hi", "echo": True}, "echo"),
+]
+
+
+@pytest.mark.parametrize("body,param", BAD_COMPLETIONS)
+def test_bad_completion_requests_name_the_field(server, body, param):
+    url, _ = server
+    status, error = post(url, "/v1/completions", body)
+    assert (status, error["error"]["param"]) == (400, param)
+    assert post(url, "/v1/completions", {"prompt": [1, 2, 3], "max_tokens": 2})[0] == 200
+
+
+def test_a_body_over_the_limit_is_refused(server, client):
+    url, model = server
+    host, port = url.removeprefix("http://").split(":")
+    conn = http.client.HTTPConnection(host, int(port))
+    # Only the headers are sent: the server answers without reading a body that large.
+    conn.putrequest("POST", "/v1/chat/completions")
+    conn.putheader("Authorization", f"Bearer {API_KEY}")
+    conn.putheader("Content-Length", str(MAX_REQUEST_BYTES + 1))
+    conn.endheaders()
+    response = conn.getresponse()
+    assert response.status == 413
+    assert json.loads(response.read())["error"]["code"] == "body_too_large"
+    conn.close()
+    assert chat(client, model, "Still there?").choices[0].message.content
+
+
+def test_the_api_key_is_required(server, client):
+    url, model = server
+    body = {"messages": [{"role": "user", "content": "hi"}], "max_tokens": 2}
+    for key in (None, "wrong-key"):
+        status, error = post(url, "/v1/chat/completions", body, key=key)
+        assert status == 401 and error["error"]["code"] == "invalid_api_key"
+    request = urllib.request.Request(url + "/v1/models")
+    with pytest.raises(urllib.error.HTTPError) as e:
+        urllib.request.urlopen(request)
+    assert e.value.code == 401
+    assert post(url, "/v1/chat/completions", body)[0] == 200
+
+
+def test_a_refused_request_leaves_the_client_able_to_go_on(server):
+    """Refused before its body is read (401, unknown endpoint) or after (400): the client's
+    next request, on the same connection if the server keeps it, gets its own answer."""
+    url, _ = server
+    host, port = url.removeprefix("http://").split(":")
+    good = json.dumps({"messages": [{"role": "user", "content": "hi"}], "max_tokens": 2})
+    refusals = [
+        ("/v1/chat/completions", good, {}, 401),
+        ("/v1/nowhere", good, {"Authorization": f"Bearer {API_KEY}"}, 404),
+        ("/v1/chat/completions", "{bad", {"Authorization": f"Bearer {API_KEY}"}, 400),
+    ]
+    for path, body, headers, status in refusals:
+        conn = http.client.HTTPConnection(host, int(port))
+        conn.request("POST", path, body, headers)
+        response = conn.getresponse()
+        assert response.status == status
+        response.read()
+        if response.will_close:
+            conn.close()
+            conn = http.client.HTTPConnection(host, int(port))
+        conn.request("POST", "/v1/chat/completions", good, {"Authorization": f"Bearer {API_KEY}"})
+        response = conn.getresponse()
+        assert response.status == 200
+        assert json.loads(response.read())["object"] == "chat.completion"
+        conn.close()
+
+
+def test_a_seed_makes_sampling_repeat(server, client):
+    _, model = server
+    sampled = {"temperature": 1.0, "max_tokens": 12}
+    runs = [chat(client, model, "Pick words.", seed=s, **sampled) for s in (7, 7, 8)]
+    texts = [r.choices[0].message.content for r in runs]
+    assert texts[0] == texts[1] != texts[2]
+
+
+def test_chat_template_args_are_checked_at_startup(capsys):
+    parser = build_parser()
+    with pytest.raises(SystemExit):
+        parser.parse_args(["--model", "m", "--chat-template-args", "[1]"])
+    assert "expected a JSON object" in capsys.readouterr().err
+    args = parser.parse_args(["--model", "m", "--chat-template-args", '{"enable_thinking": false}'])
+    assert args.chat_template_args == {"enable_thinking": False}
+    with pytest.raises(ValueError, match="cannot set tools"):
+        Service("m", None, None, None, GenerationSettings(), template_args={"tools": []})
