@@ -1,0 +1,344 @@
+"""What quantization cost: perplexity, and divergence from a reference model, on the same tokens.
+
+Data becomes windows `(tokens, offset)` of at most `sequence_length` tokens: each token from
+`offset` on (never 0: the first token has no context) is scored, predicted from the window's tokens
+before it. A model's pass runs the windows in fixed batches, the head over the scored positions
+only, in chunks, so neither the (batch, length, vocab) logits nor anything per window outlives its
+batch; what a pass keeps is a few numbers per scored token (`Scores`).
+
+Against a reference the two models are never resident together: the reference runs first over all
+windows and is freed before the model is loaded. The reference keeps, per scored token, the ids and
+log-probabilities of its `top_k` most likely tokens plus the log of the mass of all the others
+(8 * top_k + 12 bytes). The KL divergence is then taken over those top_k tokens plus one bucket for
+the rest: exact when top_k covers the vocabulary, otherwise a lower bound (merging outcomes can only
+lower a KL divergence), and `Divergence.reference_tail_mass` says how much probability the bucket
+held. Keeping the reference's full log-probabilities instead would cost 4 * vocab bytes per token,
+0.5 MB for Hunyuan-A13B's 128167 ids: 1 GB for each 2048-token window.
+"""
+
+from __future__ import annotations
+
+import gc
+import math
+import sys
+import time
+from collections.abc import Callable, Iterator
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import mlx.core as mx
+import numpy as np
+from mlx_lm.tuner.datasets import TextDataset
+from tqdm import tqdm
+
+from hunyuan_mlx.data import load_examples
+
+Window = tuple[list[int], int]  # (tokens, offset): tokens[offset:] are scored, offset >= 1
+
+DEFAULT_SEQUENCE_LENGTH = 2048
+DEFAULT_BATCH_SIZE = 4
+DEFAULT_NUM_SAMPLES = 256  # windows; -1 for all
+DEFAULT_SEED = 123  # mlx_lm.perplexity's
+DEFAULT_TOP_K = 128
+# Scored positions per chunk of the head: bounds its float32 (chunk, vocab) temporaries,
+# about 0.13 GB each at Hunyuan-A13B's vocabulary.
+HEAD_CHUNK = 256
+TEXT_SUFFIX = ".txt"
+# What a directory means: the held-out split of a `hunyuan_mlx.lora` data directory.
+DATA_DIR_FILES = ("test.jsonl", "valid.jsonl")
+NEG_INF = mx.array(-math.inf)
+
+
+def read_data(path: str | Path, tokenizer: Any) -> list[Window]:
+    """`(tokens, offset)` examples of a .txt file (one document), a JSONL file (text, chat or
+    prompt/completion records, the prompt masked) or a directory's test.jsonl / valid.jsonl."""
+    path = Path(path)
+    if not path.exists():
+        raise FileNotFoundError(f"Data {path} does not exist")
+    if path.is_dir():
+        files = [path / name for name in DATA_DIR_FILES if (path / name).is_file()]
+        if not files:
+            raise FileNotFoundError(f"Data directory {path} has no {' or '.join(DATA_DIR_FILES)}")
+        path = files[0]
+    if path.suffix == TEXT_SUFFIX:
+        text = path.read_text(encoding="utf-8")
+        # As a JSONL text record: mlx-lm's TextDataset, which ends the document with EOS.
+        return [TextDataset([], tokenizer).process({"text": text})] if text else []
+    # No truncation here: make_windows cuts long examples into several windows instead.
+    return load_examples(path, tokenizer, max_seq_length=sys.maxsize)
+
+
+def make_windows(examples: list[Window], sequence_length: int) -> list[Window]:
+    """Cut each example into consecutive windows of at most `sequence_length` tokens, keeping
+    those with a scored token; a window's first token is context only."""
+    if sequence_length < 2:
+        raise ValueError(f"sequence length must be at least 2, got {sequence_length}")
+    windows = []
+    for tokens, offset in examples:
+        for start in range(0, len(tokens), sequence_length):
+            window = tokens[start : start + sequence_length]
+            first = max(offset - start, 1)
+            if first < len(window):
+                windows.append((window, first))
+    return windows
+
+
+def sample_windows(windows: list[Window], num_samples: int, seed: int) -> list[Window]:
+    """`num_samples` windows drawn at random (in their original order), or all when -1 or more."""
+    if num_samples == 0 or num_samples < -1:
+        raise ValueError(f"number of samples must be positive or -1 (all), got {num_samples}")
+    if num_samples == -1 or num_samples >= len(windows):
+        return windows
+    chosen = np.random.default_rng(seed).choice(len(windows), num_samples, replace=False)
+    return [windows[i] for i in sorted(chosen)]
+
+
+def check_fits(config: Any, sequence_length: int, name: str) -> None:
+    """Refuse windows longer than the model's context (`max_position_embeddings`)."""
+    if sequence_length > config.max_position_embeddings:
+        raise ValueError(
+            f"sequence length {sequence_length} is beyond the context of {name} "
+            f"(max_position_embeddings {config.max_position_embeddings})"
+        )
+
+
+def check_same_vocabulary(vocab_size: int, reference_vocab_size: int) -> None:
+    """Refuse to compare next-token distributions over different vocabularies."""
+    if vocab_size != reference_vocab_size:
+        raise ValueError(
+            f"vocabulary mismatch: the model has {vocab_size} ids, "
+            f"the reference {reference_vocab_size}"
+        )
+
+
+def batches(
+    windows: list[Window], batch_size: int
+) -> Iterator[tuple[mx.array, np.ndarray, np.ndarray, int]]:
+    """Per batch (longest windows first, so the peak memory shows at once): the model's input,
+    right-padded (B, T - 1); the flat input positions whose next token is scored; those tokens;
+    the windows' total length.
+
+    Right padding needs no mask: attention is causal, so padding only follows the real tokens.
+    """
+    if batch_size < 1:
+        raise ValueError(f"batch size must be at least 1, got {batch_size}")
+    order = sorted(range(len(windows)), key=lambda i: -len(windows[i][0]))
+    for s in range(0, len(order), batch_size):
+        chunk = [windows[i] for i in order[s : s + batch_size]]
+        width = max(len(tokens) for tokens, _ in chunk)
+        ids = np.zeros((len(chunk), width), dtype=np.int32)
+        positions, targets = [], []
+        for row, (tokens, offset) in enumerate(chunk):
+            ids[row, : len(tokens)] = tokens
+            positions.append(row * (width - 1) + np.arange(offset - 1, len(tokens) - 1))
+            targets.append(tokens[offset:])
+        length = sum(len(tokens) for tokens, _ in chunk)
+        yield mx.array(ids[:, :-1]), np.concatenate(positions), np.concatenate(targets), length
+
+
+@dataclass
+class Scores:
+    """What one model's pass keeps, per scored token in batch order, and how long it took."""
+
+    losses: np.ndarray  # float32 negative log-likelihood of the scored token
+    top1: np.ndarray  # the most likely token
+    tokens_processed: int  # window tokens through the model, padding not counted
+    seconds: float
+    vocab_size: int
+    # With keep_top_k: the top_k ids and log-probabilities, and the log-mass of all other ids.
+    top_ids: np.ndarray | None = None
+    top_logprobs: np.ndarray | None = None
+    tail_logmass: np.ndarray | None = None
+    # With a reference: KL(reference || this model) over the reference's top_k and the rest.
+    kl: np.ndarray | None = None
+
+    @property
+    def nbytes(self) -> int:
+        """Host memory the scores hold."""
+        arrays = (self.losses, self.top1, self.top_ids, self.top_logprobs, self.tail_logmass)
+        return sum(a.nbytes for a in (*arrays, self.kl) if a is not None)
+
+
+def score(
+    model: Any,
+    windows: list[Window],
+    batch_size: int = DEFAULT_BATCH_SIZE,
+    keep_top_k: int = 0,
+    reference: Scores | None = None,
+    name: str = "model",
+) -> Scores:
+    """One pass of `model` over `windows`: per-token losses and top-1, plus the reference's top-k
+    (`keep_top_k`) or the divergence from a `reference` pass over the same windows."""
+    config = model.config
+    vocab = config.vocab_size
+    longest = max(len(tokens) for tokens, _ in windows)
+    check_fits(config, longest, f"the {name}")
+    highest = max(max(tokens) for tokens, _ in windows)
+    if highest >= vocab:
+        raise ValueError(
+            f"token id {highest} is outside the vocabulary of the {name} ({vocab} ids): "
+            "the data's tokenizer does not belong to this model"
+        )
+    if reference is not None:
+        check_same_vocabulary(vocab, reference.vocab_size)
+    top_k = min(keep_top_k, vocab)
+    kept: dict[str, list[np.ndarray]] = {}
+    done = 0  # scored tokens so far: the row into the reference's arrays
+    processed = sum(len(tokens) for tokens, _ in windows)
+    start = time.perf_counter()
+    with tqdm(
+        total=processed, desc=name.capitalize(), unit="tok", unit_scale=True, disable=None
+    ) as bar:
+        for inputs, positions, targets, length in batches(windows, batch_size):
+            hidden = model.model(inputs)
+            hidden = hidden.reshape(-1, hidden.shape[-1])[mx.array(positions)]
+            mx.eval(hidden)
+            for s in range(0, len(targets), HEAD_CHUNK):
+                rows = slice(done + s, done + min(s + HEAD_CHUNK, len(targets)))
+                logits = model.lm_head_logits(hidden[s : s + HEAD_CHUNK]).astype(mx.float32)
+                logp = logits - mx.logsumexp(logits, axis=-1, keepdims=True)
+                target = mx.array(targets[s : s + HEAD_CHUNK])[:, None]
+                out = {
+                    "losses": -mx.take_along_axis(logp, target, axis=-1)[:, 0],
+                    "top1": mx.argmax(logp, axis=-1),
+                }
+                if top_k:
+                    ids = mx.argpartition(logp, vocab - top_k, axis=-1)[:, vocab - top_k :]
+                    out["top_ids"] = ids.astype(mx.int32)
+                    out["top_logprobs"] = mx.take_along_axis(logp, ids, axis=-1)
+                    out["tail_logmass"] = tail_logmass(logp, ids)
+                if reference is not None:
+                    out["kl"] = top_k_kl(
+                        logp,
+                        mx.array(reference.top_ids[rows]),
+                        mx.array(reference.top_logprobs[rows]),
+                        mx.array(reference.tail_logmass[rows]),
+                    )
+                mx.eval(out)
+                for key, value in out.items():
+                    kept.setdefault(key, []).append(np.array(value))
+            done += len(targets)
+            bar.update(length)
+    seconds = time.perf_counter() - start
+    arrays = {key: np.concatenate(values) for key, values in kept.items()}
+    return Scores(tokens_processed=processed, seconds=seconds, vocab_size=vocab, **arrays)
+
+
+def tail_logmass(logp: mx.array, ids: mx.array) -> mx.array:
+    """Log of the probability of every id but `ids` (-inf when `ids` is the whole vocabulary),
+    summed directly rather than as 1 - sum(top), which cancels when the top holds nearly all."""
+    return mx.logsumexp(mx.put_along_axis(logp, ids, NEG_INF, axis=-1), axis=-1)
+
+
+def top_k_kl(logq: mx.array, ref_ids: mx.array, ref_logp: mx.array, ref_tail: mx.array) -> mx.array:
+    """KL(reference || model) per row over the reference's top ids and one bucket for the rest."""
+    head = (mx.exp(ref_logp) * (ref_logp - mx.take_along_axis(logq, ref_ids, axis=-1))).sum(-1)
+    tail_mass = mx.exp(ref_tail)
+    tail = mx.where(tail_mass > 0, tail_mass * (ref_tail - tail_logmass(logq, ref_ids)), 0.0)
+    return head + tail
+
+
+@dataclass(frozen=True)
+class Perplexity:
+    """exp(mean token loss), its standard error (delta method), and the pass's size and speed."""
+
+    perplexity: float
+    perplexity_se: float | None  # None with a single token
+    tokens: int
+    tokens_per_sec: float
+
+
+def perplexity(scores: Scores) -> Perplexity:
+    """Perplexity of one pass, as mlx_lm.perplexity computes it, from per-token losses."""
+    losses = scores.losses.astype(np.float64)
+    value = math.exp(losses.mean())
+    n = len(losses)
+    se = value * losses.std(ddof=1) / math.sqrt(n) if n > 1 else None
+    return Perplexity(value, se, n, scores.tokens_processed / scores.seconds)
+
+
+@dataclass(frozen=True)
+class Divergence:
+    """How far the model's next-token distributions are from the reference's, token by token."""
+
+    kl_mean: float
+    kl_p99: float
+    top1_agreement: float
+    # exp(mean(loss - reference loss)) and its standard error: paired, so far tighter than
+    # the two perplexities' errors.
+    perplexity_ratio: float
+    perplexity_ratio_se: float | None
+    top_k: int  # the reference's ids the KL sums over; the rest are one bucket
+    reference_tail_mass: float  # mean reference probability in that bucket
+
+
+def divergence(scores: Scores, reference: Scores) -> Divergence:
+    """Summary of a pass scored against a reference pass over the same windows."""
+    if scores.kl is None or reference.top_ids is None:
+        raise ValueError("the model's pass was not scored against this reference")
+    diff = scores.losses.astype(np.float64) - reference.losses
+    ratio = math.exp(diff.mean())
+    n = len(diff)
+    return Divergence(
+        kl_mean=float(scores.kl.astype(np.float64).mean()),
+        kl_p99=float(np.percentile(scores.kl, 99)),
+        top1_agreement=float((scores.top1 == reference.top1).mean()),
+        perplexity_ratio=ratio,
+        perplexity_ratio_se=ratio * diff.std(ddof=1) / math.sqrt(n) if n > 1 else None,
+        top_k=reference.top_ids.shape[1],
+        reference_tail_mass=float(np.exp(reference.tail_logmass.astype(np.float64)).mean()),
+    )
+
+
+@dataclass(frozen=True)
+class Evaluation:
+    """The model's perplexity and, with a reference, the reference's and the divergence."""
+
+    model: Perplexity
+    reference: Perplexity | None = None
+    divergence: Divergence | None = None
+    reference_bytes: int = 0  # host memory the reference's scores held during the model's pass
+
+    def to_dict(self) -> dict[str, Any]:
+        """Flat JSON-ready fields: the model's, then `reference_`-prefixed ones, then the KL's."""
+        out = dict(vars(self.model))
+        if self.reference is not None:
+            out |= {f"reference_{k}": v for k, v in vars(self.reference).items() if k != "tokens"}
+        if self.divergence is not None:
+            out |= vars(self.divergence)
+            out["reference_bytes"] = self.reference_bytes
+        return out
+
+
+def evaluate(
+    load_model: Callable[[], Any],
+    windows: list[Window],
+    load_reference: Callable[[], Any] | None = None,
+    batch_size: int = DEFAULT_BATCH_SIZE,
+    top_k: int = DEFAULT_TOP_K,
+) -> Evaluation:
+    """Score the model from `load_model()` on `windows`; with `load_reference`, run the reference
+    first, free it, then the model, and compare them token by token. Each loader is called once."""
+    if not windows:
+        raise ValueError("no windows to evaluate")
+    if top_k < 1:
+        raise ValueError(f"top-k must be at least 1, got {top_k}")
+    reference_scores = None
+    if load_reference is not None:
+        reference = load_reference()
+        reference_scores = score(reference, windows, batch_size, top_k, name="reference")
+        # Free the reference before the model loads; gc for any reference cycle in the module.
+        del reference
+        gc.collect()
+        mx.clear_cache()
+    model = load_model()
+    scores = score(model, windows, batch_size, reference=reference_scores)
+    if reference_scores is None:
+        return Evaluation(perplexity(scores))
+    return Evaluation(
+        perplexity(scores),
+        perplexity(reference_scores),
+        divergence(scores, reference_scores),
+        reference_scores.nbytes,
+    )
