@@ -34,7 +34,9 @@ from tqdm import tqdm
 
 from hunyuan_mlx.data import load_examples
 
-Window = tuple[list[int], int]  # (tokens, offset): tokens[offset:] are scored, offset >= 1
+# (tokens, offset): the tokens from offset on are scored (from 1 on in a window, from 0 in an
+# example read from data: a window's first token has no context).
+Window = tuple[list[int], int]
 
 DEFAULT_SEQUENCE_LENGTH = 2048
 DEFAULT_BATCH_SIZE = 4
@@ -182,6 +184,9 @@ def score(
         )
     if reference is not None:
         check_same_vocabulary(vocab, reference.vocab_size)
+        scored = sum(len(tokens) - offset for tokens, offset in windows)
+        if reference.top_ids is None or len(reference.losses) != scored:
+            raise ValueError("the reference was not scored with keep_top_k on these windows")
     top_k = min(keep_top_k, vocab)
     kept: dict[str, list[np.ndarray]] = {}
     done = 0  # scored tokens so far: the row into the reference's arrays
