@@ -17,7 +17,7 @@ from conftest import TINY_CONFIG, build_torch_model, save_checkpoint, shared_dir
 
 from hunyuan_mlx.converter import convert
 from hunyuan_mlx.data import read_jsonl
-from hunyuan_mlx.evaluate import PROG, main
+from hunyuan_mlx.evaluate import PROG, format_table, main
 from hunyuan_mlx.evaluation import (
     evaluate,
     make_windows,
@@ -206,9 +206,19 @@ def test_chat_data_scores_only_the_answers(tmp_path):
     chat = make_windows(read_data(data, tokenizer), 512)
     expected = torch_losses(torch_model, chat)
     assert len(expected) < sum(len(t) for t, _ in chat) - len(chat)
-    record = run_cli(["--model", str(model), "--data", str(data), "--sequence-length", "512"])
+    record = run_cli(
+        ["--model", str(model), "--reference", str(model), "--data", str(data)]
+        + ["--sequence-length", "512"]
+    )
     assert record["tokens"] == len(expected)
     assert record["perplexity"] == pytest.approx(math.exp(expected.mean()), rel=RTOL)
+    assert record["reference_perplexity"] == record["perplexity"]
+    assert record["kl_mean"] == 0 and record["top1_agreement"] == 1
+    # The reference's top 128 of 128167 ids leave it some probability outside.
+    assert record["top_k"] == 128 and 0 < record["reference_tail_mass"] < 1
+    table = format_table(record)
+    assert f"{record['perplexity']:.4f} ± {record['perplexity_se']:.4f}" in table
+    assert "top-1 agreement: 1.0000" in table
 
 
 # --- command line -----------------------------------------------------------------------------
