@@ -40,7 +40,9 @@ GB = 1e9
 
 def build_parser() -> argparse.ArgumentParser:
     """The command's flags; names and meanings follow mlx_lm.perplexity."""
-    parser = argparse.ArgumentParser(prog=PROG, description=__doc__.splitlines()[0])
+    parser = argparse.ArgumentParser(
+        prog=PROG, description="Perplexity of a HunYuan model and its divergence from a reference"
+    )
     parser.add_argument("--model", required=True, help="Checkpoint directory or Hub repo id")
     parser.add_argument(
         "--reference",
