@@ -5,7 +5,7 @@ The model has the release's structure (64 experts top-8, one shared expert, GQA 
 next-token distributions are far from uniform. It is written as a bf16 release-layout checkpoint,
 converted once unquantized (the reference) and once per recipe; each converted model runs in
 float32 over the same fixed token stream, scored by the evaluate command's code
-(`hunyuan_mlx.evaluation`, the reference keeping its whole vocabulary, so the KL is exact). One
+(`hunyuan_mlx.evaluation`, which keeps the reference's hidden states and head: exact KL). One
 JSON line per recipe: size on disk, bits per weight, top-1 agreement with the bf16 model and the
 mean KL(bf16 || quantized) of the next-token distributions.
 
@@ -30,7 +30,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 from convert_memory import release_config, write_checkpoint  # noqa: E402
 
 from hunyuan_mlx.converter import convert  # noqa: E402
-from hunyuan_mlx.evaluation import divergence, score  # noqa: E402
+from hunyuan_mlx.evaluation import Reference, divergence, score  # noqa: E402
 from hunyuan_mlx.loading import load_model  # noqa: E402
 
 # label -> convert() quantization arguments
@@ -88,9 +88,7 @@ def main() -> None:
         write_checkpoint(src, config, 256 * 2**20, init=scaled_init)
         with redirect_stdout(sys.stderr):  # stdout carries only the JSON lines
             reference_summary = convert(src, workdir / "bf16", dtype="bfloat16")
-        reference = score(
-            float32_model(workdir / "bf16"), windows, len(windows), keep_top_k=args.vocab
-        )
+        reference = Reference(float32_model(workdir / "bf16"), windows, len(windows))
         for label, kwargs in {"bf16 (reference)": None, **RECIPES}.items():
             dst = workdir / "quantized"
             if kwargs is None:
@@ -99,7 +97,7 @@ def main() -> None:
                 with redirect_stdout(sys.stderr):
                     summary = convert(src, dst, quantize=True, **kwargs)
             quantized = score(float32_model(dst), windows, len(windows), reference=reference)
-            result = divergence(quantized, reference)
+            result = divergence(quantized, reference.scores)
             experts = summary.precision["routed experts"]
             share = sum(experts.values()) / summary.parameters
             record = {

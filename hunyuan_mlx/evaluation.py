@@ -7,13 +7,13 @@ only, in chunks, so neither the (batch, length, vocab) logits nor anything per w
 batch; what a pass keeps is a few numbers per scored token (`Scores`).
 
 Against a reference the two models are never resident together: the reference runs first over all
-windows and is freed before the model is loaded. The reference keeps, per scored token, the ids and
-log-probabilities of its `top_k` most likely tokens plus the log of the mass of all the others
-(8 * top_k + 12 bytes). The KL divergence is then taken over those top_k tokens plus one bucket for
-the rest: exact when top_k covers the vocabulary, otherwise a lower bound (merging outcomes can only
-lower a KL divergence), and `Divergence.reference_tail_mass` says how much probability the bucket
-held. Keeping the reference's full log-probabilities instead would cost 4 * vocab bytes per token,
-0.5 MB for Hunyuan-A13B's 128167 ids: 1 GB for each 2048-token window.
+windows, and what its next-token distributions need is kept: its final hidden states at the scored
+positions, written to a temporary file (`TMPDIR`), and its head (the model stripped of its decoder
+layers). While the model runs, the reference's log-probabilities are recomputed from them chunk by
+chunk, bit for bit as in its own pass, so the KL divergence and top-1 agreement are exact. A token
+costs hidden_size values on disk (8 KB for Hunyuan-A13B in bf16, 16 MB a 2048-token window) where
+its full log-probabilities would cost vocab_size (0.5 MB in float32, 1 GB a window); the head
+left in memory is the embedding (tied in the release), 0.56 GB at 8 bits, 1.05 GB in bf16.
 """
 
 from __future__ import annotations
@@ -21,11 +21,12 @@ from __future__ import annotations
 import gc
 import math
 import sys
+import tempfile
 import time
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
+from typing import IO, Any
 
 import mlx.core as mx
 import numpy as np
@@ -42,14 +43,12 @@ DEFAULT_SEQUENCE_LENGTH = 2048
 DEFAULT_BATCH_SIZE = 4
 DEFAULT_NUM_SAMPLES = 256  # windows; -1 for all
 DEFAULT_SEED = 123  # mlx_lm.perplexity's
-DEFAULT_TOP_K = 128
 # Scored positions per chunk of the head: bounds its float32 (chunk, vocab) temporaries,
-# about 0.13 GB each at Hunyuan-A13B's vocabulary.
+# about 0.13 GB each at Hunyuan-A13B's vocabulary (a handful live at once).
 HEAD_CHUNK = 256
 TEXT_SUFFIX = ".txt"
 # What a directory means: the held-out split of a `hunyuan_mlx.lora` data directory.
 DATA_DIR_FILES = ("test.jsonl", "valid.jsonl")
-NEG_INF = mx.array(-math.inf)
 
 
 def read_data(path: str | Path, tokenizer: Any) -> list[Window]:
@@ -148,30 +147,64 @@ class Scores:
     tokens_processed: int  # window tokens through the model, padding not counted
     seconds: float
     vocab_size: int
-    # With keep_top_k: the top_k ids and log-probabilities, and the log-mass of all other ids.
-    top_ids: np.ndarray | None = None
-    top_logprobs: np.ndarray | None = None
-    tail_logmass: np.ndarray | None = None
-    # With a reference: KL(reference || this model) over the reference's top_k and the rest.
-    kl: np.ndarray | None = None
+    kl: np.ndarray | None = None  # with a reference: KL(reference || this model)
+
+
+class Reference:
+    """A reference's pass over some windows, and what recomputes its next-token distributions
+    there once its decoder layers are gone: its final hidden states at the scored positions (in a
+    temporary file, in pass order) and its head."""
+
+    def __init__(self, model: Any, windows: list[Window], batch_size: int) -> None:
+        self.hidden_file: IO[bytes] = tempfile.TemporaryFile(prefix="hunyuan_mlx_reference.")
+        self.hidden_size: int = model.config.hidden_size
+        self.dtype: mx.Dtype = mx.float32  # the hidden states' own, set by `write`
+        self.scores = score(model, windows, batch_size, save_hidden=self, name="reference")
+        self._rows = len(self.scores.losses)
+        # Only what lm_head_logits reads stays: the tied embedding or the lm_head (and the
+        # embedding of an untied model, unused here).
+        model.model.layers = []
+        self.head = model
+
+    def write(self, hidden: mx.array) -> None:
+        """Append rows of final hidden states (the reference's pass)."""
+        self.dtype = hidden.dtype
+        self.hidden_file.write(np.array(hidden.view(mx.uint8)).tobytes())
+
+    def logprobs(self, start: int, rows: int) -> mx.array:
+        """Float32 next-token log-probabilities of scored tokens start .. start + rows - 1."""
+        row_bytes = self.hidden_size * self.dtype.size
+        self.hidden_file.seek(start * row_bytes)
+        data = np.frombuffer(self.hidden_file.read(rows * row_bytes), dtype=np.uint8)
+        hidden = mx.array(data).view(self.dtype).reshape(rows, self.hidden_size)
+        return log_softmax(self.head.lm_head_logits(hidden))
 
     @property
-    def nbytes(self) -> int:
-        """Host memory the scores hold."""
-        arrays = (self.losses, self.top1, self.top_ids, self.top_logprobs, self.tail_logmass)
-        return sum(a.nbytes for a in (*arrays, self.kl) if a is not None)
+    def disk_bytes(self) -> int:
+        """Size of the hidden-state file."""
+        return self._rows * self.hidden_size * self.dtype.size
+
+    def matches(self, windows: list[Window]) -> bool:
+        """Whether these are the windows the reference scored (as many scored tokens)."""
+        return self._rows == sum(len(tokens) - offset for tokens, offset in windows)
+
+
+def log_softmax(logits: mx.array) -> mx.array:
+    """Float32 log-probabilities of logits of any dtype."""
+    logits = logits.astype(mx.float32)
+    return logits - mx.logsumexp(logits, axis=-1, keepdims=True)
 
 
 def score(
     model: Any,
     windows: list[Window],
     batch_size: int = DEFAULT_BATCH_SIZE,
-    keep_top_k: int = 0,
-    reference: Scores | None = None,
+    reference: Reference | None = None,
+    save_hidden: Reference | None = None,
     name: str = "model",
 ) -> Scores:
-    """One pass of `model` over `windows`: per-token losses and top-1, plus the reference's top-k
-    (`keep_top_k`) or the divergence from a `reference` pass over the same windows."""
+    """One pass of `model` over `windows`: per-token losses and top-1, and the KL divergence from
+    a `reference` that scored the same windows; `save_hidden` receives the final hidden states."""
     config = model.config
     vocab = config.vocab_size
     longest = max(len(tokens) for tokens, _ in windows)
@@ -183,13 +216,11 @@ def score(
             "the data's tokenizer does not belong to this model"
         )
     if reference is not None:
-        check_same_vocabulary(vocab, reference.vocab_size)
-        scored = sum(len(tokens) - offset for tokens, offset in windows)
-        if reference.top_ids is None or len(reference.losses) != scored:
-            raise ValueError("the reference was not scored with keep_top_k on these windows")
-    top_k = min(keep_top_k, vocab)
+        check_same_vocabulary(vocab, reference.scores.vocab_size)
+        if not reference.matches(windows):
+            raise ValueError("the reference scored other windows")
     kept: dict[str, list[np.ndarray]] = {}
-    done = 0  # scored tokens so far: the row into the reference's arrays
+    done = 0  # scored tokens so far: the row into the reference's hidden states
     processed = sum(len(tokens) for tokens, _ in windows)
     start = time.perf_counter()
     with tqdm(
@@ -200,26 +231,18 @@ def score(
             hidden = hidden.reshape(-1, hidden.shape[-1])[mx.array(positions)]
             mx.eval(hidden)
             for s in range(0, len(targets), HEAD_CHUNK):
-                rows = slice(done + s, done + min(s + HEAD_CHUNK, len(targets)))
-                logits = model.lm_head_logits(hidden[s : s + HEAD_CHUNK]).astype(mx.float32)
-                logp = logits - mx.logsumexp(logits, axis=-1, keepdims=True)
+                chunk = hidden[s : s + HEAD_CHUNK]
+                logp = log_softmax(model.lm_head_logits(chunk))
                 target = mx.array(targets[s : s + HEAD_CHUNK])[:, None]
                 out = {
                     "losses": -mx.take_along_axis(logp, target, axis=-1)[:, 0],
                     "top1": mx.argmax(logp, axis=-1),
                 }
-                if top_k:
-                    ids = mx.argpartition(logp, vocab - top_k, axis=-1)[:, vocab - top_k :]
-                    out["top_ids"] = ids.astype(mx.int32)
-                    out["top_logprobs"] = mx.take_along_axis(logp, ids, axis=-1)
-                    out["tail_logmass"] = tail_logmass(logp, ids)
                 if reference is not None:
-                    out["kl"] = top_k_kl(
-                        logp,
-                        mx.array(reference.top_ids[rows]),
-                        mx.array(reference.top_logprobs[rows]),
-                        mx.array(reference.tail_logmass[rows]),
-                    )
+                    ref = reference.logprobs(done + s, chunk.shape[0])
+                    out["kl"] = (mx.exp(ref) * (ref - logp)).sum(-1)
+                if save_hidden is not None:
+                    save_hidden.write(chunk)
                 mx.eval(out)
                 for key, value in out.items():
                     kept.setdefault(key, []).append(np.array(value))
@@ -228,20 +251,6 @@ def score(
     seconds = time.perf_counter() - start
     arrays = {key: np.concatenate(values) for key, values in kept.items()}
     return Scores(tokens_processed=processed, seconds=seconds, vocab_size=vocab, **arrays)
-
-
-def tail_logmass(logp: mx.array, ids: mx.array) -> mx.array:
-    """Log of the probability of every id but `ids` (-inf when `ids` is the whole vocabulary),
-    summed directly rather than as 1 - sum(top), which cancels when the top holds nearly all."""
-    return mx.logsumexp(mx.put_along_axis(logp, ids, NEG_INF, axis=-1), axis=-1)
-
-
-def top_k_kl(logq: mx.array, ref_ids: mx.array, ref_logp: mx.array, ref_tail: mx.array) -> mx.array:
-    """KL(reference || model) per row over the reference's top ids and one bucket for the rest."""
-    head = (mx.exp(ref_logp) * (ref_logp - mx.take_along_axis(logq, ref_ids, axis=-1))).sum(-1)
-    tail_mass = mx.exp(ref_tail)
-    tail = mx.where(tail_mass > 0, tail_mass * (ref_tail - tail_logmass(logq, ref_ids)), 0.0)
-    return head + tail
 
 
 @dataclass(frozen=True)
@@ -274,14 +283,12 @@ class Divergence:
     # the two perplexities' errors.
     perplexity_ratio: float
     perplexity_ratio_se: float | None
-    top_k: int  # the reference's ids the KL sums over; the rest are one bucket
-    reference_tail_mass: float  # mean reference probability in that bucket
 
 
 def divergence(scores: Scores, reference: Scores) -> Divergence:
     """Summary of a pass scored against a reference pass over the same windows."""
-    if scores.kl is None or reference.top_ids is None:
-        raise ValueError("the model's pass was not scored against this reference")
+    if scores.kl is None:
+        raise ValueError("the model's pass was not scored against a reference")
     diff = scores.losses.astype(np.float64) - reference.losses
     ratio = math.exp(diff.mean())
     n = len(diff)
@@ -291,8 +298,6 @@ def divergence(scores: Scores, reference: Scores) -> Divergence:
         top1_agreement=float((scores.top1 == reference.top1).mean()),
         perplexity_ratio=ratio,
         perplexity_ratio_se=ratio * diff.std(ddof=1) / math.sqrt(n) if n > 1 else None,
-        top_k=reference.top_ids.shape[1],
-        reference_tail_mass=float(np.exp(reference.tail_logmass.astype(np.float64)).mean()),
     )
 
 
@@ -303,7 +308,7 @@ class Evaluation:
     model: Perplexity
     reference: Perplexity | None = None
     divergence: Divergence | None = None
-    reference_bytes: int = 0  # host memory the reference's scores held during the model's pass
+    reference_disk_bytes: int = 0  # the reference's hidden states in the temporary file
 
     def to_dict(self) -> dict[str, Any]:
         """Flat JSON-ready fields: the model's, then `reference_`-prefixed ones, then the KL's."""
@@ -312,7 +317,7 @@ class Evaluation:
             out |= {f"reference_{k}": v for k, v in vars(self.reference).items() if k != "tokens"}
         if self.divergence is not None:
             out |= vars(self.divergence)
-            out["reference_bytes"] = self.reference_bytes
+            out["reference_disk_bytes"] = self.reference_disk_bytes
         return out
 
 
@@ -321,29 +326,25 @@ def evaluate(
     windows: list[Window],
     load_reference: Callable[[], Any] | None = None,
     batch_size: int = DEFAULT_BATCH_SIZE,
-    top_k: int = DEFAULT_TOP_K,
 ) -> Evaluation:
     """Score the model from `load_model()` on `windows`; with `load_reference`, run the reference
-    first, free it, then the model, and compare them token by token. Each loader is called once."""
+    first, keep only its head and hidden states, then the model, and compare them token by token.
+    Each loader is called once."""
     if not windows:
         raise ValueError("no windows to evaluate")
-    if top_k < 1:
-        raise ValueError(f"top-k must be at least 1, got {top_k}")
-    reference_scores = None
+    reference = None
     if load_reference is not None:
-        reference = load_reference()
-        reference_scores = score(reference, windows, batch_size, top_k, name="reference")
-        # Free the reference before the model loads; gc for any reference cycle in the module.
-        del reference
+        reference = Reference(load_reference(), windows, batch_size)
+        # Free the reference's layers before the model loads (gc: any cycle in the modules).
         gc.collect()
         mx.clear_cache()
     model = load_model()
-    scores = score(model, windows, batch_size, reference=reference_scores)
-    if reference_scores is None:
+    scores = score(model, windows, batch_size, reference=reference)
+    if reference is None:
         return Evaluation(perplexity(scores))
     return Evaluation(
         perplexity(scores),
-        perplexity(reference_scores),
-        divergence(scores, reference_scores),
-        reference_scores.nbytes,
+        perplexity(reference.scores),
+        divergence(scores, reference.scores),
+        reference.disk_bytes,
     )

@@ -14,11 +14,14 @@ import numpy as np
 import pytest
 import torch
 from conftest import TINY_CONFIG, build_torch_model, save_checkpoint, shared_dir
+from mlx.utils import tree_flatten
 
+from hunyuan_mlx import evaluation
 from hunyuan_mlx.converter import convert
 from hunyuan_mlx.data import read_jsonl
 from hunyuan_mlx.evaluate import PROG, format_table, main
 from hunyuan_mlx.evaluation import (
+    Reference,
     evaluate,
     make_windows,
     read_data,
@@ -143,9 +146,6 @@ def test_kl_grows_as_bits_fall(tiny_checkpoint, quantized):
     for bits, path in quantized.items():
         result = evaluate(loader(path), WINDOWS, loader(reference), batch_size=4)
         kl[bits] = result.divergence.kl_mean
-        # top_k covers the vocabulary: the KL is the exact one, token by token.
-        assert result.divergence.top_k == VOCAB
-        assert result.divergence.reference_tail_mass == 0
         assert result.divergence.kl_mean == pytest.approx(
             full_kl(reference, path, WINDOWS).mean(), rel=RTOL
         )
@@ -153,23 +153,19 @@ def test_kl_grows_as_bits_fall(tiny_checkpoint, quantized):
     assert 0 < kl[8] < kl[4] < kl[3]
 
 
-def test_top_k_kl_is_a_lower_bound(tiny_checkpoint, quantized):
-    reference, model = tiny_checkpoint[0], quantized[4]
+def test_kl_is_exact_token_by_token(tiny_checkpoint, quantized, monkeypatch):
+    reference_path, model_path = tiny_checkpoint[0], quantized[4]
+    # Several head chunks per batch, one of them partial.
+    monkeypatch.setattr(evaluation, "HEAD_CHUNK", 5)
     # Windows of one length keep their order in the batches, so tokens line up with full_kl's.
     windows = [(tokens[:9], 1) for tokens, _ in WINDOWS]
-    ref = score(load_model(reference), windows, keep_top_k=8)
-    kl = score(load_model(model), windows, reference=ref).kl
-    # The reference's 8 likeliest ids and one bucket of the other 88, from the full log-probs.
-    p, q = full_logprobs(reference, windows), full_logprobs(model, windows)
-    top = np.argsort(-p, axis=-1)[:, :8]
-    p_top, q_top = np.take_along_axis(p, top, -1), np.take_along_axis(q, top, -1)
-    p_rest, q_rest = 1 - np.exp(p_top).sum(-1), 1 - np.exp(q_top).sum(-1)
-    coarse = (np.exp(p_top) * (p_top - q_top)).sum(-1) + p_rest * np.log(p_rest / q_rest)
-    np.testing.assert_allclose(kl, coarse, rtol=RTOL, atol=1e-6)
-    assert np.all(p_rest > 0.01)
-    # Merging ids can only lower a KL divergence.
-    exact = (np.exp(p) * (p - q)).sum(-1)
-    assert np.all(coarse <= exact) and coarse.sum() < exact.sum()
+    reference = Reference(load_model(reference_path), windows, batch_size=3)
+    # Only the head is left of the reference: its decoder layers are gone.
+    assert not any(".layers." in name for name, _ in tree_flatten(reference.head.parameters()))
+    hidden = TINY_CONFIG["hidden_size"]
+    assert reference.disk_bytes == 4 * hidden * len(windows) * 8  # float32, 8 scored a window
+    kl = score(load_model(model_path), windows, batch_size=3, reference=reference).kl
+    np.testing.assert_allclose(kl, full_kl(reference_path, model_path, windows), rtol=RTOL)
 
 
 # --- data -------------------------------------------------------------------------------------
@@ -214,8 +210,8 @@ def test_chat_data_scores_only_the_answers(tmp_path):
     assert record["perplexity"] == pytest.approx(math.exp(expected.mean()), rel=RTOL)
     assert record["reference_perplexity"] == record["perplexity"]
     assert record["kl_mean"] == 0 and record["top1_agreement"] == 1
-    # The reference's top 128 of 128167 ids leave it some probability outside.
-    assert record["top_k"] == 128 and 0 < record["reference_tail_mass"] < 1
+    # The reference's final hidden states, float32, one row per scored token.
+    assert record["reference_disk_bytes"] == 4 * torch_model.config.hidden_size * len(expected)
     table = format_table(record)
     assert f"{record['perplexity']:.4f} ± {record['perplexity_se']:.4f}" in table
     assert "top-1 agreement: 1.0000" in table
