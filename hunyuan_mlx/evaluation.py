@@ -122,8 +122,6 @@ def batches(
 
     Right padding needs no mask: attention is causal, so padding only follows the real tokens.
     """
-    if batch_size < 1:
-        raise ValueError(f"batch size must be at least 1, got {batch_size}")
     order = sorted(range(len(windows)), key=lambda i: -len(windows[i][0]))
     for s in range(0, len(order), batch_size):
         chunk = [windows[i] for i in order[s : s + batch_size]]
@@ -332,6 +330,8 @@ def evaluate(
     Each loader is called once."""
     if not windows:
         raise ValueError("no windows to evaluate")
+    if batch_size < 1:
+        raise ValueError(f"batch size must be at least 1, got {batch_size}")
     reference = None
     if load_reference is not None:
         reference = Reference(load_reference(), windows, batch_size)

@@ -282,3 +282,9 @@ def test_cli_errors_on_data(capsys, with_tokenizer, tmp_path):
         capsys, ["--model", model, "--data", str(tmp_path / "doc.txt"), "--sequence-length", "64"]
     )
     assert "outside the vocabulary of the model (96 ids)" in error
+    error = cli_error(
+        capsys,
+        ["--model", model, "--data", str(tmp_path / "doc.txt"), "--sequence-length", "64"]
+        + ["--batch-size", "0"],
+    )
+    assert "batch size must be at least 1, got 0" in error
