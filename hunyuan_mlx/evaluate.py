@@ -13,7 +13,6 @@ import argparse
 import json
 import sys
 from collections.abc import Sequence
-from pathlib import Path
 from typing import Any
 
 import mlx.core as mx
@@ -25,6 +24,7 @@ from hunyuan_mlx.evaluation import (
     DEFAULT_SEQUENCE_LENGTH,
     check_fits,
     check_same_vocabulary,
+    data_file,
     evaluate,
     make_windows,
     read_data,
@@ -81,8 +81,7 @@ def build_parser() -> argparse.ArgumentParser:
 
 def run(args: argparse.Namespace) -> dict[str, Any]:
     """Check everything that can be checked before the long passes, then evaluate."""
-    if not Path(args.data).exists():
-        raise FileNotFoundError(f"Data {args.data} does not exist")
+    data = data_file(args.data)
     paths = {"model": resolve_model_path(args.model)}
     if args.reference is not None:
         paths["reference"] = resolve_model_path(args.reference)
@@ -94,7 +93,7 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
     if "reference" in configs:
         check_same_vocabulary(configs["model"].vocab_size, configs["reference"].vocab_size)
     tokenizer = HunYuanTokenizer.from_pretrained(paths["model"])
-    windows = make_windows(read_data(args.data, tokenizer), args.sequence_length)
+    windows = make_windows(read_data(data, tokenizer), args.sequence_length)
     if not windows:
         raise ValueError(f"Data {args.data} has no tokens to score (an empty data set)")
     available = len(windows)

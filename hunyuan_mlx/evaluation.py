@@ -51,17 +51,23 @@ TEXT_SUFFIX = ".txt"
 DATA_DIR_FILES = ("test.jsonl", "valid.jsonl")
 
 
-def read_data(path: str | Path, tokenizer: Any) -> list[Window]:
-    """`(tokens, offset)` examples of a .txt file (one document), a JSONL file (text, chat or
-    prompt/completion records, the prompt masked) or a directory's test.jsonl / valid.jsonl."""
+def data_file(path: str | Path) -> Path:
+    """The file that `--data` names: itself, or a directory's test.jsonl (else valid.jsonl)."""
     path = Path(path)
     if not path.exists():
         raise FileNotFoundError(f"Data {path} does not exist")
-    if path.is_dir():
-        files = [path / name for name in DATA_DIR_FILES if (path / name).is_file()]
-        if not files:
-            raise FileNotFoundError(f"Data directory {path} has no {' or '.join(DATA_DIR_FILES)}")
-        path = files[0]
+    if not path.is_dir():
+        return path
+    for name in DATA_DIR_FILES:
+        if (path / name).is_file():
+            return path / name
+    raise FileNotFoundError(f"Data directory {path} has no {' or '.join(DATA_DIR_FILES)}")
+
+
+def read_data(path: str | Path, tokenizer: Any) -> list[Window]:
+    """`(tokens, offset)` examples of a .txt file (one document), a JSONL file (text, chat or
+    prompt/completion records, the prompt masked) or a directory's test.jsonl / valid.jsonl."""
+    path = data_file(path)
     if path.suffix == TEXT_SUFFIX:
         text = path.read_text(encoding="utf-8")
         # As a JSONL text record: mlx-lm's TextDataset, which ends the document with EOS.

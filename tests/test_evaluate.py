@@ -22,6 +22,7 @@ from hunyuan_mlx.data import read_jsonl
 from hunyuan_mlx.evaluate import PROG, format_table, main
 from hunyuan_mlx.evaluation import (
     Reference,
+    data_file,
     evaluate,
     make_windows,
     read_data,
@@ -169,6 +170,16 @@ def test_kl_is_exact_token_by_token(tiny_checkpoint, quantized, monkeypatch):
 
 
 # --- data -------------------------------------------------------------------------------------
+
+
+def test_data_directory_means_its_held_out_split(tmp_path):
+    (tmp_path / "train.jsonl").write_text("")
+    with pytest.raises(FileNotFoundError, match="has no test.jsonl or valid.jsonl"):
+        data_file(tmp_path)
+    (tmp_path / "valid.jsonl").write_text("")
+    assert data_file(tmp_path) == tmp_path / "valid.jsonl"
+    (tmp_path / "test.jsonl").write_text("")
+    assert data_file(tmp_path) == tmp_path / "test.jsonl"
 
 
 def test_text_file_is_one_document_ending_with_eos(tmp_path):
