@@ -40,7 +40,10 @@ from hunyuan_mlx.data import load_examples
 Window = tuple[list[int], int]
 
 DEFAULT_SEQUENCE_LENGTH = 2048
-DEFAULT_BATCH_SIZE = 4
+# 4096 tokens a forward pass, as mlx_lm.perplexity's 8 x 512. Activations grow with them: a
+# 4096-token prefill of 4-bit Hunyuan-A13B peaked 2.8 GB over its 45.3 GB of weights
+# (benchmarks/results/h100_bench_final3.jsonl).
+DEFAULT_BATCH_SIZE = 2
 DEFAULT_NUM_SAMPLES = 256  # windows; -1 for all
 DEFAULT_SEED = 123  # mlx_lm.perplexity's
 # Scored positions per chunk of the head: bounds its float32 (chunk, vocab) temporaries,
