@@ -4,9 +4,10 @@ The model has the release's structure (64 experts top-8, one shared expert, GQA 
 128, QK-norm, tied embeddings) at reduced size, with random weights scaled so that routing and
 next-token distributions are far from uniform. It is written as a bf16 release-layout checkpoint,
 converted once unquantized (the reference) and once per recipe; each converted model runs in
-float32 over the same fixed token stream. One JSON line per recipe: size on disk, bits per
-weight, top-1 agreement with the bf16 model and the mean KL(bf16 || quantized) of the
-next-token distributions.
+float32 over the same fixed token stream, scored by the evaluate command's code
+(`hunyuan_mlx.evaluation`, which keeps the reference's hidden states and head: exact KL). One
+JSON line per recipe: size on disk, bits per weight, top-1 agreement with the bf16 model and the
+mean KL(bf16 || quantized) of the next-token distributions.
 
     python -m benchmarks.quant_quality [--layers 4 --hidden 512 --width 384 --tokens 512]
 """
@@ -23,10 +24,12 @@ from contextlib import redirect_stdout
 from pathlib import Path
 
 import mlx.core as mx
+import mlx.nn as nn
 
 from benchmarks.synthetic import release_config, write_checkpoint
-from hunyuan_mlx import load_model
 from hunyuan_mlx.converter import convert
+from hunyuan_mlx.evaluation import Reference, divergence, score
+from hunyuan_mlx.loading import load_model
 
 # label -> convert() quantization arguments
 RECIPES: dict[str, dict] = {
@@ -55,14 +58,11 @@ def scaled_init(name: str, shape: tuple[int, ...]) -> mx.array:
     return mx.random.normal(shape) / math.sqrt(shape[-1])
 
 
-def log_probs(path: Path, tokens: mx.array) -> mx.array:
-    """Next-token log-probabilities (float32) of the converted model at `path`."""
+def float32_model(path: Path) -> nn.Module:
+    """The converted model at `path`, computing in float32."""
     model = load_model(path)
     model.set_dtype(mx.float32)
-    logits = model(tokens).astype(mx.float32)
-    out = logits - mx.logsumexp(logits, axis=-1, keepdims=True)
-    mx.eval(out)
-    return out
+    return model
 
 
 def main() -> None:
@@ -79,14 +79,14 @@ def main() -> None:
     mx.random.seed(args.seed)
     config = release_config(args.layers, args.experts, args.hidden, args.width, args.vocab)
     tokens = mx.random.randint(0, args.vocab, (4, args.tokens // 4))
+    windows = [(row, 1) for row in tokens.tolist()]
     workdir = Path(tempfile.mkdtemp(prefix="quant_quality."))
     try:
         src = workdir / "src"
         write_checkpoint(src, config, 256 * 2**20, init=scaled_init)
         with redirect_stdout(sys.stderr):  # stdout carries only the JSON lines
             reference_summary = convert(src, workdir / "bf16", dtype="bfloat16")
-        reference = log_probs(workdir / "bf16", tokens)
-        top1 = reference.argmax(-1)
+        reference = Reference(float32_model(workdir / "bf16"), windows, len(windows))
         for label, kwargs in {"bf16 (reference)": None, **RECIPES}.items():
             dst = workdir / "quantized"
             if kwargs is None:
@@ -94,17 +94,16 @@ def main() -> None:
             else:
                 with redirect_stdout(sys.stderr):
                     summary = convert(src, dst, quantize=True, **kwargs)
-            quantized = log_probs(dst, tokens)
-            kl = (mx.exp(reference) * (reference - quantized)).sum(-1).mean()
-            agreement = (quantized.argmax(-1) == top1).astype(mx.float32).mean()
+            quantized = score(float32_model(dst), windows, len(windows), reference=reference)
+            result = divergence(quantized, reference.scores)
             experts = summary.precision["routed experts"]
             share = sum(experts.values()) / summary.parameters
             record = {
                 "recipe": label,
                 "size_mb": round(summary.disk_bytes / 1e6, 2),
                 "bits_per_weight": round(summary.bits_per_weight, 3),
-                "top1_match": round(agreement.item(), 4),
-                "mean_kl": float(f"{kl.item():.3g}"),
+                "top1_match": round(result.top1_agreement, 4),
+                "mean_kl": float(f"{result.kl_mean:.3g}"),
                 "routed_expert_share": round(share, 3),
             }
             print(json.dumps(record), flush=True)

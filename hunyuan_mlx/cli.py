@@ -22,6 +22,7 @@ COMMANDS = {
     "lora": "Fine-tune with LoRA, DoRA or full fine-tuning",
     "fuse": "Fuse trained adapters into a standalone model",
     "server": "Serve an OpenAI-compatible HTTP API",
+    "evaluate": "Perplexity, and divergence from a reference model",
 }
 DEBUG_ENV = "HUNYUAN_MLX_DEBUG"  # set to 1 for tracebacks instead of one-line errors
 # What a user's input can cause (a bad path, value, file or flag combination, MLX refusing it).

@@ -7,7 +7,7 @@ import ast
 from pathlib import Path
 
 PACKAGE = Path(__file__).resolve().parents[1] / "hunyuan_mlx"
-MAINS = {"convert", "generate", "chat", "lora", "fuse", "server"}
+MAINS = {"convert", "generate", "chat", "lora", "fuse", "server", "evaluate"}
 
 
 def module_name(path: Path) -> str:
