@@ -57,8 +57,7 @@ def scaled_init(name: str, shape: tuple[int, ...]) -> mx.array:
 
 def log_probs(path: Path, tokens: mx.array) -> mx.array:
     """Next-token log-probabilities (float32) of the converted model at `path`."""
-    model = load_model(path)
-    model.set_dtype(mx.float32)
+    model = load_model(path, dtype="float32")
     logits = model(tokens).astype(mx.float32)
     out = logits - mx.logsumexp(logits, axis=-1, keepdims=True)
     mx.eval(out)
