@@ -13,6 +13,7 @@ from typing import Any
 import yaml
 
 from .cli import add_debug_argument, run_main
+from .generation.options import add_dtype_argument
 from .tuner.adapters import FINE_TUNE_TYPES, LORA_TARGETS
 from .tuner.trainer import LR_SCHEDULES, LoRAConfig, run
 
@@ -69,9 +70,43 @@ def build_parser() -> argparse.ArgumentParser:
         "--resume-adapter-file", help="A checkpoint (…_adapters.safetensors) to continue from."
     )
     p.add_argument("--seed", type=int, help=f"default: {d.seed}")
-    p.add_argument("-c", "--config", help="YAML file whose keys are these options' names.")
+    p.add_argument(
+        "-c",
+        "--config",
+        help="YAML file whose keys are these options' names (or mlx-lm's lora_parameters block).",
+    )
+    add_dtype_argument(p, default=None)
     add_debug_argument(p)
     return p
+
+
+# mlx-lm's YAML `lora_parameters` block: its key -> the LoRAConfig field.
+LORA_PARAMETER_FIELDS = {
+    "rank": "lora_rank",
+    "scale": "lora_scale",
+    "dropout": "lora_dropout",
+    "keys": "lora_targets",
+}
+
+
+def flatten_lora_parameters(values: dict[str, Any], source: str) -> dict[str, Any]:
+    """`values` with an mlx-lm `lora_parameters: {rank, scale, dropout, keys}` block spread onto
+    this project's fields; a field set both ways, or an unknown key in the block, is an error."""
+    block = values.pop("lora_parameters", None) or {}
+    if not isinstance(block, dict):
+        raise ValueError(f"{source}: lora_parameters must be a mapping")
+    unknown = sorted(block.keys() - LORA_PARAMETER_FIELDS.keys())
+    if unknown:
+        raise ValueError(
+            f"{source}: unknown lora_parameters keys {', '.join(unknown)} "
+            f"(known: {', '.join(LORA_PARAMETER_FIELDS)})"
+        )
+    for key, value in block.items():
+        name = LORA_PARAMETER_FIELDS[key]
+        if name in values:
+            raise ValueError(f"{source}: both {name} and lora_parameters.{key} are set")
+        values[name] = value
+    return values
 
 
 def config_from_args(args: argparse.Namespace) -> LoRAConfig:
@@ -82,7 +117,7 @@ def config_from_args(args: argparse.Namespace) -> LoRAConfig:
     merged: dict[str, Any] = {}
     if yaml_file:
         with open(yaml_file, encoding="utf-8") as f:
-            merged = yaml.safe_load(f) or {}
+            merged = flatten_lora_parameters(yaml.safe_load(f) or {}, yaml_file)
         unknown = sorted(merged.keys() - {f.name for f in dataclasses.fields(LoRAConfig)})
         if unknown:
             raise ValueError(f"{yaml_file}: unknown keys {', '.join(unknown)}")

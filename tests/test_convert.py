@@ -558,3 +558,18 @@ def test_parser_flags():
     )
     assert (args.upload_repo, args.q_mode, args.force, args.quantize) == ("me/x", "mxfp4", 1, 1)
     assert parse_size("5GB") == 5 * 10**9 and parse_size("40KiB") == 40 * 1024
+
+
+def test_mlx_lm_quant_predicate_is_an_alias(untied, tmp_path, capsys):
+    """mlx-lm's --quant-predicate names our recipes; its own recipes, which none of ours equals,
+    are refused in one line with the nearest recipe here."""
+    args = build_parser().parse_args(["--hf-path", "a/b", "--quant-predicate", "mixed_8"])
+    assert args.quant_recipe == "mixed_8"
+    dst = tmp_path / "out"
+    argv = ["--hf-path", str(untied[0]), "--mlx-path", str(dst), "-q"]
+    with pytest.raises(SystemExit) as exit_info:
+        main([*argv, "--quant-predicate", "mixed_4_6"])
+    err = capsys.readouterr().err
+    assert exit_info.value.code == 1 and err.startswith(PROG_ERROR) and err.count("\n") == 1
+    assert "mixed_4_6 is an mlx-lm recipe" in err and "--q-bits 4 --quant-recipe mixed_6" in err
+    assert not dst.exists()

@@ -381,6 +381,29 @@ def test_cli_with_yaml_config_full_vocabulary(tmp_path_factory, full_vocab_model
     assert err.startswith("python -m hunyuan_mlx.lora: error: ") and "unknown keys lora_rnak" in err
 
 
+def test_yaml_takes_mlx_lm_lora_parameters(tmp_path, capsys):
+    """mlx-lm's `lora_parameters: {rank, scale, dropout, keys}` block sets our fields."""
+    from hunyuan_mlx.lora import build_parser, config_from_args
+
+    config_file = tmp_path / "lora.yaml"
+    config_file.write_text(
+        "lora_parameters:\n  rank: 4\n  scale: 10.0\n  dropout: 0.1\n"
+        "  keys: [self_attn.q_proj, self_attn.v_proj]\ndtype: checkpoint\n"
+    )
+    config = config_from_args(build_parser().parse_args(["-c", str(config_file)]))
+    assert (config.lora_rank, config.lora_scale, config.lora_dropout) == (4, 10.0, 0.1)
+    assert config.lora_targets == ["self_attn.q_proj", "self_attn.v_proj"]
+    assert config.dtype == "checkpoint"
+    config_file.write_text("lora_rank: 8\nlora_parameters: {rank: 4, alpha: 2}\n")
+    with pytest.raises(SystemExit) as exit_info:
+        lora_main(["-c", str(config_file)])
+    err = capsys.readouterr().err
+    assert exit_info.value.code == 1 and "unknown lora_parameters keys alpha" in err
+    config_file.write_text("lora_rank: 8\nlora_parameters: {rank: 4}\n")
+    with pytest.raises(ValueError, match="both lora_rank and lora_parameters.rank"):
+        config_from_args(build_parser().parse_args(["-c", str(config_file)]))
+
+
 def test_grad_checkpoint_dora_and_full(dense_model_dir, car_splits, tmp_path):
     """Gradient checkpointing changes no numbers; DoRA and full fine-tuning train and reload."""
     train_set, valid_set, vocab_size = car_splits

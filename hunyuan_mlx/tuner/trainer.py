@@ -29,7 +29,7 @@ from mlx_lm.tuner.callbacks import TrainingCallback
 from mlx_lm.tuner.trainer import evaluate, iterate_batches
 from mlx_lm.tuner.utils import build_schedule, print_trainable_parameters
 
-from ..loading import load
+from ..loading import DEFAULT_LOAD_DTYPE, load
 from ..models.hf_compat import masked_cross_entropy
 from .adapters import (
     ADAPTER_FILE,
@@ -80,6 +80,7 @@ class LoRAConfig:
     adapter_path: str = "adapters"
     resume_adapter_file: str | None = None
     seed: int = 0
+    dtype: str = DEFAULT_LOAD_DTYPE  # the frozen base's compute type (`loading.LOAD_DTYPES`)
 
 
 def lora_parameters(config: LoRAConfig) -> dict[str, Any]:
@@ -318,7 +319,7 @@ def run(config: LoRAConfig, callback: TrainingCallback | None = None) -> None:
         raise ValueError("--model is required")
     if not (config.train or config.test):
         raise ValueError("Pass --train and/or --test")
-    model, tokenizer = load(config.model)
+    model, tokenizer = load(config.model, dtype=config.dtype)
     if tokenizer is None:
         raise ValueError(f"{config.model} has no tokenizer files")
     data = load_data_dir(config.data, tokenizer, config.max_seq_length, config.mask_prompt)
