@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import dataclasses
 import math
+import sys
 import time
 import warnings
 from collections.abc import Callable, Iterator
@@ -284,7 +285,8 @@ def train(
         tic = time.perf_counter()
         loss, ntokens = step(*next(batches))
         mx.eval(state, loss, ntokens)
-        elapsed += time.perf_counter() - tic
+        took = time.perf_counter() - tic
+        elapsed += took
         losses += loss.item()
         tokens += ntokens.item()
         steps += 1
@@ -304,6 +306,10 @@ def train(
                 },
             )
             losses, tokens, steps, elapsed = 0.0, 0, 0, 0.0
+        elif not sys.stdout.isatty():
+            # A piped run's log moves every step, not only every steps_per_report.
+            print(f"Iter {it}/{config.iters}: Step loss {loss.item():.3f}, Took {took:.3f}s",
+                  flush=True)  # fmt: skip
         if it % config.save_every == 0:
             checkpoint = adapter_path / f"{it:07d}_{ADAPTER_FILE}"
             save_checkpoint(model, optimizer, checkpoint, it)
