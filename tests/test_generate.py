@@ -205,6 +205,23 @@ def test_mlx_lm_habits_verbose_value_and_default_prompt(tiny_release, capsys):
     assert code == 2 and "expected True or False" in err
 
 
+def test_dtype_flag_reaches_the_loader(tiny_release, capsys, monkeypatch):
+    """--dtype (default auto: float32 on the CPU backend) is what the model is loaded with."""
+    import hunyuan_mlx.generation.options as options
+
+    seen = []
+    real_load = options.load
+
+    def recording_load(*args, **kwargs):
+        seen.append(kwargs["dtype"])
+        return real_load(*args, **kwargs)
+
+    monkeypatch.setattr(options, "load", recording_load)
+    for flags in ([], ["--dtype", "checkpoint"]):
+        assert run_main(["--model", str(tiny_release), "-m", "1", *flags], capsys)[0] == 0
+    assert seen == ["auto", "checkpoint"]
+
+
 def test_mlx_lm_generate_flags_match_the_python_api(loaded, tiny_release, tmp_path, capsys):
     """--extra-eos-token, --chat-template-config, --draft-model and --prompt-cache-file give
     what the Python API gives for the same request."""
