@@ -70,6 +70,7 @@ def add_common_arguments(parser: argparse.ArgumentParser) -> None:
         nargs="?",
         const=True,
         default=False,
+        metavar="True|False",
         help="Print token counts, speeds and peak memory (--verbose, or mlx-lm's --verbose True)",
     )
     add_dtype_argument(parser)
