@@ -60,9 +60,7 @@ def scaled_init(name: str, shape: tuple[int, ...]) -> mx.array:
 
 def float32_model(path: Path) -> nn.Module:
     """The converted model at `path`, computing in float32."""
-    model = load_model(path)
-    model.set_dtype(mx.float32)
-    return model
+    return load_model(path, dtype="float32")
 
 
 def main() -> None:

@@ -5,7 +5,11 @@ checkpoint with the release's structure (64 experts, top-8, a shared expert, GQA
 NTK-alpha RoPE, tied embeddings) but fewer and narrower layers, written with the release's
 tensor names, loaded by `hunyuan_mlx.load`, run forward and decoded greedily with a KV cache.
 
-    python examples/quickstart.py [--layers 4] [--hidden 256] [--tokens 16]
+    python examples/quickstart.py [--layers 4] [--hidden 256] [--tokens 16] [--save demo-model]
+
+With `--save DIR` the checkpoint is kept in DIR, with the release's tokenizer files when
+`../shared/hunyuan-a13b/` has them, so that the README's commands (generate, chat, convert, LoRA)
+can be tried on it at once; what it says is noise.
 """
 
 from __future__ import annotations
@@ -15,12 +19,14 @@ import json
 import shutil
 import tempfile
 import time
+from collections.abc import Sequence
 from pathlib import Path
 
 import mlx.core as mx
 from mlx.utils import tree_flatten
 
 import hunyuan_mlx
+from hunyuan_mlx.cli import add_debug_argument, run_main
 
 RELEASE = Path(__file__).resolve().parents[1].parent / "shared" / "hunyuan-a13b"
 TOKENIZER_FILES = ("hy.tiktoken", "tokenizer_config.json", "generation_config.json")
@@ -75,50 +81,73 @@ def write_random_checkpoint(path: Path, layers: int, hidden: int) -> None:
             shutil.copy(RELEASE / name, path / name)
 
 
-def main() -> None:
-    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+def run(path: Path, layers: int, hidden: int, tokens: int) -> None:
+    """Write the random checkpoint at `path`, load it, then time a forward pass and decoding."""
+    start = time.perf_counter()
+    write_random_checkpoint(path, layers, hidden)
+    print(f"Wrote a random checkpoint ({layers} layers, hidden {hidden}) "
+          f"in {time.perf_counter() - start:.2f} s")  # fmt: skip
+
+    start = time.perf_counter()
+    model, tokenizer = hunyuan_mlx.load(path)
+    n_params = sum(v.size for _, v in tree_flatten(model.parameters()))
+    print(f"Loaded {n_params / 1e6:.1f}M parameters in {time.perf_counter() - start:.2f} s")
+
+    if tokenizer is not None:
+        messages = [{"role": "user", "content": "/no_think Say hello."}]
+        prompt = tokenizer.apply_chat_template(messages)
+    else:
+        print(f"(no tokenizer: {RELEASE} is absent, so the prompt is raw token ids)")
+        prompt = list(range(100, 120))
+
+    cache = model.make_cache()
+    start = time.perf_counter()
+    logits = model(mx.array([prompt]), cache=cache)[:, -1]
+    mx.eval(logits)
+    prefill = time.perf_counter() - start
+    generated = []
+    start = time.perf_counter()
+    for _ in range(tokens):
+        token = mx.argmax(logits, axis=-1)
+        generated.append(token.item())
+        logits = model(token[:, None], cache=cache)[:, -1]
+    decode = time.perf_counter() - start
+
+    print(f"Prompt: {len(prompt)} tokens, {len(prompt) / prefill:.1f} tokens/s")
+    print(f"Decode: {len(generated)} tokens, {len(generated) / decode:.1f} tokens/s")
+    print(f"Peak memory: {mx.get_peak_memory() / 1e9:.3f} GB")
+    shown = repr(tokenizer.decode(generated)) if tokenizer is not None else generated
+    print(f"Greedy tokens (random weights, so noise): {shown}")
+
+
+def main(argv: Sequence[str] | None = None) -> None:
+    """Run the smoke test in a temporary folder, or in `--save DIR`, kept for trying commands."""
+    parser = argparse.ArgumentParser(
+        prog="examples/quickstart.py", description=__doc__.split("\n\n")[0]
+    )
     parser.add_argument("--layers", type=int, default=4)
     parser.add_argument("--hidden", type=int, default=256)
     parser.add_argument("--tokens", type=int, default=16, help="tokens to decode greedily")
-    args = parser.parse_args()
-
-    with tempfile.TemporaryDirectory() as tmp:
-        path = Path(tmp) / "hunyuan-random"
-        start = time.perf_counter()
-        write_random_checkpoint(path, args.layers, args.hidden)
-        print(f"Wrote a random checkpoint ({args.layers} layers, hidden {args.hidden}) "
-              f"in {time.perf_counter() - start:.2f} s")  # fmt: skip
-
-        start = time.perf_counter()
-        model, tokenizer = hunyuan_mlx.load(path)
-        n_params = sum(v.size for _, v in tree_flatten(model.parameters()))
-        print(f"Loaded {n_params / 1e6:.1f}M parameters in {time.perf_counter() - start:.2f} s")
-
-        if tokenizer is not None:
-            messages = [{"role": "user", "content": "/no_think Say hello."}]
-            prompt = tokenizer.apply_chat_template(messages)
-        else:
-            print(f"(no tokenizer: {RELEASE} is absent, so the prompt is raw token ids)")
-            prompt = list(range(100, 120))
-
-        cache = model.make_cache()
-        start = time.perf_counter()
-        logits = model(mx.array([prompt]), cache=cache)[:, -1]
-        mx.eval(logits)
-        prefill = time.perf_counter() - start
-        generated = []
-        start = time.perf_counter()
-        for _ in range(args.tokens):
-            token = mx.argmax(logits, axis=-1)
-            generated.append(token.item())
-            logits = model(token[:, None], cache=cache)[:, -1]
-        decode = time.perf_counter() - start
-
-        print(f"Prompt: {len(prompt)} tokens, {len(prompt) / prefill:.1f} tokens/s")
-        print(f"Decode: {len(generated)} tokens, {len(generated) / decode:.1f} tokens/s")
-        print(f"Peak memory: {mx.get_peak_memory() / 1e9:.3f} GB")
-        shown = repr(tokenizer.decode(generated)) if tokenizer is not None else generated
-        print(f"Greedy tokens (random weights, so noise): {shown}")
+    parser.add_argument(
+        "--save", help="Keep the random checkpoint in this new folder (to try the commands on)"
+    )
+    add_debug_argument(parser)
+    args = parser.parse_args(argv)
+    with run_main(parser.prog, args.debug):
+        if args.save is None:
+            with tempfile.TemporaryDirectory() as tmp:
+                run(Path(tmp) / "hunyuan-random", args.layers, args.hidden, args.tokens)
+            return
+        path = Path(args.save)
+        if path.exists():
+            raise FileExistsError(f"{path} already exists: --save makes a new folder")
+        run(path, args.layers, args.hidden, args.tokens)
+        note = "" if (path / "hy.tiktoken").is_file() else (
+            f" It has no tokenizer ({RELEASE} is absent), so only Python can run it."
+        )
+        print(f"\nKept the checkpoint in {path}: random weights, so what it says is noise.{note}"
+              f"\nTry: python -m hunyuan_mlx.generate --model {path} --prompt hello "
+              f"--max-tokens 20")  # fmt: skip
 
 
 if __name__ == "__main__":

@@ -14,13 +14,59 @@ from .generation.display import ThinkingPrinter, print_stream
 from .generation.options import add_common_arguments, add_generation_arguments, prepare
 from .generation.session import ChatSession
 
+BLOCK = '"""'  # a line with only this opens, and closes, a multi-line message
+QUIT_WORDS = ("/exit", "/quit", "q")  # q: as mlx-lm's chat
+THINKING = ("/think", "/no_think")  # alone a switch; followed by text, part of the message
 COMMANDS = {
     "/reset": "forget the conversation",
     "/think": "let the model reason before answering",
     "/no_think": "answer without reasoning",
-    "/exit": "quit (or Ctrl-D)",
+    BLOCK: f"start a multi-line message (to paste long text); a line with only {BLOCK} sends it",
+    "/exit": "quit (also /quit, q, or Ctrl-D)",
 }
+HELP = "\n".join(f"{c:<10} {h}" for c, h in COMMANDS.items())
+PROMPT, MORE_PROMPT = ">> ", ".. "
 
+
+def enable_line_editing() -> None:
+    """Line editing and history at the prompt: `input` uses readline once it is imported (it is
+    absent on some platforms, which then keep plain input)."""
+    try:
+        import readline  # noqa: F401
+    except ImportError:
+        pass
+
+
+def read_block(read: Callable[[str], str]) -> str:
+    """The lines up to a line with only the block mark (or end of input), joined, as typed."""
+    lines: list[str] = []
+    while True:
+        try:
+            line = read(MORE_PROMPT)
+        except EOFError:
+            return "\n".join(lines)
+        if line.strip() == BLOCK:
+            return "\n".join(lines)
+        lines.append(line)
+
+
+def run_command(session: ChatSession, line: str, out: TextIO) -> bool:
+    """Carry out `line` if it is a command (True); an unknown /command is refused with the list
+    of commands. Anything else is a message (False)."""
+    word = line.split()[0] if line else ""
+    if line == "/reset":
+        session.reset()
+        print("[conversation reset]", file=out)
+    elif line in THINKING:
+        session.enable_thinking = line == "/think"
+        print(f"[thinking {'on' if session.enable_thinking else 'off'}]", file=out)
+    elif word.startswith("/") and word not in THINKING:
+        print(f"[unknown command {word}; to send it as a message, put it in a {BLOCK} block]",
+              file=out)  # fmt: skip
+        print(HELP, file=out)
+    else:
+        return False
+    return True
 
 
 def repl(
@@ -30,35 +76,36 @@ def repl(
     hide_thinking: bool = False,
     verbose: bool = False,
 ) -> None:
-    """Read user turns and commands until /exit or end of input; errors in a turn are reported
-    and the conversation goes on."""
-    print("\n".join(f"{c:<10} {h}" for c, h in COMMANDS.items()), file=out)
+    """Read user turns and commands until a quit word or end of input; errors in a turn are
+    reported and the conversation goes on."""
+    print(HELP, file=out)
     while True:
         try:
-            line = read(">> ").strip()
+            line = read(PROMPT).strip()
+            message = read_block(read) if line == BLOCK else None
         except EOFError:
+            print(file=out)  # Ctrl-D: the shell prompt starts on a line of its own
             break
-        if line == "/exit":
-            break
-        if line == "/reset":
-            session.reset()
-            print("[conversation reset]", file=out)
-        elif line in ("/think", "/no_think"):
-            session.enable_thinking = line == "/think"
-            print(f"[thinking {'on' if session.enable_thinking else 'off'}]", file=out)
-        elif line:
-            try:
-                responses = session.send(line)
-            except ValueError as e:
-                print(f"error: {e}", file=out)
+        if message is None:
+            if line in QUIT_WORDS:
+                break
+            if run_command(session, line, out):
                 continue
-            printer = ThinkingPrinter(out, hide=hide_thinking)
-            try:
-                print_stream(responses, printer, verbose)
-            except KeyboardInterrupt:
-                print("\n[interrupted]", file=out)
-            if verbose:
-                print(f"Cache: {session.reused} prompt tokens reused", file=sys.stderr)
+            message = line
+        if not message.strip():
+            continue
+        try:
+            responses = session.send(message)
+        except ValueError as e:
+            print(f"error: {e}", file=out)
+            continue
+        printer = ThinkingPrinter(out, hide=hide_thinking)
+        try:
+            print_stream(responses, printer, verbose)
+        except KeyboardInterrupt:
+            print("\n[interrupted]", file=out)
+        if verbose:
+            print(f"Cache: {session.reused} prompt tokens reused", file=sys.stderr)
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -78,6 +125,7 @@ def main(argv: Sequence[str] | None = None) -> None:
     with run_main(parser.prog, args.debug):
         model, tokenizer, settings = prepare(args)
         session = ChatSession(model, tokenizer, settings, args.system_prompt, args.think)
+        enable_line_editing()
         repl(session, hide_thinking=args.hide_thinking, verbose=args.verbose)
 
 

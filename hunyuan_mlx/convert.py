@@ -19,7 +19,7 @@ from .converter import (
     ConversionSummary,
     convert,
 )
-from .quantize import QUANT_RECIPES
+from .quantize import MLX_LM_RECIPES, QUANT_RECIPES
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -48,10 +48,13 @@ def build_parser() -> argparse.ArgumentParser:
     )
     parser.add_argument(
         "--quant-recipe",
+        "--quant-predicate",
         default=d.quant_recipe,
-        choices=list(QUANT_RECIPES),
+        # mlx-lm's recipe names get past argparse, to be refused with the nearest of ours.
+        choices=[*QUANT_RECIPES, *MLX_LM_RECIPES],
+        metavar="{" + ",".join(QUANT_RECIPES) + "}",
         help="uniform: every module at --q-bits; mixed_N: routed experts at --q-bits, attention, "
-        "shared expert and embedding/head at N bits.",
+        "shared expert and embedding/head at N bits (--quant-predicate: mlx-lm's name).",
     )
     parser.add_argument(
         "--dtype",

@@ -11,12 +11,17 @@ from tqdm import tqdm
 
 from .files import check_tensors, load_safetensors, weight_files
 from .models import HunYuanMoEV1Config, HunYuanMoEV1ForCausalLM
-from .quantize import apply_quantization
+from .quantize import apply_quantization, is_router
 from .tokenizer import TIKTOKEN_FILE, TOKENIZER_JSON_FILE, HunYuanTokenizer
 from .tuner.adapters import load_adapters
 
 # What a model needs from a Hub repo: configs, weights and tokenizer files, nothing else.
 HUB_PATTERNS = ["*.json", "*.safetensors", "*.tiktoken", "*.jinja"]
+# What floating parameters are computed in: "auto" is float32 on the CPU backend, where MLX's
+# bfloat16 kernels are its slow path (benchmarks/cpu_dtype.py), and the checkpoint's elsewhere;
+# "checkpoint" keeps the checkpoint's everywhere.
+LOAD_DTYPES = ("auto", "float32", "bfloat16", "float16", "checkpoint")
+DEFAULT_LOAD_DTYPE = "auto"
 
 
 def resolve_model_path(path_or_repo: str | Path) -> Path:
@@ -41,18 +46,44 @@ def resolve_model_path(path_or_repo: str | Path) -> Path:
         ) from None
 
 
+def compute_dtype(dtype: str = DEFAULT_LOAD_DTYPE) -> mx.Dtype | None:
+    """The type a `load_model` `dtype` name casts floating parameters to; None keeps the
+    checkpoint's."""
+    if dtype not in LOAD_DTYPES:
+        raise ValueError(f"Unknown dtype {dtype!r}; choose from {', '.join(LOAD_DTYPES)}")
+    if dtype == "auto":
+        return mx.float32 if mx.default_device().type == mx.DeviceType.cpu else None
+    return None if dtype == "checkpoint" else getattr(mx, dtype)
+
+
+def cast_floating(weights: dict[str, mx.array], dtype: mx.Dtype | None) -> dict[str, mx.array]:
+    """Floating tensors (scales, biases, norms, unquantized weights) as `dtype`, lazily; packed
+    integer weights and the float32 router as they are."""
+    if dtype is None:
+        return weights
+    return {
+        name: w.astype(dtype)
+        if mx.issubdtype(w.dtype, mx.floating) and not is_router(name)
+        else w
+        for name, w in weights.items()
+    }
+
+
 def load_model(
     path_or_repo: str | Path,
     lazy: bool = False,
     model_class: type[nn.Module] = HunYuanMoEV1ForCausalLM,
     adapter_path: str | Path | None = None,
+    dtype: str = DEFAULT_LOAD_DTYPE,
 ) -> nn.Module:
     """Build the model from config.json and fill it from the checkpoint's safetensors.
 
     With `lazy` the weights stay unevaluated and are read from the files on first use;
     otherwise they are evaluated here, one layer at a time. `adapter_path` applies the
-    adapters of a `hunyuan_mlx.lora` run.
+    adapters of a `hunyuan_mlx.lora` run. `dtype` (`LOAD_DTYPES`) is what floating
+    parameters, and so activations, are computed in.
     """
+    target_dtype = compute_dtype(dtype)
     model_path = resolve_model_path(path_or_repo)
     config = HunYuanMoEV1Config.from_pretrained(model_path)
     model = model_class(config)
@@ -64,7 +95,7 @@ def load_model(
         {name: p.shape for name, p in tree_flatten(model.parameters())},
         f"Checkpoint {model_path} does not match its config",
     )
-    model.load_weights(list(weights.items()))
+    model.load_weights(list(cast_floating(weights, target_dtype).items()))
     del weights
     if adapter_path is not None:
         load_adapters(model, adapter_path)
@@ -77,10 +108,14 @@ def load_model(
 
 
 def load(
-    path_or_repo: str | Path, lazy: bool = False, adapter_path: str | Path | None = None
+    path_or_repo: str | Path,
+    lazy: bool = False,
+    adapter_path: str | Path | None = None,
+    dtype: str = DEFAULT_LOAD_DTYPE,
 ) -> tuple[HunYuanMoEV1ForCausalLM, HunYuanTokenizer | None]:
-    """The model (with adapters, if given) and its tokenizer (None when it has no vocabulary)."""
+    """The model (with adapters, if given; floating parameters as `dtype` says) and its tokenizer
+    (None when it has no vocabulary)."""
     model_path = resolve_model_path(path_or_repo)
-    model = load_model(model_path, lazy=lazy, adapter_path=adapter_path)
+    model = load_model(model_path, lazy=lazy, adapter_path=adapter_path, dtype=dtype)
     has_vocab = any((model_path / f).is_file() for f in (TIKTOKEN_FILE, TOKENIZER_JSON_FILE))
     return model, HunYuanTokenizer.from_pretrained(model_path) if has_vocab else None

@@ -13,6 +13,7 @@ from typing import Any
 import yaml
 
 from .cli import add_debug_argument, run_main
+from .generation.options import add_dtype_argument
 from .tuner.adapters import FINE_TUNE_TYPES, LORA_TARGETS
 from .tuner.trainer import (
     LR_SCHEDULES,
@@ -91,9 +92,43 @@ def build_parser() -> argparse.ArgumentParser:
         choices=REPORT_TO,
         help=f"jsonl: every report as a line of {METRICS_FILE} in the adapter path.",
     )
-    p.add_argument("-c", "--config", help="YAML file whose keys are these options' names.")
+    p.add_argument(
+        "-c",
+        "--config",
+        help="YAML file whose keys are these options' names (or mlx-lm's lora_parameters block).",
+    )
+    add_dtype_argument(p, default=None)
     add_debug_argument(p)
     return p
+
+
+# mlx-lm's YAML `lora_parameters` block: its key -> the LoRAConfig field.
+LORA_PARAMETER_FIELDS = {
+    "rank": "lora_rank",
+    "scale": "lora_scale",
+    "dropout": "lora_dropout",
+    "keys": "lora_targets",
+}
+
+
+def flatten_lora_parameters(values: dict[str, Any], source: str) -> dict[str, Any]:
+    """`values` with an mlx-lm `lora_parameters: {rank, scale, dropout, keys}` block spread onto
+    this project's fields; a field set both ways, or an unknown key in the block, is an error."""
+    block = values.pop("lora_parameters", None) or {}
+    if not isinstance(block, dict):
+        raise ValueError(f"{source}: lora_parameters must be a mapping")
+    unknown = sorted(block.keys() - LORA_PARAMETER_FIELDS.keys())
+    if unknown:
+        raise ValueError(
+            f"{source}: unknown lora_parameters keys {', '.join(unknown)} "
+            f"(known: {', '.join(LORA_PARAMETER_FIELDS)})"
+        )
+    for key, value in block.items():
+        name = LORA_PARAMETER_FIELDS[key]
+        if name in values:
+            raise ValueError(f"{source}: both {name} and lora_parameters.{key} are set")
+        values[name] = value
+    return values
 
 
 def config_from_args(args: argparse.Namespace) -> LoRAConfig:
@@ -104,7 +139,7 @@ def config_from_args(args: argparse.Namespace) -> LoRAConfig:
     merged: dict[str, Any] = {}
     if yaml_file:
         with open(yaml_file, encoding="utf-8") as f:
-            merged = yaml.safe_load(f) or {}
+            merged = flatten_lora_parameters(yaml.safe_load(f) or {}, yaml_file)
         unknown = sorted(merged.keys() - {f.name for f in dataclasses.fields(LoRAConfig)})
         if unknown:
             raise ValueError(f"{yaml_file}: unknown keys {', '.join(unknown)}")

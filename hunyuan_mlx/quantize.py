@@ -72,6 +72,10 @@ def apply_quantization(
 # embedding (also the head when tied) at higher precision costs little size.
 QUANT_RECIPES: dict[str, int | None] = {"uniform": None, "mixed_6": 6, "mixed_8": 8}
 DEFAULT_QUANT_RECIPE = "uniform"
+# mlx-lm's --quant-predicate recipes (mlx_lm.convert 0.32): X bits everywhere, Y bits for v_proj and
+# down_proj of a third of the layers and for lm_head. None gives the modules the precision one of
+# ours does, so each is refused with the nearest recipe here.
+MLX_LM_RECIPES = {"mixed_2_6": 2, "mixed_3_4": 3, "mixed_3_6": 3, "mixed_4_6": 4}
 
 
 def is_routed_expert(path: str) -> bool:
@@ -81,6 +85,13 @@ def is_routed_expert(path: str) -> bool:
 
 def recipe_params(recipe: str, path: str, params: dict[str, Any]) -> dict[str, Any]:
     """The parameters `recipe` gives module `path`; `params` are those of the routed experts."""
+    if recipe in MLX_LM_RECIPES:
+        raise ValueError(
+            f"{recipe} is an mlx-lm recipe (higher bits for v_proj/down_proj of some layers), "
+            f"which this converter does not have; the nearest here is "
+            f"--q-bits {MLX_LM_RECIPES[recipe]} --quant-recipe mixed_6 (routed experts at "
+            f"{MLX_LM_RECIPES[recipe]} bits, the rest at 6)"
+        )
     if recipe not in QUANT_RECIPES:
         raise ValueError(f"Unknown quant recipe {recipe!r}; choose from {', '.join(QUANT_RECIPES)}")
     high_bits = QUANT_RECIPES[recipe]

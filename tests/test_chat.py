@@ -118,3 +118,83 @@ def test_rotating_window_checks_each_turn_not_the_conversation(loaded):
     assert len(tok.apply_chat_template(session.messages)) > 16
     with pytest.raises(ValueError, match=r"more than 16 \(max_kv_size\)"):
         session.send("word " * 20)
+
+
+def scripted(lines: list[str]):
+    """A `read` for `repl` that types `lines`, then ends the input as Ctrl-D does."""
+    remaining = iter(lines)
+
+    def read(prompt: str) -> str:
+        try:
+            return next(remaining)
+        except StopIteration:
+            raise EOFError from None
+
+    return read
+
+
+def test_repl_blocks_quit_words_and_unknown_commands(loaded):
+    model, tok = loaded
+    for quit_word in ("/quit", "/exit", "q"):
+        session = ChatSession(model, tok, GenerationSettings(max_tokens=2))
+        repl(session, read=scripted([quit_word, "Never sent"]), out=io.StringIO())
+        assert session.messages == []
+    session = ChatSession(model, tok, GenerationSettings(max_tokens=2))
+    out = io.StringIO()
+    block = ['"""', "  line one", "/reset", "", '"""']
+    repl(session, read=scripted(["/bogus x", *block, "quit it"]), out=out)
+    shown = out.getvalue()
+    assert "[unknown command /bogus;" in shown and shown.count("/no_think") == 2  # help again
+    users = [m["content"] for m in session.messages if m["role"] == "user"]
+    assert users == ["  line one\n/reset\n", "quit it"]
+    assert shown.endswith("\n\n")  # Ctrl-D: the shell prompt starts on a new line
+
+
+def test_real_terminal_line_editing_and_history():
+    """In a pseudo-terminal, readline edits the line (left arrow) and recalls history (up arrow),
+    and Ctrl-D ends the chat on a new line. A fake session echoes each message."""
+    import os
+    import select
+    import subprocess
+    import sys
+    import time
+
+    pty = pytest.importorskip("pty")
+    pytest.importorskip("readline")
+    script = (
+        "import types\n"
+        "from hunyuan_mlx.chat import enable_line_editing, repl\n"
+        "class Echo:\n"
+        "    def send(self, text):\n"
+        "        return iter([types.SimpleNamespace(text=f'[{text}]')])\n"
+        "enable_line_editing()\n"
+        "repl(Echo())\n"
+        "print('BYE')\n"
+    )
+    controller, terminal = pty.openpty()
+    process = subprocess.Popen(
+        [sys.executable, "-c", script], stdin=terminal, stdout=terminal, stderr=terminal,
+        env={**os.environ, "TERM": "xterm"}, close_fds=True,
+    )  # fmt: skip
+    os.close(terminal)
+    output = b""
+
+    def type_and_wait(keys: bytes, marker: bytes, count: int = 1) -> None:
+        nonlocal output
+        os.write(controller, keys)
+        deadline = time.monotonic() + 30
+        while output.count(marker) < count and time.monotonic() < deadline:
+            if select.select([controller], [], [], 0.5)[0]:
+                output += os.read(controller, 4096)
+
+    try:
+        # Each key press waits for the prompt: readline sets the terminal up when it starts.
+        type_and_wait(b"", b"\n>> ")
+        type_and_wait(b"abc\x1b[DX\r", b"\n>> ", count=2)
+        type_and_wait(b"\x1b[A\r", b"\n>> ", count=3)
+        type_and_wait(b"\x04", b"BYE")
+    finally:
+        process.kill()
+        os.close(controller)
+    text = output.decode(errors="replace")
+    assert text.count("\n[abXc]") == 2 and ">> \r\nBYE" in text, text

@@ -166,10 +166,12 @@ def test_dtypes_match_transformers(untied, converted, dtype, tol):
         assert value.dtype == expected, name
 
 
-def test_release_layout(release, tmp_path):
+def test_release_layout(release, tmp_path, capsys):
     src, reference = release
     out = tmp_path / "out"
     convert(src, out, dtype="float32")
+    # After the tensors' bar, building tokenizer.json is not silent.
+    assert "Writing tokenizer.json from hy.tiktoken" in capsys.readouterr().err
     assert np.abs(mlx_logits(out) - reference).max() <= 1e-4
     assert "lm_head.weight" not in read_weights(out)
     config = json.loads((out / "config.json").read_text())
@@ -692,3 +694,18 @@ def test_package_convert_stays_callable_after_the_command_is_imported(untied, tm
     assert cli_module is hunyuan_mlx.convert  # this file imported the command module
     summary = hunyuan_mlx.convert(untied[0], tmp_path / "out", dtype="float32")
     assert summary.mlx_path == tmp_path / "out" and (tmp_path / "out" / "config.json").is_file()
+
+
+def test_mlx_lm_quant_predicate_is_an_alias(untied, tmp_path, capsys):
+    """mlx-lm's --quant-predicate names our recipes; its own recipes, which none of ours equals,
+    are refused in one line with the nearest recipe here."""
+    args = build_parser().parse_args(["--hf-path", "a/b", "--quant-predicate", "mixed_8"])
+    assert args.quant_recipe == "mixed_8"
+    dst = tmp_path / "out"
+    argv = ["--hf-path", str(untied[0]), "--mlx-path", str(dst), "-q"]
+    with pytest.raises(SystemExit) as exit_info:
+        main([*argv, "--quant-predicate", "mixed_4_6"])
+    err = capsys.readouterr().err
+    assert exit_info.value.code == 1 and err.startswith(PROG_ERROR) and err.count("\n") == 1
+    assert "mixed_4_6 is an mlx-lm recipe" in err and "--q-bits 4 --quant-recipe mixed_6" in err
+    assert not dst.exists()

@@ -193,3 +193,73 @@ def test_hidden_unfinished_reasoning_is_reported(capsys):
     printer.write("<think>\nStill thinking")
     printer.finish()
     assert out.getvalue() == "" and "did not finish" in capsys.readouterr().err
+
+
+def test_mlx_lm_habits_verbose_value_and_default_prompt(tiny_release, capsys):
+    """mlx-lm's `--verbose True/False` and its default prompt ("hello") work here too."""
+    base = ["--model", str(tiny_release), "-m", "3", "--temp", "0"]
+    code, out, err = run_main([*base, "--verbose", "True"], capsys)
+    assert code == 0 and "Generation: 3 tokens" in err
+    assert run_main([*base, "--verbose", "F", "-p", "hello"], capsys) == (0, out, "")
+    code, _, err = run_main([*base, "--verbose", "maybe"], capsys)
+    assert code == 2 and "expected True or False" in err
+
+
+def test_dtype_flag_reaches_the_loader(tiny_release, capsys, monkeypatch):
+    """--dtype (default auto: float32 on the CPU backend) is what the model is loaded with."""
+    import hunyuan_mlx.generation.options as options
+
+    seen = []
+    real_load = options.load
+
+    def recording_load(*args, **kwargs):
+        seen.append(kwargs["dtype"])
+        return real_load(*args, **kwargs)
+
+    monkeypatch.setattr(options, "load", recording_load)
+    for flags in ([], ["--dtype", "checkpoint"]):
+        assert run_main(["--model", str(tiny_release), "-m", "1", *flags], capsys)[0] == 0
+    assert seen == ["auto", "checkpoint"]
+
+
+def test_mlx_lm_generate_flags_match_the_python_api(loaded, tiny_release, tmp_path, capsys):
+    """--extra-eos-token, --chat-template-config, --draft-model and --prompt-cache-file give
+    what the Python API gives for the same request."""
+    from mlx_lm.models.cache import save_prompt_cache
+
+    from hunyuan_mlx.generation.stream import QUERY_MARK
+
+    model, tok = loaded
+    settings = GenerationSettings.from_checkpoint(tiny_release, max_tokens=6, temp=0)
+    base = ["--model", str(tiny_release), "-m", "6", "--temp", "0", "-p", "Hi"]
+    plain = generate(model, tok, build_prompt(tok, "Hi"), settings)
+    third = list(stream_generate(model, tok, build_prompt(tok, "Hi"), settings))[2]
+    stop = [*tok.eos_token_ids, third.token]
+    expected = generate(model, tok, build_prompt(tok, "Hi"), settings, eos_token_ids=stop)
+    assert len(expected) < len(plain)
+    token = tok.decode([third.token])
+    assert run_main([*base, "--extra-eos-token", token], capsys)[:2] == (0, expected + "\n")
+
+    no_think = generate(model, tok, build_prompt(tok, "Hi", enable_thinking=False), settings)
+    config = ["--chat-template-config", '{"enable_thinking": false}']
+    assert run_main([*base, *config], capsys)[:2] == (0, no_think + "\n")
+
+    # The same checkpoint as its own draft: speculative decoding keeps the greedy text.
+    assert run_main([*base, "--draft-model", str(tiny_release)], capsys)[:2] == (0, plain + "\n")
+
+    # A cache holding the template's text before the user's, as mlx-lm's cache_prompt saves it.
+    text = tok.apply_chat_template([{"role": "user", "content": QUERY_MARK}], tokenize=False)
+    cache = model.make_cache()
+    mx.eval(model(mx.array([tok.encode(text[: text.index(QUERY_MARK)])]), cache=cache))
+    save_prompt_cache(str(tmp_path / "prefix.safetensors"), cache)
+    cached = ["--prompt-cache-file", str(tmp_path / "prefix.safetensors")]
+    assert run_main([*base, *cached], capsys)[:2] == (0, plain + "\n")
+
+    for flags, message in [
+        (["--chat-template-config", "[1]"], "--chat-template-config must be a JSON object"),
+        (["--extra-eos-token", "hello world"], "is not one token of the vocabulary"),
+        (["--draft-model", str(tmp_path)], "must be a HunYuan checkpoint with the same tokenizer"),
+        ([*cached, "--draft-model", str(tiny_release)], "cannot be combined"),
+    ]:
+        code, out, err = run_main([*base, *flags], capsys)
+        assert code == 1 and message in err and err.count("\n") == 1, err

@@ -225,3 +225,27 @@ def test_mistyped_relative_path_says_no_such_folder(monkeypatch):
     message = r"No local folder work/small \(from .*\), and as a Hub repo id work/small could not"
     with pytest.raises(FileNotFoundError, match=message):
         load_model("work/small")
+
+
+def test_cpu_loads_in_float32_unless_told_to_keep_the_checkpoint_dtype(tiny_checkpoint, tmp_path):
+    """bfloat16 is MLX's slow path on the CPU backend (benchmarks/cpu_dtype.py): "auto" casts
+    scales, biases and norms to float32 there; packed weights and the router stay as they are."""
+    from hunyuan_mlx.converter import convert
+
+    path, _ = tiny_checkpoint
+    convert(path, tmp_path / "q", quantize=True, q_group_size=32, dtype="bfloat16")
+    dtypes = {
+        d: dict(tree_flatten(load_model(tmp_path / "q", dtype=d).parameters()))
+        for d in ("auto", "checkpoint", "float16")
+    }
+    scales = "model.layers.0.self_attn.q_proj.scales"
+    norm, router = "model.norm.weight", "model.layers.0.mlp.gate.wg.weight"
+    packed = "model.layers.0.mlp.experts.down_proj.weight"
+    expected_auto = mx.float32 if mx.default_device().type == mx.DeviceType.cpu else mx.bfloat16
+    assert dtypes["auto"][scales].dtype == dtypes["auto"][norm].dtype == expected_auto
+    assert dtypes["checkpoint"][scales].dtype == dtypes["checkpoint"][norm].dtype == mx.bfloat16
+    assert dtypes["float16"][scales].dtype == mx.float16
+    for params in dtypes.values():
+        assert params[router].dtype == mx.float32 and params[packed].dtype == mx.uint32
+    with pytest.raises(ValueError, match="Unknown dtype 'bf16'"):
+        load_model(tmp_path / "q", dtype="bf16")

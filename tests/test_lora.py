@@ -9,10 +9,12 @@ full-vocabulary model on a few very short records.
 from __future__ import annotations
 
 import dataclasses
+import io
 import json
 import os
 import shutil
 import signal
+import sys
 import warnings
 from pathlib import Path
 
@@ -389,8 +391,32 @@ def test_cli_with_yaml_config_full_vocabulary(tmp_path_factory, full_vocab_model
     assert err.startswith("python -m hunyuan_mlx.lora: error: ") and "unknown keys lora_rnak" in err
 
 
-def test_grad_checkpoint_dora_and_full(dense_model_dir, car_splits, tmp_path):
-    """Gradient checkpointing changes no numbers; DoRA and full fine-tuning train and reload."""
+def test_yaml_takes_mlx_lm_lora_parameters(tmp_path, capsys):
+    """mlx-lm's `lora_parameters: {rank, scale, dropout, keys}` block sets our fields."""
+    from hunyuan_mlx.lora import build_parser, config_from_args
+
+    config_file = tmp_path / "lora.yaml"
+    config_file.write_text(
+        "lora_parameters:\n  rank: 4\n  scale: 10.0\n  dropout: 0.1\n"
+        "  keys: [self_attn.q_proj, self_attn.v_proj]\ndtype: checkpoint\n"
+    )
+    config = config_from_args(build_parser().parse_args(["-c", str(config_file)]))
+    assert (config.lora_rank, config.lora_scale, config.lora_dropout) == (4, 10.0, 0.1)
+    assert config.lora_targets == ["self_attn.q_proj", "self_attn.v_proj"]
+    assert config.dtype == "checkpoint"
+    config_file.write_text("lora_rank: 8\nlora_parameters: {rank: 4, alpha: 2}\n")
+    with pytest.raises(SystemExit) as exit_info:
+        lora_main(["-c", str(config_file)])
+    err = capsys.readouterr().err
+    assert exit_info.value.code == 1 and "unknown lora_parameters keys alpha" in err
+    config_file.write_text("lora_rank: 8\nlora_parameters: {rank: 4}\n")
+    with pytest.raises(ValueError, match="both lora_rank and lora_parameters.rank"):
+        config_from_args(build_parser().parse_args(["-c", str(config_file)]))
+
+
+def test_grad_checkpoint_dora_and_full(dense_model_dir, car_splits, tmp_path, capsys):
+    """Gradient checkpointing changes no numbers; DoRA and full fine-tuning train and reload.
+    Output that is not a terminal gets a line per step between the reports."""
     train_set, valid_set, vocab_size = car_splits
     x = probe(vocab_size)
 
@@ -402,6 +428,9 @@ def test_grad_checkpoint_dora_and_full(dense_model_dir, car_splits, tmp_path):
         return model, mx.load(str(tmp_path / name / "adapters.safetensors"))
 
     _, plain = run("plain")
+    out = capsys.readouterr().out
+    assert "Iter 1/2: Step loss" in out and "Iter 2: Train loss" in out
+    assert "Iter 2/2: Step loss" not in out  # iteration 2 has its report
     checkpointed, recomputed = run("checkpointed", grad_checkpoint=True)
     assert type(checkpointed.layers[0]).__name__.startswith("Checkpointed")
     assert type(load_model(dense_model_dir).layers[0]).__name__ == "HunYuanMoEV1DecoderLayer"
@@ -439,8 +468,17 @@ def test_car_scoring():
     assert scores["f1"] == pytest.approx(2 * (2 / 3) * 0.5 / (2 / 3 + 0.5))
 
 
-def test_evaluate_car_command(full_vocab_model_dir, tmp_path, capsys):
+class Terminal(io.StringIO):
+    """A captured stream that says it is a terminal, so that tqdm draws its bar."""
+
+    def isatty(self) -> bool:
+        return True
+
+
+def test_evaluate_car_command(full_vocab_model_dir, tmp_path, capsys, monkeypatch):
     test_file = shared_dir() / "car" / "test.json"
+    terminal = Terminal()
+    monkeypatch.setattr(sys, "stderr", terminal)
     scores = evaluate_car.main(
         [
             "--model",
@@ -456,6 +494,7 @@ def test_evaluate_car_command(full_vocab_model_dir, tmp_path, capsys):
         ]
     )
     assert scores["examples"] == 2 and 0 <= scores["f1"] <= 1
+    assert "Scoring: 100%" in terminal.getvalue() and "2/2" in terminal.getvalue()
     rows = [json.loads(line) for line in (tmp_path / "out.jsonl").read_text().splitlines()]
     assert [set(r) for r in rows] == [{"input", "label", "prediction"}] * 2
     assert json.loads(capsys.readouterr().out.splitlines()[-1]) == scores

@@ -15,6 +15,8 @@ from collections.abc import Iterable
 from pathlib import Path
 from typing import Any
 
+from tqdm import tqdm
+
 from hunyuan_mlx import load
 from hunyuan_mlx.cli import add_debug_argument, run_main
 from hunyuan_mlx.files import read_jsonl
@@ -85,7 +87,8 @@ def evaluate(
 
     wrapper = tokenizer.for_mlx_lm()
     predictions = []
-    for record in records:
+    # A bar on a terminal (stderr): the real model takes minutes for the 500 titles.
+    for record in tqdm(records, desc="Scoring", unit="title", disable=None):
         messages = [{"role": "user", "content": record["input"]}]
         if system:
             messages.insert(0, {"role": "system", "content": system})

@@ -9,10 +9,36 @@ from pathlib import Path
 import mlx.core as mx
 
 from ..cli import add_debug_argument
-from ..loading import load, resolve_model_path
+from ..loading import DEFAULT_LOAD_DTYPE, LOAD_DTYPES, load, resolve_model_path
 from ..models import HunYuanMoEV1ForCausalLM
 from ..tokenizer import HunYuanTokenizer
 from .settings import GenerationSettings
+
+TRUE_WORDS, FALSE_WORDS = ("true", "t", "yes", "1"), ("false", "f", "no", "0")
+
+
+def parse_bool(text: str) -> bool:
+    """A flag's boolean value as mlx-lm spells it (`--verbose True`, `--verbose F`)."""
+    if text.lower() in TRUE_WORDS:
+        return True
+    if text.lower() in FALSE_WORDS:
+        return False
+    raise argparse.ArgumentTypeError(f"expected True or False, got {text!r}")
+
+
+def add_dtype_argument(
+    parser: argparse.ArgumentParser, default: str | None = DEFAULT_LOAD_DTYPE
+) -> None:
+    """--dtype: what the loaded model computes in (float32 on the CPU backend by default);
+    `lora` passes None so that its YAML config can set it."""
+    parser.add_argument(
+        "--dtype",
+        choices=LOAD_DTYPES,
+        default=default,
+        help="Type of the floating weights and activations: auto is float32 on the CPU backend "
+        "(where bfloat16 is slow) and the checkpoint's elsewhere; checkpoint keeps the "
+        f"checkpoint's (default: {DEFAULT_LOAD_DTYPE})",
+    )
 
 
 def add_common_arguments(parser: argparse.ArgumentParser) -> None:
@@ -39,8 +65,15 @@ def add_common_arguments(parser: argparse.ArgumentParser) -> None:
         help="Print only the answer, not the <think> reasoning (dimmed otherwise on a terminal)",
     )
     parser.add_argument(
-        "--verbose", action="store_true", help="Print token counts, speeds and peak memory"
+        "--verbose",
+        type=parse_bool,
+        nargs="?",
+        const=True,
+        default=False,
+        metavar="True|False",
+        help="Print token counts, speeds and peak memory (--verbose, or mlx-lm's --verbose True)",
     )
+    add_dtype_argument(parser)
     add_debug_argument(parser)
 
 
@@ -95,7 +128,7 @@ def prepare(
     """Model, tokenizer and settings for parsed CLI flags; seeds the PRNG when asked to."""
     model_path = resolve_model_path(args.model)
     settings = settings_from_args(args, model_path)
-    model, tokenizer = load(model_path, adapter_path=args.adapter_path)
+    model, tokenizer = load(model_path, adapter_path=args.adapter_path, dtype=args.dtype)
     if tokenizer is None:
         raise FileNotFoundError(f"No tokenizer (hy.tiktoken or tokenizer.json) in {model_path}")
     if args.seed is not None:

@@ -56,7 +56,9 @@ def fuse(
     model_path = resolve_model_path(model)
     check_destination(Path(save_path), model_path, force)  # before the minutes of loading
     config = HunYuanMoEV1Config.from_pretrained(model_path)
-    fused = fuse_adapters(load_model(model_path, adapter_path=adapter_path), dequantize)
+    # The checkpoint's own dtype, not the CPU's float32: the fused model is written as loaded.
+    base = load_model(model_path, adapter_path=adapter_path, dtype="checkpoint")
+    fused = fuse_adapters(base, dequantize)
     if dequantize:
         config.quantization = None
     return save_checkpoint(fused, config, model_path, save_path, force)

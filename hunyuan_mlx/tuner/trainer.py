@@ -13,6 +13,7 @@ from __future__ import annotations
 import dataclasses
 import json
 import math
+import sys
 import time
 import warnings
 from collections.abc import Callable, Iterator
@@ -31,7 +32,7 @@ from mlx_lm.tuner.trainer import evaluate, iterate_batches
 from mlx_lm.tuner.utils import build_schedule, print_trainable_parameters
 
 from ..interrupts import deferred
-from ..loading import load
+from ..loading import DEFAULT_LOAD_DTYPE, load
 from ..models.hf_compat import masked_cross_entropy
 from .adapters import (
     ADAPTER_FILE,
@@ -96,6 +97,7 @@ class LoRAConfig:
     optimizer_config: dict[str, dict[str, Any]] = field(default_factory=dict)
     grad_accumulation_steps: int = 1  # batches whose gradients add up to one optimizer step
     report_to: str | None = None  # "jsonl": metrics.jsonl in the adapter path (no network)
+    dtype: str = DEFAULT_LOAD_DTYPE  # the frozen base's compute type (`loading.LOAD_DTYPES`)
 
 
 def lora_parameters(config: LoRAConfig) -> dict[str, Any]:
@@ -383,7 +385,8 @@ def train(
             tic = time.perf_counter()
             loss, ntokens, grads = step(*next(batches), grads, it % accumulation == 0)
             mx.eval(state, loss, ntokens, grads)
-            elapsed += time.perf_counter() - tic
+            took = time.perf_counter() - tic
+            elapsed += took
             losses += loss.item()
             tokens += ntokens.item()
             trained_tokens += ntokens.item()
@@ -403,6 +406,12 @@ def train(
                     },
                 )
                 losses, tokens, steps, elapsed = 0.0, 0, 0, 0.0
+            elif not sys.stdout.isatty():
+                # A piped run's log moves every step, not only every steps_per_report.
+                print(
+                    f"Iter {it}/{config.iters}: Step loss {loss.item():.3f}, Took {took:.3f}s",
+                    flush=True,
+                )
             # Validated where checkpoints are written, so the last adapters are validated too.
             if valid_set and (it % config.steps_per_eval == 0 or it == config.iters):
                 validate_at(it)
@@ -427,7 +436,7 @@ def run(config: LoRAConfig, callback: TrainingCallback | None = None) -> None:
         raise ValueError("--model is required")
     if not (config.train or config.test):
         raise ValueError("Pass --train and/or --test")
-    model, tokenizer = load(config.model)
+    model, tokenizer = load(config.model, dtype=config.dtype)
     if tokenizer is None:
         raise ValueError(f"{config.model} has no tokenizer files")
     data = load_data_dir(config.data, tokenizer, config.max_seq_length, config.mask_prompt)
