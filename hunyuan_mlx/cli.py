@@ -29,6 +29,13 @@ DEBUG_ENV = "HUNYUAN_MLX_DEBUG"  # set to 1 for tracebacks instead of one-line e
 USER_ERRORS = (OSError, ValueError, RuntimeError)
 
 
+def add_force_argument(parser: argparse.ArgumentParser) -> None:
+    """`--force`: replace a non-empty output folder (the commands that write one)."""
+    parser.add_argument(
+        "--force", action="store_true", help="Replace an existing non-empty output directory."
+    )
+
+
 def add_debug_argument(parser: argparse.ArgumentParser) -> None:
     """`--debug`: show the traceback of an error instead of its one line."""
     parser.add_argument(

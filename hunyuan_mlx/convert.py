@@ -10,7 +10,7 @@ import sys
 import types
 from typing import Any
 
-from .cli import add_debug_argument, run_main
+from .cli import add_debug_argument, add_force_argument, run_main
 from .converter import (
     DEFAULT_MLX_PATH,
     DTYPES,
@@ -71,9 +71,7 @@ def build_parser() -> argparse.ArgumentParser:
         "-d", "--dequantize", action="store_true", help="Dequantize a quantized MLX checkpoint."
     )
     parser.add_argument("--upload-repo", default=None, help="Hub repo to upload the result to.")
-    parser.add_argument(
-        "--force", action="store_true", help="Replace an existing non-empty output directory."
-    )
+    add_force_argument(parser)
     add_debug_argument(parser)
     return parser
 

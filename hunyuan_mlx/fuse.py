@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import argparse
 
-from .cli import add_debug_argument, run_main
+from .cli import add_debug_argument, add_force_argument, run_main
 from .tuner.fuse import DEFAULT_ADAPTER_PATH, DEFAULT_SAVE_PATH, fuse
 
 
@@ -24,9 +24,7 @@ def build_parser() -> argparse.ArgumentParser:
         action="store_true",
         help="Write unquantized weights (from a quantized base).",
     )
-    parser.add_argument(
-        "--force", action="store_true", help="Replace an existing non-empty output directory."
-    )
+    add_force_argument(parser)
     add_debug_argument(parser)
     return parser
 

@@ -15,7 +15,11 @@ from collections.abc import Sequence
 from typing import Any
 
 from .cli import add_debug_argument, run_main
-from .generation.options import add_generation_arguments, settings_from_args
+from .generation.options import (
+    add_generation_arguments,
+    add_model_arguments,
+    settings_from_args,
+)
 from .loading import load, resolve_model_path
 from .serve.app import DEFAULT_HOST, DEFAULT_MAX_REQUEST_BYTES, DEFAULT_PORT, Server, Service
 from .serve.engine import (
@@ -42,12 +46,7 @@ def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(
         prog="python -m hunyuan_mlx.server", description="OpenAI-compatible HunYuan server"
     )
-    parser.add_argument(
-        "--model", required=True, help="Local checkpoint directory or Hugging Face repo id"
-    )
-    parser.add_argument(
-        "--adapter-path", default=None, help="Directory of trained LoRA/DoRA adapters to apply"
-    )
+    add_model_arguments(parser)
     parser.add_argument(
         "--host", default=DEFAULT_HOST, help="Host for the HTTP server (default: %(default)s)"
     )

@@ -41,14 +41,19 @@ def add_dtype_argument(
     )
 
 
-def add_common_arguments(parser: argparse.ArgumentParser) -> None:
-    """--model and the prompt and display flags both CLIs take."""
+def add_model_arguments(parser: argparse.ArgumentParser) -> None:
+    """--model and --adapter-path: what to load (generate, chat, the server)."""
     parser.add_argument(
         "--model", required=True, help="Local checkpoint directory or Hugging Face repo id"
     )
     parser.add_argument(
         "--adapter-path", default=None, help="Directory of trained LoRA/DoRA adapters to apply"
     )
+
+
+def add_common_arguments(parser: argparse.ArgumentParser) -> None:
+    """The model, prompt and display flags generate and chat take."""
+    add_model_arguments(parser)
     parser.add_argument(
         "--system-prompt", default=None, help="System prompt to be used for the chat template"
     )

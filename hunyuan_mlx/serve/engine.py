@@ -166,15 +166,14 @@ class BatchEngine(Engine):
 
     def __init__(
         self,
-        model: Any,
-        tokenizer: HunYuanTokenizer,
-        prompt_cache: PromptCache,
-        seed: int | None = None,
+        *args: Any,
         decode_concurrency: int = BATCH_DECODE_CONCURRENCY,
         prompt_concurrency: int = DEFAULT_PROMPT_CONCURRENCY,
         prefill_step_size: int = DEFAULT_PREFILL_STEP_SIZE,
+        **kwargs: Any,
     ) -> None:
-        super().__init__(model, tokenizer, prompt_cache, seed)
+        """`Engine`'s arguments, and how many jobs decode and prefill together."""
+        super().__init__(*args, **kwargs)
         self.decode_concurrency = decode_concurrency
         self.prompt_concurrency = prompt_concurrency
         self.prefill_step_size = prefill_step_size
