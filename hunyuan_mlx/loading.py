@@ -42,7 +42,7 @@ def resolve_model_path(path_or_repo: str | Path) -> Path:
     except (HfHubHTTPError, LocalEntryNotFoundError, OSError) as e:
         raise FileNotFoundError(
             f"No local folder {path} (from {Path.cwd()}), and as a Hub repo id {repo_id} "
-            f"could not be fetched: {e}"
+            f"could not be fetched: {' '.join(str(e).split())}"  # the Hub's text spans lines
         ) from None
 
 
