@@ -7,8 +7,14 @@ import sys
 from collections.abc import Sequence
 
 from .cli import run_main
+from .distributed import init_group
 from .generation.display import ThinkingPrinter, print_stream
-from .generation.options import add_common_arguments, add_generation_arguments, prepare
+from .generation.options import (
+    add_common_arguments,
+    add_generation_arguments,
+    prepare,
+    rank_output,
+)
 from .generation.settings import GENERATE_MAX_TOKENS
 from .generation.stream import build_prompt, require_text, stream_generate
 
@@ -38,12 +44,14 @@ def main(argv: Sequence[str] | None = None) -> None:
     with run_main(parser.prog, args.debug):
         # Checked before loading, which can take minutes.
         prompt = require_text(sys.stdin.read() if args.prompt == "-" else args.prompt)
-        model, tokenizer, settings = prepare(args)
+        group = init_group()  # size 1 unless run by mlx.launch
+        model, tokenizer, settings = prepare(args, group)
         ids = build_prompt(
             tokenizer, prompt, args.system_prompt, args.think, args.ignore_chat_template
         )
-        printer = ThinkingPrinter(sys.stdout, hide=args.hide_thinking)
-        print_stream(stream_generate(model, tokenizer, ids, settings), printer, args.verbose)
+        printer = ThinkingPrinter(rank_output(group, sys.stdout), hide=args.hide_thinking)
+        verbose = args.verbose and group.rank() == 0
+        print_stream(stream_generate(model, tokenizer, ids, settings), printer, verbose)
 
 
 if __name__ == "__main__":
