@@ -32,6 +32,7 @@ from hunyuan_mlx import convert, load_model
 from hunyuan_mlx.distributed import make_plan
 from hunyuan_mlx.generate import main as generate_main
 from hunyuan_mlx.models import HunYuanMoEV1Config
+from hunyuan_mlx.models.sharding import shard_tensor
 from hunyuan_mlx.tuner.adapters import (
     ADAPTER_FILE,
     adapter_weights,
@@ -204,3 +205,19 @@ def test_a_rank_missing_its_shard_stops_every_rank_with_one_line(models, tmp_pat
     # Rank 0 (layers 0-1) has what it needs; rank 1 (layer 2) names the missing file.
     assert line.startswith(f"{GENERATE}rank 1 (") and last_layer in line, line
     assert "rank 0" not in line
+
+
+def test_dora_on_a_column_split_projection_is_refused_in_tensor_mode(models):
+    """DoRA's norm spans every input of o_proj: tensor mode cannot split it, and says what can."""
+    model = load_model(models["f32"])
+    prepare_model(model, "dora", 1, {"keys": ["self_attn.o_proj"]})
+
+    class Rank1Of2:  # what shard_inplace reads of a group
+        def rank(self) -> int:
+            return 1
+
+        def size(self) -> int:
+            return 2
+
+    with pytest.raises(ValueError, match="DoRA adapters on layer 2.s self_attn.o_proj.*--pipeline"):
+        shard_tensor(model, Rank1Of2())

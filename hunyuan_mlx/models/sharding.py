@@ -48,12 +48,6 @@ def split_inputs(path: str, w: mx.array) -> Axis:
         return 0 if w.ndim == 2 else -1
     if name in ("lora_b", "bias"):
         return None
-    if name == "m":
-        raise ValueError(
-            f"DoRA adapters on {path.rsplit('.', 1)[0] or 'an output projection'} cannot be "
-            "split over ranks in tensor mode (its norm needs every input): use --pipeline, or "
-            "fuse the adapters first (hunyuan_mlx.fuse)"
-        )
     return -1
 
 
@@ -62,9 +56,14 @@ def shard_rows_out(module: nn.Module, group: mx.distributed.Group, segments: int
     shard_inplace(module, split_outputs(segments), group=group)
 
 
-def shard_rows_in(module: nn.Module, group: mx.distributed.Group) -> None:
+def shard_rows_in(module: nn.Module, group: mx.distributed.Group, where: str) -> None:
     """Keep this rank's share of `module`'s input features, in place. Its output is then a partial
-    sum; a bias is kept on rank 0 only, so the sum adds it once."""
+    sum; a bias is kept on rank 0 only, so the sum adds it once. `where` names it in errors."""
+    if "m" in module:  # DoRA's magnitude, divided by a norm over every input of each row
+        raise ValueError(
+            f"DoRA adapters on {where} cannot be split over ranks in tensor mode (their norm "
+            "needs every input): use --pipeline, or fuse the adapters first (hunyuan_mlx.fuse)"
+        )
     shard_inplace(module, split_inputs, group=group)  # builds the new tree whole, then swaps
     for _, sub in module.named_modules():
         if isinstance(sub, (nn.Linear, nn.QuantizedLinear)) and "bias" in sub and group.rank():
@@ -74,24 +73,24 @@ def shard_rows_in(module: nn.Module, group: mx.distributed.Group) -> None:
 def shard_tensor(model: nn.Module, group: mx.distributed.Group) -> None:
     """Tensor mode, in place: this rank's heads, expert and shared-expert slices (module doc)."""
     n = group.size()
-    for layer in model.layers:
+    for i, layer in enumerate(model.layers):
         attn = layer.self_attn
         for name in ("q_proj", "k_proj", "v_proj"):
             if name in attn:
                 shard_rows_out(attn[name], group)
-        shard_rows_in(attn.o_proj, group)
+        shard_rows_in(attn.o_proj, group, f"layer {i}'s self_attn.o_proj")
         attn.num_heads //= n
         attn.num_key_value_heads //= n
         attn.sharding_group = group
         moe = layer.mlp
         # gate_up_proj stacks gate rows then up rows: each rank takes its share of both.
         shard_rows_out(moe.experts.gate_up_proj, group, segments=2)
-        shard_rows_in(moe.experts.down_proj, group)
+        shard_rows_in(moe.experts.down_proj, group, f"layer {i}'s mlp.experts.down_proj")
         moe.experts.intermediate_size //= n
         if "shared_mlp" in moe:
             shard_rows_out(moe.shared_mlp.gate_proj, group)
             shard_rows_out(moe.shared_mlp.up_proj, group)
-            shard_rows_in(moe.shared_mlp.down_proj, group)
+            shard_rows_in(moe.shared_mlp.down_proj, group, f"layer {i}'s shared_mlp.down_proj")
         moe.sharding_group = group
 
 
