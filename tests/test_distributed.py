@@ -28,7 +28,8 @@ from helpers import (
     save_checkpoint,
 )
 
-from hunyuan_mlx import convert, load_model
+from hunyuan_mlx import load_model
+from hunyuan_mlx.converter import convert
 from hunyuan_mlx.distributed import make_plan
 from hunyuan_mlx.generate import main as generate_main
 from hunyuan_mlx.models import HunYuanMoEV1Config
