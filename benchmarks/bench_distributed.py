@@ -50,10 +50,13 @@ TINY = dict(layers=2, width_scale=0.25, experts=16, vocab=4096, prompt_lens="32,
 
 
 def per_rank(group: mx.distributed.Group, value: float) -> list[float]:
-    """`value` of every rank, in rank order (every rank gets the list)."""
+    """`value` of every rank, in rank order (every rank gets the list; `all_sum` of one-hot rows,
+    which every backend has)."""
+    row = np.zeros(group.size(), np.float32)
+    row[group.rank()] = value
     if group.size() == 1:
-        return [value]
-    return np.array(mx.distributed.all_gather(mx.array([value]), group=group)).tolist()
+        return row.tolist()
+    return np.array(mx.distributed.all_sum(mx.array(row), group=group)).tolist()
 
 
 def main() -> None:

@@ -151,13 +151,16 @@ def together(group: mx.distributed.Group | None, step: Callable[[], T]) -> T:
 
 
 def gather_messages(group: mx.distributed.Group, message: str) -> list[tuple[int, str, str]]:
-    """(rank, host, message) of every rank whose `message` ("host\\nmessage") is not empty."""
-    data = message.encode()[:MESSAGE_BYTES].ljust(MESSAGE_BYTES, b"\0")
-    gathered = mx.distributed.all_gather(mx.array(np.frombuffer(data, np.uint8)), group=group)
-    chunks = np.array(gathered).reshape(group.size(), MESSAGE_BYTES)
+    """(rank, host, message) of every rank whose `message` ("host\nmessage") is not empty.
+
+    Gathered with `all_sum` (each rank fills its own row), which every backend has."""
+    data = np.frombuffer(message.encode()[:MESSAGE_BYTES].ljust(MESSAGE_BYTES, b"\0"), np.uint8)
+    rows = np.zeros((group.size(), MESSAGE_BYTES), np.int32)
+    rows[group.rank()] = data
+    summed = np.array(mx.distributed.all_sum(mx.array(rows), group=group)).astype(np.uint8)
     failures = []
-    for rank, chunk in enumerate(chunks):
-        text = chunk.tobytes().rstrip(b"\0").decode(errors="replace")
+    for rank, row in enumerate(summed):
+        text = row.tobytes().rstrip(b"\0").decode(errors="replace")
         if text:
             host, _, cause = text.partition("\n")
             failures.append((rank, host, cause))

@@ -109,21 +109,21 @@ def stage_input(h: mx.array, group: mx.distributed.Group) -> mx.array:
     rank = group.rank()
     if rank == 0:
         return h
-    # A recv depends on no data here, so it could run before the last step's all_gather (which
-    # led to this step's tokens) while the previous stage waits in that all_gather: evaluate the
-    # input first, so every rank runs its collectives in the same order.
+    # A recv depends on no data here, so it could run before the last step's all_sum (which led
+    # to this step's tokens) while the previous stage waits in that all_sum: evaluate the input
+    # first, so every rank runs its collectives in the same order.
     mx.eval(h)
     return mx.distributed.recv_like(h, rank - 1, group=group)
 
 
 def stage_output(h: mx.array, group: mx.distributed.Group) -> mx.array:
     """Every stage's copy of the last stage's output: each stage but the last sends its output
-    on, then one `all_gather` hands the last stage's to all (every rank samples the same token)."""
+    on, then one `all_sum` (the others adding zeros) hands the last stage's output to all, so
+    every rank samples the same token."""
     rank, size = group.rank(), group.size()
     if rank < size - 1:
         # Now, not when the caller evaluates: the next stage waits for it even when the caller
         # evaluates only the KV cache (as mlx-lm's chunked prefill does).
-        h = mx.distributed.send(h, rank + 1, group=group)
-        mx.eval(h)
-    batch = h.shape[0]
-    return mx.distributed.all_gather(h, group=group)[(size - 1) * batch :]
+        mx.eval(mx.distributed.send(h, rank + 1, group=group))
+        h = mx.zeros_like(h)
+    return mx.distributed.all_sum(h, group=group)
