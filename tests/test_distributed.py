@@ -1,9 +1,9 @@
 """Several ranks for real: `mlx.launch --backend ring` on localhost, tiny float32 models.
 
 Tensor mode over 2 ranks and pipeline mode over 3 give the single-process logits (prefill and
-cached decode steps; float32, 4-bit, mixed_8, a quantized KV cache, LoRA adapters), the CLI the
-same greedy text; a rank count the model cannot be split by, and a rank missing its shard, end
-every rank with one line.
+cached decode steps; float32, 4-bit, mixed_8, mxfp4, a quantized KV cache, LoRA adapters), and
+the CLI the same greedy text; a rank count the model cannot be split by, and a rank missing its
+shard, end every rank with one line; DoRA where tensor mode cannot split it is refused.
 """
 
 from __future__ import annotations
@@ -78,7 +78,8 @@ def failure_line(result: subprocess.CompletedProcess) -> str:
 
 @pytest.fixture(scope="module")
 def models(tmp_path_factory) -> dict[str, Path]:
-    """float32, 4-bit and mixed_8 conversions (one layer a shard), and LoRA adapters."""
+    """float32, 4-bit, mixed_8 and mxfp4 conversions (a layer over several shards), and LoRA
+    adapters."""
     root = tmp_path_factory.mktemp("dist")
     source = save_checkpoint(build_torch_model(seed=3, **DIST_CONFIG), root / "hf")
     paths = {}
@@ -86,6 +87,7 @@ def models(tmp_path_factory) -> dict[str, Path]:
         "f32": {},
         "q4": dict(quantize=True, q_group_size=32),
         "mixed8": dict(quantize=True, q_group_size=32, quant_recipe="mixed_8"),
+        "mxfp4": dict(quantize=True, q_mode="mxfp4"),  # scales only, no biases
     }.items():
         paths[name] = root / name
         convert(source, paths[name], dtype="float32", max_shard_size="60KB", **options)
@@ -116,6 +118,7 @@ def cases(models: dict[str, Path]) -> dict[str, dict]:
         "kv8": {"model": str(models["f32"]), "kv_bits": 8},
         "q4": {"model": str(models["q4"])},
         "mixed8": {"model": str(models["mixed8"])},
+        "mxfp4": {"model": str(models["mxfp4"])},
         "lora": {"model": str(models["f32"]), "adapters": str(models["adapters"])},
     }
 
@@ -146,7 +149,8 @@ def test_logits_and_greedy_text_equal_the_single_process_ones(
     if release_model is not None:
         flags += ["--generate", json.dumps(argv)]
     result = launch(ranks, str(WORKER), str(tmp_path / "cases.json"), str(out), *flags)
-    assert result.returncode == 0, result.stderr
+    # mlx.launch exits with 0 whatever its ranks do; it warns of a rank that failed.
+    assert "[WARN] Node with rank" not in result.stderr, result.stderr
     got = np.load(out)
     for name, case in spec.items():
         prefill, decode = case_logits(case, None, False)

@@ -21,7 +21,7 @@ from .config import HunYuanMoEV1Config
 from .experts import GatheredGLU
 from .fast_paths import FastPaths, compiled_decode_step, routed_experts, set_fast_paths
 from .rope import HunYuanMoEV1RotaryEmbedding
-from .sharding import stage_input, stage_output
+from .sharding import stage_dtype, stage_input, stage_output
 from .weights import sanitize
 
 Mask = mx.array | str | None  # a boolean/additive array, "causal", or None
@@ -241,7 +241,8 @@ class HunYuanMoEV1Model(nn.Module):
         if mask is None:
             mask = create_attention_mask(h, cache[0] if cache else None)
         if self.pipeline_group is not None:
-            h = stage_input(h, self.pipeline_group)
+            boundary = stage_dtype(h, self.norm)
+            h = stage_input(h, self.pipeline_group, boundary)
         shared_kv = None
         for j, layer in enumerate(self.layers):
             if hidden_states is not None:
@@ -259,7 +260,7 @@ class HunYuanMoEV1Model(nn.Module):
             else:
                 h, shared_kv = layer(h, **call)
         if self.pipeline_group is not None:
-            h = stage_output(h, self.pipeline_group)
+            h = stage_output(h, self.pipeline_group, boundary)
         return self.norm(h)
 
     def make_cache(self) -> list[KVCache]:

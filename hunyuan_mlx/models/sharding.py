@@ -103,9 +103,9 @@ def keep_stage(model: nn.Module, group: mx.distributed.Group, first: int, end: i
     decoder.pipeline_group = group
 
 
-def stage_input(h: mx.array, group: mx.distributed.Group) -> mx.array:
+def stage_input(h: mx.array, group: mx.distributed.Group, dtype: mx.Dtype) -> mx.array:
     """The hidden states this stage starts from: the embeddings on the first stage, what the
-    previous stage sent on the others (only `h`'s shape and dtype are used there)."""
+    previous stage sent (in `dtype`) on the others, where only `h`'s shape is used."""
     rank = group.rank()
     if rank == 0:
         return h
@@ -113,17 +113,25 @@ def stage_input(h: mx.array, group: mx.distributed.Group) -> mx.array:
     # to this step's tokens) while the previous stage waits in that all_sum: evaluate the input
     # first, so every rank runs its collectives in the same order.
     mx.eval(h)
-    return mx.distributed.recv_like(h, rank - 1, group=group)
+    return mx.distributed.recv(h.shape, dtype, rank - 1, group=group)
 
 
-def stage_output(h: mx.array, group: mx.distributed.Group) -> mx.array:
+def stage_output(h: mx.array, group: mx.distributed.Group, dtype: mx.Dtype) -> mx.array:
     """Every stage's copy of the last stage's output: each stage but the last sends its output
-    on, then one `all_sum` (the others adding zeros) hands the last stage's output to all, so
-    every rank samples the same token."""
+    on (in `dtype`, which the next stage expects), then one `all_sum` (the others adding zeros)
+    hands the last stage's output to all, so every rank samples the same token."""
     rank, size = group.rank(), group.size()
+    h = h.astype(dtype)
     if rank < size - 1:
         # Now, not when the caller evaluates: the next stage waits for it even when the caller
         # evaluates only the KV cache (as mlx-lm's chunked prefill does).
         mx.eval(mx.distributed.send(h, rank + 1, group=group))
         h = mx.zeros_like(h)
     return mx.distributed.all_sum(h, group=group)
+
+
+def stage_dtype(embeddings: mx.array, norm: nn.Module) -> mx.Dtype:
+    """The dtype hidden states cross stages in: what the layers make of the embeddings (a
+    quantized embedding gives bf16, float32 norms lift the layers' outputs to float32). Every
+    stage computes the same, so a receiver knows what its sender sends."""
+    return mx.result_type(embeddings.dtype, norm.weight.dtype)
