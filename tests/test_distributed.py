@@ -226,3 +226,12 @@ def test_dora_on_a_column_split_projection_is_refused_in_tensor_mode(models):
 
     with pytest.raises(ValueError, match="DoRA adapters on layer 2.s self_attn.o_proj.*--pipeline"):
         shard_tensor(model, Rank1Of2())
+
+
+def test_pipeline_outside_mlx_launch_is_one_error(models, capsys):
+    with pytest.raises(SystemExit):
+        generate_main(["--model", str(models["f32"]), "-p", "hi", "--pipeline"])
+    assert capsys.readouterr().err.strip() == (
+        f"{GENERATE}--pipeline splits the layers over the ranks of mlx.launch; this is a single "
+        "process"
+    )
