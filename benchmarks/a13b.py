@@ -9,6 +9,7 @@ import json
 import math
 import platform
 import time
+from collections.abc import Callable
 from importlib import metadata
 from pathlib import Path
 
@@ -110,17 +111,24 @@ def fill_random(model: nn.Module, prefix: str, dtype, embed_scale: float) -> Non
             m.weight = mx.random.normal(m.weight.shape, dtype=mx.float32) / math.sqrt(d)
 
 
-def build_ours(cfg_dict: dict, args) -> HunYuanMoEV1ForCausalLM:
+def build_ours(
+    cfg_dict: dict, args, split: Callable[[HunYuanMoEV1ForCausalLM], None] | None = None
+) -> HunYuanMoEV1ForCausalLM:
+    """The random quantized model, evaluated a layer at a time; `split` (a rank's sharding) runs
+    on the still-lazy weights first, so a rank only ever holds its share plus one layer's."""
     config = HunYuanMoEV1Config.from_dict(cfg_dict)
     model = HunYuanMoEV1ForCausalLM(config)  # lazy random init, never evaluated
     apply_quantization(model, quantization_dict(args))
     dtype = mx.bfloat16 if args.dtype == "bfloat16" else mx.float16
     for i, layer in enumerate(model.model.layers):
         fill_random(layer, f"model.layers.{i}.", dtype, args.embed_scale)
-        mx.eval(layer.parameters())
     model.model.embed_tokens.freeze()
     fill_random(model.model.embed_tokens, "model.embed_tokens", dtype, args.embed_scale)
     model.model.norm.weight = mx.ones(model.model.norm.weight.shape, dtype=dtype)
+    if split is not None:
+        split(model)
+    for layer in model.model.layers:
+        mx.eval(layer.parameters())
     mx.eval(model.parameters())
     return model
 

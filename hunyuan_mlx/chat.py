@@ -10,8 +10,14 @@ from typing import TextIO
 from mlx_lm.chat import DEFAULT_MAX_TOKENS as CHAT_MAX_TOKENS
 
 from .cli import run_main
+from .distributed import init_group
 from .generation.display import ThinkingPrinter, print_stream
-from .generation.options import add_common_arguments, add_generation_arguments, prepare
+from .generation.options import (
+    add_common_arguments,
+    add_generation_arguments,
+    prepare,
+    rank_output,
+)
 from .generation.session import ChatSession
 
 BLOCK = '"""'  # a line with only this opens, and closes, a multi-line message
@@ -123,10 +129,18 @@ def main(argv: Sequence[str] | None = None) -> None:
     parser = build_parser()
     args = parser.parse_args(argv)
     with run_main(parser.prog, args.debug):
-        model, tokenizer, settings = prepare(args)
+        group = init_group()  # size 1 unless run by mlx.launch, which gives every rank stdin
+        model, tokenizer, settings = prepare(args, group)
         session = ChatSession(model, tokenizer, settings, args.system_prompt, args.think)
         enable_line_editing()
-        repl(session, hide_thinking=args.hide_thinking, verbose=args.verbose)
+        first = group.rank() == 0
+        repl(
+            session,
+            read=input if first else lambda _: input(),  # the prompt shown once, by rank 0
+            out=rank_output(group, sys.stdout),
+            hide_thinking=args.hide_thinking,
+            verbose=args.verbose and first,
+        )
 
 
 if __name__ == "__main__":

@@ -49,15 +49,17 @@ def read_jsonl(path: str | Path) -> list[tuple[int, dict[str, Any]]]:
     return records
 
 
-def weight_files(model_path: Path) -> list[Path]:
-    """The safetensors files of a checkpoint: those its index lists, or all in the directory."""
+def weight_files(model_path: Path, keep: Callable[[str], bool] | None = None) -> list[Path]:
+    """The safetensors files of a checkpoint: those its index lists (only those holding a tensor
+    `keep` accepts, when given and there is an index), or all in the directory."""
     index = model_path / INDEX_FILE
     if index.is_file():
         try:
             weight_map = read_json(index)["weight_map"]
         except (KeyError, TypeError) as e:
             raise ValueError(f"{index} is not a valid safetensors index: no {e}") from None
-        files = [model_path / name for name in sorted(set(weight_map.values()))]
+        names = {f for t, f in weight_map.items() if keep is None or keep(t)}
+        files = [model_path / name for name in sorted(names)]
         for file in files:
             if not file.is_file():
                 raise FileNotFoundError(f"{file.name} is listed in {index} but does not exist")

@@ -12,8 +12,14 @@ from mlx_lm.generate import DEFAULT_PROMPT
 from mlx_lm.models.cache import load_prompt_cache
 
 from .cli import run_main
+from .distributed import init_group
 from .generation.display import ThinkingPrinter, print_stream
-from .generation.options import add_common_arguments, add_generation_arguments, prepare
+from .generation.options import (
+    add_common_arguments,
+    add_generation_arguments,
+    prepare,
+    rank_output,
+)
 from .generation.settings import GENERATE_MAX_TOKENS
 from .generation.stream import (
     DEFAULT_NUM_DRAFT_TOKENS,
@@ -139,7 +145,8 @@ def main(argv: Sequence[str] | None = None) -> None:
         template_kwargs = template_config(args.chat_template_config)
         if args.draft_model and args.prompt_cache_file:
             raise ValueError("--draft-model cannot be combined with --prompt-cache-file")
-        model, tokenizer, settings = prepare(args)
+        group = init_group()  # size 1 unless run by mlx.launch
+        model, tokenizer, settings = prepare(args, group)
         cache = None if args.prompt_cache_file is None else load_cache_file(
             args.prompt_cache_file, model
         )
@@ -165,7 +172,8 @@ def main(argv: Sequence[str] | None = None) -> None:
             draft_model=draft,
             num_draft_tokens=args.num_draft_tokens,
         )
-        print_stream(responses, ThinkingPrinter(sys.stdout, hide=args.hide_thinking), args.verbose)
+        printer = ThinkingPrinter(rank_output(group, sys.stdout), hide=args.hide_thinking)
+        print_stream(responses, printer, args.verbose and group.rank() == 0)
 
 
 if __name__ == "__main__":

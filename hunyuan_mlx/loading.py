@@ -9,8 +9,10 @@ import mlx.nn as nn
 from mlx.utils import tree_flatten
 from tqdm import tqdm
 
+from .distributed import make_plan, together
 from .files import check_tensors, load_safetensors, weight_files
 from .models import HunYuanMoEV1Config, HunYuanMoEV1ForCausalLM
+from .models.sharding import keep_stage, shard_tensor
 from .quantize import apply_quantization, is_router
 from .tokenizer import TIKTOKEN_FILE, TOKENIZER_JSON_FILE, HunYuanTokenizer
 from .tuner.adapters import load_adapters
@@ -75,36 +77,80 @@ def load_model(
     model_class: type[nn.Module] = HunYuanMoEV1ForCausalLM,
     adapter_path: str | Path | None = None,
     dtype: str = DEFAULT_LOAD_DTYPE,
+    group: mx.distributed.Group | None = None,
+    pipeline: bool = False,
 ) -> nn.Module:
     """Build the model from config.json and fill it from the checkpoint's safetensors.
 
     With `lazy` the weights stay unevaluated and are read from the files on first use;
     otherwise they are evaluated here, one layer at a time. `adapter_path` applies the
     adapters of a `hunyuan_mlx.lora` run. `dtype` (`LOAD_DTYPES`) is what floating
-    parameters, and so activations, are computed in.
+    parameters, and so activations, are computed in. With a `group` of several ranks
+    (`mlx.launch`), this rank's share only: tensor mode, or layers split with `pipeline` (see
+    `distributed.py`); every check passes or fails on all ranks together, before any weight is
+    evaluated.
     """
     target_dtype = compute_dtype(dtype)
+    if group is not None and group.size() == 1:
+        if pipeline:
+            raise ValueError(
+                "--pipeline splits the layers over the ranks of mlx.launch; "
+                "this is a single process"
+            )
+        group = None
+    model = together(
+        group,
+        lambda: assemble(path_or_repo, model_class, adapter_path, target_dtype, group, pipeline),
+    )
+    if not lazy:
+        together(group, lambda: evaluate(model, group))
+    return model
+
+
+def assemble(
+    path_or_repo: str | Path,
+    model_class: type[nn.Module],
+    adapter_path: str | Path | None,
+    dtype: mx.Dtype | None,
+    group: mx.distributed.Group | None,
+    pipeline: bool,
+) -> nn.Module:
+    """The model with its (lazy) weights, cast to `dtype`, and adapters, split for this rank when
+    `group` is set."""
     model_path = resolve_model_path(path_or_repo)
     config = HunYuanMoEV1Config.from_pretrained(model_path)
+    plan = None if group is None else make_plan(config, group, pipeline)
+    keep = (lambda name: True) if plan is None else plan.keeps
     model = model_class(config)
-    weights = model.sanitize(load_safetensors(weight_files(model_path)))
+    weights = model.sanitize(load_safetensors(weight_files(model_path, keep)))
+    weights = {name: w for name, w in weights.items() if keep(name)}
     if config.quantization is not None:
         apply_quantization(model, config.quantization, weights)
     check_tensors(
         {name: w.shape for name, w in weights.items()},
-        {name: p.shape for name, p in tree_flatten(model.parameters())},
+        {name: p.shape for name, p in tree_flatten(model.parameters()) if keep(name)},
         f"Checkpoint {model_path} does not match its config",
     )
-    model.load_weights(list(cast_floating(weights, target_dtype).items()))
+    # A pipeline stage leaves the other layers unloaded: they are dropped below, unevaluated.
+    strict = plan is None or plan.mode == "tensor"
+    model.load_weights(list(cast_floating(weights, dtype).items()), strict=strict)
     del weights
     if adapter_path is not None:
         load_adapters(model, adapter_path)
+    if plan is not None and plan.mode == "tensor":
+        shard_tensor(model, group)
+    elif plan is not None:
+        keep_stage(model, group, plan.first_layer, plan.end_layer)
     model.eval()
-    if not lazy:
-        for layer in tqdm(model.model.layers, desc="Loading", unit="layer", disable=None):
-            mx.eval(layer.parameters())
-        mx.eval(model.parameters())
     return model
+
+
+def evaluate(model: nn.Module, group: mx.distributed.Group | None) -> None:
+    """Read the weights, one layer at a time (a progress bar on rank 0)."""
+    quiet = group is not None and group.rank() != 0
+    for layer in tqdm(model.model.layers, desc="Loading", unit="layer", disable=quiet or None):
+        mx.eval(layer.parameters())
+    mx.eval(model.parameters())
 
 
 def load(
@@ -112,10 +158,19 @@ def load(
     lazy: bool = False,
     adapter_path: str | Path | None = None,
     dtype: str = DEFAULT_LOAD_DTYPE,
+    group: mx.distributed.Group | None = None,
+    pipeline: bool = False,
 ) -> tuple[HunYuanMoEV1ForCausalLM, HunYuanTokenizer | None]:
-    """The model (with adapters, if given; floating parameters as `dtype` says) and its tokenizer
-    (None when it has no vocabulary)."""
+    """The model (with adapters, if given; floating parameters as `dtype` says; this rank's share
+    with a `group`, see `load_model`) and its tokenizer (None when it has no vocabulary)."""
     model_path = resolve_model_path(path_or_repo)
-    model = load_model(model_path, lazy=lazy, adapter_path=adapter_path, dtype=dtype)
+    model = load_model(
+        model_path,
+        lazy=lazy,
+        adapter_path=adapter_path,
+        dtype=dtype,
+        group=group,
+        pipeline=pipeline,
+    )
     has_vocab = any((model_path / f).is_file() for f in (TIKTOKEN_FILE, TOKENIZER_JSON_FILE))
     return model, HunYuanTokenizer.from_pretrained(model_path) if has_vocab else None

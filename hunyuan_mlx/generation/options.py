@@ -4,11 +4,14 @@ from __future__ import annotations
 
 import argparse
 import dataclasses
+import os
 from pathlib import Path
+from typing import TextIO
 
 import mlx.core as mx
 
 from ..cli import add_debug_argument
+from ..distributed import shared_seed
 from ..loading import DEFAULT_LOAD_DTYPE, LOAD_DTYPES, load, resolve_model_path
 from ..models import HunYuanMoEV1ForCausalLM
 from ..tokenizer import HunYuanTokenizer
@@ -79,6 +82,12 @@ def add_common_arguments(parser: argparse.ArgumentParser) -> None:
         help="Print token counts, speeds and peak memory (--verbose, or mlx-lm's --verbose True)",
     )
     add_dtype_argument(parser)
+    parser.add_argument(
+        "--pipeline",
+        action="store_true",
+        help="Under mlx.launch: split the layers over the ranks (default there: tensor mode, "
+        "every layer split)",
+    )
     add_debug_argument(parser)
 
 
@@ -128,16 +137,29 @@ def settings_from_args(args: argparse.Namespace, model_path: Path) -> Generation
 
 
 def prepare(
-    args: argparse.Namespace,
+    args: argparse.Namespace, group: mx.distributed.Group | None = None
 ) -> tuple[HunYuanMoEV1ForCausalLM, HunYuanTokenizer, GenerationSettings]:
-    """Model, tokenizer and settings for parsed CLI flags; seeds the PRNG when asked to."""
+    """Model, tokenizer and settings for parsed CLI flags; seeds the PRNG when asked to. With a
+    `group` of several ranks, this rank's share of the model and a seed every rank shares."""
     model_path = resolve_model_path(args.model)
     settings = settings_from_args(args, model_path)
-    model, tokenizer = load(model_path, adapter_path=args.adapter_path, dtype=args.dtype)
+    model, tokenizer = load(
+        model_path,
+        adapter_path=args.adapter_path,
+        dtype=args.dtype,
+        group=group,
+        pipeline=args.pipeline,
+    )
     if tokenizer is None:
         raise FileNotFoundError(f"No tokenizer (hy.tiktoken or tokenizer.json) in {model_path}")
-    if args.seed is not None:
-        mx.random.seed(args.seed)
+    seed = args.seed if group is None or group.size() == 1 else shared_seed(group, args.seed)
+    if seed is not None:
+        mx.random.seed(seed)
     return model, tokenizer, settings
+
+
+def rank_output(group: mx.distributed.Group, out: TextIO) -> TextIO:
+    """`out` on rank 0, which prints for all; a sink on the other ranks."""
+    return out if group.rank() == 0 else open(os.devnull, "w")
 
 

@@ -21,6 +21,7 @@ from .config import HunYuanMoEV1Config
 from .experts import GatheredGLU
 from .fast_paths import FastPaths, compiled_decode_step, routed_experts, set_fast_paths
 from .rope import HunYuanMoEV1RotaryEmbedding
+from .sharding import stage_dtype, stage_input, stage_output
 from .weights import sanitize
 
 Mask = mx.array | str | None  # a boolean/additive array, "causal", or None
@@ -45,6 +46,9 @@ def merge_heads(x: mx.array) -> mx.array:
 
 class HunYuanMoEV1Attention(nn.Module):
     """GQA attention; RoPE first, then RMSNorm of each query and key head (QK-norm)."""
+
+    # Tensor mode (sharding.py): this rank holds some heads, its output is summed over the group.
+    sharding_group: mx.distributed.Group | None = None
 
     def __init__(self, config: HunYuanMoEV1Config, layer_idx: int):
         super().__init__()
@@ -103,7 +107,10 @@ class HunYuanMoEV1Attention(nn.Module):
 
     def output(self, attn_out: mx.array) -> mx.array:
         """Attention output (B, heads, L, head_dim) -> the projected (B, L, hidden)."""
-        return self.o_proj(merge_heads(attn_out))
+        out = self.o_proj(merge_heads(attn_out))
+        if self.sharding_group is not None:
+            out = mx.distributed.all_sum(out, group=self.sharding_group)
+        return out
 
 
 class HunYuanMoEV1MLP(nn.Module):
@@ -135,6 +142,8 @@ class HunYuanMoEV1Moe(nn.Module):
     """Routed experts plus the shared MLP. One expert makes it a dense MLP with no router."""
 
     fast_paths = FastPaths.off()  # the model gives every block its policy
+    # Tensor mode (sharding.py): this rank holds a slice of every expert, the output is summed.
+    sharding_group: mx.distributed.Group | None = None
 
     def __init__(self, config: HunYuanMoEV1Config, layer_idx: int):
         super().__init__()
@@ -178,6 +187,8 @@ class HunYuanMoEV1Moe(nn.Module):
         y = routed_experts(self.fast_paths, self.experts, x, indices, weights)
         if "shared_mlp" in self:
             y = y + self.shared_mlp(x)
+        if self.sharding_group is not None:
+            y = mx.distributed.all_sum(y, group=self.sharding_group)
         return y
 
 
@@ -204,6 +215,9 @@ class HunYuanMoEV1Model(nn.Module):
     """Embedding, decoder layers and final norm: the hidden states before the head."""
 
     fast_paths = FastPaths.off()
+    # Pipeline mode (sharding.py): `layers` are this stage's, numbered from `first_layer`.
+    first_layer = 0
+    pipeline_group: mx.distributed.Group | None = None
 
     def __init__(self, config: HunYuanMoEV1Config):
         super().__init__()
@@ -226,15 +240,18 @@ class HunYuanMoEV1Model(nn.Module):
         h = self.embed_tokens(inputs) if input_embeddings is None else input_embeddings
         if mask is None:
             mask = create_attention_mask(h, cache[0] if cache else None)
+        if self.pipeline_group is not None:
+            boundary = stage_dtype(h, self.norm)
+            h = stage_input(h, self.pipeline_group, boundary)
         shared_kv = None
-        for i, layer in enumerate(self.layers):
+        for j, layer in enumerate(self.layers):
             if hidden_states is not None:
                 hidden_states.append(h)
-            if self.config.layer_has_kv_proj(i):
+            if self.config.layer_has_kv_proj(self.first_layer + j):
                 shared_kv = None
             call = dict(
                 mask=mask,
-                cache=cache[i] if cache else None,
+                cache=cache[j] if cache else None,
                 shared_kv=shared_kv,
                 position_ids=position_ids,
             )
@@ -242,6 +259,8 @@ class HunYuanMoEV1Model(nn.Module):
                 h, shared_kv = compiled_decode_step(layer, h, call["cache"])
             else:
                 h, shared_kv = layer(h, **call)
+        if self.pipeline_group is not None:
+            h = stage_output(h, self.pipeline_group, boundary)
         return self.norm(h)
 
     def make_cache(self) -> list[KVCache]:

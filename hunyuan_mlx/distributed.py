@@ -1,0 +1,176 @@
+"""Running one model over the ranks of `mlx.launch`: the group, which part of the model each rank
+holds (`Plan`: tensor or pipeline mode, checked against the config before any weight is read),
+steps every rank passes or fails together (`together`), and a seed every rank shares.
+
+The model side of the split is `models/sharding.py`; `loading.load_model(group=...)` runs it.
+"""
+
+from __future__ import annotations
+
+import os
+import re
+import socket
+import traceback
+from collections.abc import Callable
+from dataclasses import dataclass
+from typing import TypeVar
+
+import mlx.core as mx
+import numpy as np
+
+from .cli import DEBUG_ENV
+from .models import HunYuanMoEV1Config
+from .quantize import module_params
+
+T = TypeVar("T")
+LAYER_NAME = re.compile(r"(?:^|\.)layers\.(\d+)\.")
+MESSAGE_BYTES = 512  # of each rank's error message, as every rank gathers them
+
+
+def init_group() -> mx.distributed.Group:
+    """The group of the ranks `mlx.launch` started (ring, JACCL, MPI or NCCL); size 1 otherwise."""
+    return mx.distributed.init()
+
+
+@dataclass(frozen=True)
+class Plan:
+    """What one rank holds: `mode` "tensor" (a share of every layer) or "pipeline" (layers
+    [first_layer, end_layer))."""
+
+    mode: str
+    rank: int
+    size: int
+    first_layer: int
+    end_layer: int
+
+    def keeps(self, name: str) -> bool:
+        """Whether this rank needs the tensor `name` (checkpoint or model naming)."""
+        found = LAYER_NAME.search(name)
+        return found is None or self.first_layer <= int(found[1]) < self.end_layer
+
+
+def make_plan(config: HunYuanMoEV1Config, group: mx.distributed.Group, pipeline: bool) -> Plan:
+    """This rank's part; a ValueError naming what the rank count does not divide, from the config
+    alone, so it comes before any weight is read."""
+    size, rank = group.size(), group.rank()
+    if pipeline:
+        first, end = pipeline_stage(config, size, rank)
+        return Plan("pipeline", rank, size, first, end)
+    problem = tensor_problem(config, size)
+    if problem:
+        fits = [n for n in range(1, size) if not tensor_problem(config, n)]
+        raise ValueError(
+            f"Tensor mode cannot split this model over {size} ranks: {problem}. Use --pipeline "
+            f"(layers split over the ranks), or {', '.join(map(str, fits))} ranks"
+        )
+    return Plan("tensor", rank, size, 0, config.num_hidden_layers)
+
+
+def tensor_problem(config: HunYuanMoEV1Config, size: int) -> str | None:
+    """What `size` ranks cannot split evenly in tensor mode, or None: heads, key-value heads,
+    expert and shared-expert widths, and the inputs of quantized projections split by column
+    (a rank's slice must hold whole quantization groups)."""
+    counts = [
+        ("query heads", config.num_attention_heads),
+        ("key-value heads", config.num_key_value_heads),
+    ]
+    # Projections whose input is split: (module path, input width).
+    split_inputs = []
+    for i in range(config.num_hidden_layers):
+        prefix = f"model.layers.{i}"
+        moe = config.layer_moe_intermediate_size(i)
+        counts.append((f"layer {i}'s expert width", moe))
+        split_inputs += [
+            (f"{prefix}.self_attn.o_proj", config.num_attention_heads * config.head_dim),
+            (f"{prefix}.mlp.experts.down_proj", moe),
+        ]
+        shared = config.intermediate_size * config.layer_num_shared_expert(i)
+        if config.use_mixed_mlp_moe and shared:
+            counts.append((f"layer {i}'s shared-expert width", shared))
+            split_inputs.append((f"{prefix}.mlp.shared_mlp.down_proj", shared))
+    for what, count in counts:
+        if count % size:
+            return f"its {count} {what} are not a multiple of {size}"
+    if config.quantization is not None:
+        for path, width in split_inputs:
+            params = module_params(path, config.quantization)
+            group_size = (params or {}).get("group_size")
+            if group_size and (width // size) % group_size:
+                return (
+                    f"{path} would keep {width // size} inputs per rank, not whole groups of "
+                    f"{group_size} quantized weights"
+                )
+    return None
+
+
+def pipeline_stage(config: HunYuanMoEV1Config, size: int, rank: int) -> tuple[int, int]:
+    """Layers [first, end) of `rank`: contiguous runs, the first ranks one longer when `size`
+    does not divide the layer count. With cross-layer attention a stage must start a K/V group."""
+    layers = config.num_hidden_layers
+    if size > layers:
+        raise ValueError(f"Pipeline mode needs a layer per rank: {layers} layers, {size} ranks")
+    base, extra = divmod(layers, size)
+    starts = [r * base + min(r, extra) for r in range(size + 1)]
+    for r, start in enumerate(starts[1:-1], 1):
+        if not config.layer_has_kv_proj(start):
+            raise ValueError(
+                f"Pipeline mode would start rank {r} at layer {start}, inside a group of "
+                f"{config.cla_share_factor} layers sharing keys and values (CLA): use a rank "
+                "count that splits the layers at group boundaries"
+            )
+    return starts[rank], starts[rank + 1]
+
+
+def together(group: mx.distributed.Group | None, step: Callable[[], T]) -> T:
+    """`step()` on every rank, failing on all if it fails on any, so no rank is left waiting in a
+    collective for one that has stopped. Call it before the collectives that depend on the step.
+
+    Rank 0 raises one RuntimeError naming each failed rank, its host and its error; the other
+    ranks exit with status 1 and print nothing. Without a group the step just runs.
+    """
+    if group is None or group.size() == 1:
+        return step()
+    result, message = None, ""
+    try:
+        result = step()
+    except Exception as e:  # anything: a rank that stops without telling the others hangs them
+        if os.environ.get(DEBUG_ENV, "") not in ("", "0"):
+            traceback.print_exc()
+        message = str(e) if isinstance(e, (OSError, ValueError)) else f"{type(e).__name__}: {e}"
+    failures = gather_messages(group, f"{socket.gethostname()}\n{message}" if message else "")
+    if not failures:
+        return result
+    if group.rank() != 0:
+        raise SystemExit(1)
+    causes = {cause for _, _, cause in failures}
+    if len(failures) == group.size() and len(causes) == 1:  # e.g. the rank count: say it once
+        raise RuntimeError(causes.pop())
+    raise RuntimeError(
+        "; ".join(f"rank {rank} ({host}): {cause}" for rank, host, cause in failures)
+    )
+
+
+def gather_messages(group: mx.distributed.Group, message: str) -> list[tuple[int, str, str]]:
+    """(rank, host, message) of every rank whose `message` ("host\nmessage") is not empty.
+
+    Gathered with `all_sum` (each rank fills its own row), which every backend has."""
+    data = np.frombuffer(message.encode()[:MESSAGE_BYTES].ljust(MESSAGE_BYTES, b"\0"), np.uint8)
+    rows = np.zeros((group.size(), MESSAGE_BYTES), np.int32)
+    rows[group.rank()] = data
+    summed = np.array(mx.distributed.all_sum(mx.array(rows), group=group)).astype(np.uint8)
+    failures = []
+    for rank, row in enumerate(summed):
+        text = row.tobytes().rstrip(b"\0").decode(errors="replace")
+        if text:
+            host, _, cause = text.partition("\n")
+            failures.append((rank, host, cause))
+    return failures
+
+
+def shared_seed(group: mx.distributed.Group, seed: int | None) -> int:
+    """`seed`, or rank 0's random pick: the same on every rank, which all sample the same tokens
+    from the same logits (rank 0's tokens are the ones printed)."""
+    if seed is None:
+        seed = int(np.random.default_rng().integers(2**31)) if group.rank() == 0 else 0
+        seed = int(mx.distributed.all_sum(mx.array(seed, dtype=mx.int32), group=group).item())
+    return seed
