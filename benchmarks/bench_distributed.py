@@ -3,7 +3,8 @@
 Builds the Hunyuan-A13B-shaped random quantized model of `a13b.py` on every rank, split for the
 rank before any weight is evaluated (every rank draws the same random weights, so the ranks hold
 one consistent model), then times `generate_step`'s loop as `bench_generate` does: prefill
-tokens/s at each `--prompt-lens`, decode tokens/s over `--gen` tokens, and each rank's peak memory
+tokens/s at each `--prompt-lens`, decode tokens/s over `--gen` tokens (each after an untimed
+warm-up run of the same prompt), and each rank's peak memory
 (`mx.get_peak_memory`, weights included) and weights. Rank 0 prints one JSON line per measurement,
 with every rank's figures. Without `mlx.launch` it measures one process (the baseline).
 
@@ -113,6 +114,7 @@ def main() -> None:
     mx.random.seed(args.seed + 1)
     for prompt_len in [int(n) for n in args.prompt_lens.split(",")]:
         prompt = mx.random.randint(0, cfg["vocab_size"], (prompt_len,))
+        generate(model, prompt, args.gen, args.prefill_step)  # warm-up: kernels compile on first use
         run = generate(model, prompt, args.gen, args.prefill_step)
         record = {
             "kind": "generate",

@@ -7,7 +7,8 @@
   for attention (`HunYuanMoEV1Attention.sharding_group`), one for the MoE block, routed and
   shared experts together (`HunYuanMoEV1Moe.sharding_group`).
 - **Pipeline mode** (`keep_stage`): each rank keeps a contiguous run of layers; hidden states go
-  from stage to stage with `send`/`recv` (`stage_input`, `stage_output`).
+  from stage to stage through `all_sum`s to which only the sender adds (`stage_input`,
+  `stage_output`): every backend has `all_sum`, MLX 0.32.4's CUDA one has no `recv`.
 
 Both work on the parameters by name, so a module wrapped by LoRA (`linear`, `lora_a`, `lora_b`)
 is split too: its factors along the same features as its base. Sharding slices the lazy arrays
@@ -103,31 +104,43 @@ def keep_stage(model: nn.Module, group: mx.distributed.Group, first: int, end: i
     decoder.pipeline_group = group
 
 
+def _hand_off(h: mx.array, group: mx.distributed.Group) -> mx.array:
+    """One hand-off between stages: an `all_sum` in which only the sender's `h` is not zero,
+    evaluated now, so that every rank runs the same collectives in the same order (a rank that
+    does not use a hand-off's result would otherwise never run it, and the others would wait)."""
+    out = mx.distributed.all_sum(h, group=group)
+    mx.eval(out)
+    return out
+
+
 def stage_input(h: mx.array, group: mx.distributed.Group, dtype: mx.Dtype) -> mx.array:
-    """The hidden states this stage starts from: the embeddings on the first stage, what the
-    previous stage sent (in `dtype`) on the others, where only `h`'s shape is used."""
+    """The hidden states this stage starts from: the embeddings on the first stage; on stage r,
+    what stage r - 1 handed off (in `dtype`), after the hand-offs before it (only `h`'s shape
+    is used there).
+
+    Hand-offs are `all_sum`s, not `send`/`recv`: MLX 0.32.4's CUDA backend has no `recv`, and
+    the hidden state of a step is small (hidden x 2 bytes a token) beside the layers' work.
+    """
     rank = group.rank()
     if rank == 0:
         return h
-    # A recv depends on no data here, so it could run before the last step's all_sum (which led
-    # to this step's tokens) while the previous stage waits in that all_sum: evaluate the input
-    # first, so every rank runs its collectives in the same order.
-    mx.eval(h)
-    return mx.distributed.recv(h.shape, dtype, rank - 1, group=group)
+    zeros = mx.zeros(h.shape, dtype)
+    for _ in range(rank):  # hand-offs 0 -> 1, ..., rank - 1 -> rank
+        received = _hand_off(zeros, group)
+    return received
 
 
 def stage_output(h: mx.array, group: mx.distributed.Group, dtype: mx.Dtype) -> mx.array:
-    """Every stage's copy of the last stage's output: each stage but the last sends its output
-    on (in `dtype`, which the next stage expects), then one `all_sum` (the others adding zeros)
-    hands the last stage's output to all, so every rank samples the same token."""
+    """Every stage's copy of the last stage's output: this stage hands its output on, takes part
+    in the later hand-offs with zeros, and the last hand-off (from the last stage to all) gives
+    every rank the same output, so every rank samples the same token."""
     rank, size = group.rank(), group.size()
     h = h.astype(dtype)
-    if rank < size - 1:
-        # Now, not when the caller evaluates: the next stage waits for it even when the caller
-        # evaluates only the KV cache (as mlx-lm's chunked prefill does).
-        mx.eval(mx.distributed.send(h, rank + 1, group=group))
-        h = mx.zeros_like(h)
-    return mx.distributed.all_sum(h, group=group)
+    zeros = mx.zeros_like(h)
+    out = _hand_off(h, group)  # hand-off rank -> rank + 1 (the last stage's: to every rank)
+    for _ in range(rank + 1, size):  # the later hand-offs
+        out = _hand_off(zeros, group)
+    return out
 
 
 def stage_dtype(embeddings: mx.array, norm: nn.Module) -> mx.Dtype:
