@@ -114,7 +114,7 @@ def main() -> None:
     mx.random.seed(args.seed + 1)
     for prompt_len in [int(n) for n in args.prompt_lens.split(",")]:
         prompt = mx.random.randint(0, cfg["vocab_size"], (prompt_len,))
-        generate(model, prompt, args.gen, args.prefill_step)  # warm-up: kernels compile on first use
+        generate(model, prompt, args.gen, args.prefill_step)  # warm-up: kernels compile at first
         run = generate(model, prompt, args.gen, args.prefill_step)
         record = {
             "kind": "generate",
