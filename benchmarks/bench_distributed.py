@@ -101,6 +101,7 @@ def main() -> None:
 
     t = time.perf_counter()
     model = build_ours(cfg, args, split)
+    model.eval()  # inference: the fast paths are off in training mode
     weights = sum(v.nbytes for _, v in tree_flatten(model.parameters())) / GB
     build = {
         "kind": "build",
