@@ -3,13 +3,10 @@
 from __future__ import annotations
 
 import argparse
-import json
 import sys
 from collections.abc import Sequence
-from typing import Any
 
 from mlx_lm.generate import DEFAULT_PROMPT
-from mlx_lm.models.cache import load_prompt_cache
 
 from .cli import run_main
 from .distributed import init_group
@@ -17,8 +14,12 @@ from .generation.display import ThinkingPrinter, print_stream
 from .generation.options import (
     add_common_arguments,
     add_generation_arguments,
+    eos_ids,
+    load_cache_file,
+    load_draft,
     prepare,
     rank_output,
+    template_config,
 )
 from .generation.settings import GENERATE_MAX_TOKENS
 from .generation.stream import (
@@ -27,9 +28,6 @@ from .generation.stream import (
     require_text,
     stream_generate,
 )
-from .loading import load
-from .models import HunYuanMoEV1ForCausalLM
-from .tokenizer import HunYuanTokenizer
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -79,60 +77,6 @@ def build_parser() -> argparse.ArgumentParser:
     )
     add_generation_arguments(parser, max_tokens=GENERATE_MAX_TOKENS)
     return parser
-
-
-def template_config(text: str | None) -> dict[str, Any]:
-    """The --chat-template-config JSON object (empty when not given)."""
-    if text is None:
-        return {}
-    try:
-        config = json.loads(text)
-    except json.JSONDecodeError as e:
-        raise ValueError(f"--chat-template-config is not valid JSON: {e}") from None
-    if not isinstance(config, dict):
-        raise ValueError("--chat-template-config must be a JSON object")
-    return config
-
-
-def eos_ids(tokenizer: HunYuanTokenizer, extra: Sequence[str]) -> list[int] | None:
-    """The tokenizer's stop ids plus those of `extra` tokens; None (the tokenizer's) without."""
-    if not extra:
-        return None
-    ids = list(tokenizer.eos_token_ids)
-    for token in extra:
-        found = tokenizer.convert_tokens_to_ids(token)
-        encoded = tokenizer.encode(token)
-        if found is None and len(encoded) == 1:
-            found = encoded[0]
-        if found is None:
-            raise ValueError(f"--extra-eos-token {token!r} is not one token of the vocabulary")
-        ids.append(found)
-    return ids
-
-
-def load_draft(
-    path: str, tokenizer: HunYuanTokenizer, dtype: str
-) -> HunYuanMoEV1ForCausalLM:
-    """The --draft-model, which must be a HunYuan checkpoint with the model's tokenizer."""
-    need = "the draft model must be a HunYuan checkpoint with the same tokenizer"
-    try:
-        draft, draft_tokenizer = load(path, dtype=dtype)
-    except (OSError, ValueError) as e:
-        raise ValueError(f"--draft-model {path}: {e} ({need})") from e
-    if draft_tokenizer is None or draft_tokenizer.token_bytes != tokenizer.token_bytes:
-        raise ValueError(f"--draft-model {path}: its tokenizer differs from the model's ({need})")
-    return draft
-
-
-def load_cache_file(path: str, model: HunYuanMoEV1ForCausalLM) -> list[Any]:
-    """A saved prompt cache, checked to have one entry per layer of `model`."""
-    cache = load_prompt_cache(path)
-    if len(cache) != len(model.layers):
-        raise ValueError(
-            f"--prompt-cache-file {path} holds {len(cache)} layers; the model has "
-            f"{len(model.layers)}"
-        )
-    return cache
 
 
 def main(argv: Sequence[str] | None = None) -> None:

@@ -4,11 +4,14 @@ from __future__ import annotations
 
 import argparse
 import dataclasses
+import json
 import os
+from collections.abc import Sequence
 from pathlib import Path
-from typing import TextIO
+from typing import Any, TextIO
 
 import mlx.core as mx
+from mlx_lm.models.cache import load_prompt_cache
 
 from ..cli import add_debug_argument
 from ..distributed import shared_seed
@@ -163,3 +166,55 @@ def rank_output(group: mx.distributed.Group, out: TextIO) -> TextIO:
     return out if group.rank() == 0 else open(os.devnull, "w")
 
 
+def template_config(text: str | None) -> dict[str, Any]:
+    """The --chat-template-config JSON object (empty when not given)."""
+    if text is None:
+        return {}
+    try:
+        config = json.loads(text)
+    except json.JSONDecodeError as e:
+        raise ValueError(f"--chat-template-config is not valid JSON: {e}") from None
+    if not isinstance(config, dict):
+        raise ValueError("--chat-template-config must be a JSON object")
+    return config
+
+
+def eos_ids(tokenizer: HunYuanTokenizer, extra: Sequence[str]) -> list[int] | None:
+    """The tokenizer's stop ids plus those of `extra` tokens; None (the tokenizer's) without."""
+    if not extra:
+        return None
+    ids = list(tokenizer.eos_token_ids)
+    for token in extra:
+        found = tokenizer.convert_tokens_to_ids(token)
+        encoded = tokenizer.encode(token)
+        if found is None and len(encoded) == 1:
+            found = encoded[0]
+        if found is None:
+            raise ValueError(f"--extra-eos-token {token!r} is not one token of the vocabulary")
+        ids.append(found)
+    return ids
+
+
+def load_draft(
+    path: str, tokenizer: HunYuanTokenizer, dtype: str
+) -> HunYuanMoEV1ForCausalLM:
+    """The --draft-model, which must be a HunYuan checkpoint with the model's tokenizer."""
+    need = "the draft model must be a HunYuan checkpoint with the same tokenizer"
+    try:
+        draft, draft_tokenizer = load(path, dtype=dtype)
+    except (OSError, ValueError) as e:
+        raise ValueError(f"--draft-model {path}: {e} ({need})") from e
+    if draft_tokenizer is None or draft_tokenizer.token_bytes != tokenizer.token_bytes:
+        raise ValueError(f"--draft-model {path}: its tokenizer differs from the model's ({need})")
+    return draft
+
+
+def load_cache_file(path: str, model: HunYuanMoEV1ForCausalLM) -> list[Any]:
+    """A saved prompt cache, checked to have one entry per layer of `model`."""
+    cache = load_prompt_cache(path)
+    if len(cache) != len(model.layers):
+        raise ValueError(
+            f"--prompt-cache-file {path} holds {len(cache)} layers; the model has "
+            f"{len(model.layers)}"
+        )
+    return cache
