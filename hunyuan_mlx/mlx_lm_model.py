@@ -12,6 +12,8 @@ from __future__ import annotations
 import json
 from pathlib import Path
 
+from .files import read_json
+
 MODEL_FILE = "hunyuan_mlx_model.py"
 MODEL_FILE_SOURCE = '''"""mlx-lm custom model file: the HunYuan model of the installed hunyuan-mlx.
 
@@ -28,6 +30,6 @@ def add_model_file(directory: str | Path) -> None:
     directory = Path(directory)
     (directory / MODEL_FILE).write_text(MODEL_FILE_SOURCE)
     config_file = directory / "config.json"
-    config = json.loads(config_file.read_text())
+    config = read_json(config_file)
     config["model_file"] = MODEL_FILE
     config_file.write_text(json.dumps(config, indent=2) + "\n")

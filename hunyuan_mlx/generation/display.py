@@ -36,7 +36,7 @@ class ThinkingPrinter:
             self._pending = self._pending[i + len(tag) :]
             if self.thinking:
                 self._emit(tag)
-        keep = _partial_suffix(self._pending, THINK_END if self.thinking else THINK_START)
+        keep = partial_suffix(self._pending, (THINK_END if self.thinking else THINK_START,))
         self._emit(self._pending[: len(self._pending) - keep])
         self._pending = self._pending[len(self._pending) - keep :]
 
@@ -58,10 +58,12 @@ class ThinkingPrinter:
         self.out.flush()
 
 
-def _partial_suffix(text: str, tag: str) -> int:
-    """Length of the longest end of `text` that could be the start of `tag`."""
-    for n in range(min(len(text), len(tag) - 1), 0, -1):
-        if tag.startswith(text[-n:]):
+def partial_suffix(text: str, tags: tuple[str, ...]) -> int:
+    """Length of the longest end of `text` that is a proper start of one of `tags`: what a
+    stream must hold back until the next text says whether a tag begins there."""
+    for n in range(min(len(text), max(map(len, tags)) - 1), 0, -1):
+        end = text[-n:]
+        if any(len(tag) > n and tag.startswith(end) for tag in tags):
             return n
     return 0
 

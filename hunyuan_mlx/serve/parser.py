@@ -17,6 +17,8 @@ import uuid
 from dataclasses import dataclass, field
 from typing import Any
 
+from ..generation.display import partial_suffix
+
 THINK_OPEN, THINK_CLOSE = "<think>", "</think>"
 ANSWER_OPEN, ANSWER_CLOSE = "<answer>", "</answer>"
 ANSWER_OPEN_CLIPPED = "answer>"  # `<answer>` with its first character lost
@@ -47,15 +49,6 @@ class Delta:
         self.reasoning += other.reasoning
         self.content += other.content
         self.tool_calls.extend(other.tool_calls)
-
-
-def partial_suffix(text: str, tags: tuple[str, ...]) -> int:
-    """Length of the longest end of `text` that is a proper start of one of `tags`."""
-    for n in range(min(len(text), max(map(len, tags)) - 1), 0, -1):
-        end = text[-n:]
-        if any(len(tag) > n and tag.startswith(end) for tag in tags):
-            return n
-    return 0
 
 
 def find_first(text: str, tags: tuple[str, ...]) -> tuple[int, str]:
