@@ -31,6 +31,7 @@ from .serve.engine import (
 from .serve.prompt_cache import DEFAULT_PROMPT_CACHE_SIZE, PromptCache
 
 SERVER_MAX_TOKENS = 512  # mlx-lm server's --max-tokens default
+MAX_PORT = 65535
 
 
 def json_object(text: str) -> dict[str, Any]:
@@ -114,6 +115,8 @@ def build_service(args: argparse.Namespace) -> Service:
     for flag in ("decode_concurrency", "prompt_concurrency", "max_request_bytes"):
         if getattr(args, flag) < 1:
             raise ValueError(f"--{flag.replace('_', '-')} must be >= 1")
+    if not 0 <= args.port <= MAX_PORT:  # checked before the model loads, not when binding
+        raise ValueError(f"--port must be in 0..{MAX_PORT}, got {args.port}")
     model_path = resolve_model_path(args.model)
     defaults = settings_from_args(args, model_path)
     model, tokenizer = load(model_path, adapter_path=args.adapter_path)

@@ -357,3 +357,12 @@ def test_chat_template_args_are_checked_at_startup(capsys):
     assert args.chat_template_args == {"enable_thinking": False}
     with pytest.raises(ValueError, match="cannot set tools"):
         Service("m", None, None, None, GenerationSettings(), template_args={"tools": []})
+
+
+@pytest.mark.parametrize("port", ["-5", "70000"])
+def test_bad_port_is_refused_before_loading(port):
+    from hunyuan_mlx.server import build_service
+
+    args = build_parser().parse_args(["--model", "/no/such/model", "--port", port])
+    with pytest.raises(ValueError, match=f"--port must be in 0..65535, got {port}"):
+        build_service(args)
