@@ -99,6 +99,25 @@ class LoRAConfig:
     report_to: str | None = None  # "jsonl": metrics.jsonl in the adapter path (no network)
     dtype: str = DEFAULT_LOAD_DTYPE  # the frozen base's compute type (`loading.LOAD_DTYPES`)
 
+    def __post_init__(self) -> None:
+        """Refuse what can be refused before the minutes of loading a model."""
+        accumulation = self.grad_accumulation_steps
+        if accumulation < 1 or self.save_every % accumulation:
+            raise ValueError(
+                f"grad_accumulation_steps ({accumulation}) must be at least 1 and divide "
+                f"save_every ({self.save_every}): a checkpoint holds no partial gradients"
+            )
+        if self.report_to is not None and self.report_to not in REPORT_TO:
+            raise ValueError(
+                f"report_to {self.report_to!r} is not supported; choose from "
+                f"{', '.join(REPORT_TO)} (nothing here reaches the network)"
+            )
+        unknown = sorted({self.optimizer.lower(), *self.optimizer_config} - OPTIMIZERS.keys())
+        if unknown:
+            raise ValueError(
+                f"Unknown optimizer {unknown[0]!r}; choose from {', '.join(OPTIMIZERS)}"
+            )
+
 
 def lora_parameters(config: LoRAConfig) -> dict[str, Any]:
     """The `lora_parameters` block of adapter_config.json: rank, scale, dropout, module keys."""
@@ -130,9 +149,6 @@ def learning_rate_schedule(config: LoRAConfig) -> float | Callable[[mx.array], m
 def build_optimizer(config: LoRAConfig) -> optim.Optimizer:
     """`config.optimizer` with the learning-rate schedule and its `optimizer_config` entry."""
     name = config.optimizer.lower()
-    unknown = sorted({name, *config.optimizer_config} - OPTIMIZERS.keys())
-    if unknown:
-        raise ValueError(f"Unknown optimizer {unknown[0]!r}; choose from {', '.join(OPTIMIZERS)}")
     try:
         return OPTIMIZERS[name](
             learning_rate=learning_rate_schedule(config), **config.optimizer_config.get(name, {})
@@ -328,16 +344,6 @@ def train(
     mx.random.seed(config.seed)
     layers = prepare_model(model, config.fine_tune_type, config.num_layers, lora_parameters(config))
     accumulation = config.grad_accumulation_steps
-    if accumulation < 1 or config.save_every % accumulation:
-        raise ValueError(
-            f"grad_accumulation_steps ({accumulation}) must be at least 1 and divide save_every "
-            f"({config.save_every}): a checkpoint holds no partial gradients"
-        )
-    if config.report_to is not None and config.report_to not in REPORT_TO:
-        raise ValueError(
-            f"report_to {config.report_to!r} is not supported; choose from {', '.join(REPORT_TO)} "
-            "(nothing here reaches the network)"
-        )
     optimizer = build_optimizer(config)
     start, trained_tokens = 0, 0
     if config.resume_adapter_file:
