@@ -4,16 +4,20 @@ from __future__ import annotations
 
 import mlx.core as mx
 import mlx.nn as nn
+import mlx.optimizers as optim
 import numpy as np
 import pytest
 import torch
 from helpers import FAST_PATHS_CONFIG
+from mlx.utils import tree_flatten, tree_unflatten
 
 from hunyuan_mlx import load_model
 from hunyuan_mlx.models import FastPaths, HunYuanMoEV1Config, HunYuanMoEV1ForCausalLM
 from hunyuan_mlx.models import fast_paths as fp
 from hunyuan_mlx.models.experts import GatheredGLU
 from hunyuan_mlx.quantize import apply_quantization
+from hunyuan_mlx.tuner.adapters import prepare_model
+from hunyuan_mlx.tuner.trainer import checkpoint_layers, masked_loss, training_step
 
 ATOL = 1e-4
 
@@ -138,22 +142,18 @@ def test_fast_path_matches_transformers(tiny_checkpoint, always_fast, spy):
     assert np.abs(ours - ref).max() <= ATOL
 
 
-def test_training_and_compile_take_the_gathered_path(always_fast, spy):
+def test_compile_takes_the_gathered_path(always_fast, spy):
     model = tiny_model(quantized=False)
     ids = mx.random.randint(0, 200, (1, 30))
     with fp.using(model, PLAIN):
         plain = model(ids)
-    model.train()
-    assert max_diff(model(ids), plain) == 0.0
-    assert spy == []  # not even tried while training
-    model.eval()
     compiled = mx.compile(lambda t: model(t))
     assert max_diff(compiled(ids), plain) <= ATOL
     assert spy and not any(spy)  # tried, declined: no host read inside mx.compile
 
 
-def test_wrapped_projection_takes_the_gathered_path(always_fast, spy):
-    """An adapter around a projection (LoRA) must see its own call: no padded path then."""
+def test_foreign_wrapper_takes_the_gathered_path(always_fast, spy):
+    """A wrapper around a projection without a padded product (`batched`) sees its own call."""
 
     class Wrapper(nn.Module):
         def __init__(self, inner):
@@ -171,6 +171,65 @@ def test_wrapped_projection_takes_the_gathered_path(always_fast, spy):
     glu.down_proj = Wrapper(glu.down_proj)
     assert max_diff(experts_call(glu)(x, indices, weights), plain) == 0.0
     assert spy == [False]
+
+
+@pytest.mark.parametrize("checkpointed", [False, True])
+@pytest.mark.parametrize("quantized", [False, True])
+def test_lora_training_on_padded_experts_equals_gathered(quantized, checkpointed, always_fast, spy):
+    """QLoRA's loss and every adapter gradient, padded experts against gathered, in float32;
+    with gradient checkpointing the padded path also runs in the backward's recomputation."""
+    model = tiny_model(quantized)
+    prepare_model(model, "lora", 2, {"rank": 4})
+    for name, lora_b in tree_flatten(model.trainable_parameters()):
+        if name.endswith("lora_b"):  # zero at the start: make the adapters matter
+            model.update(tree_unflatten([(name, mx.random.normal(lora_b.shape) * 0.01)]))
+    if checkpointed:
+        checkpoint_layers(model)
+    model.train()
+    batch = mx.random.randint(0, 200, (2, 33))
+    lengths = mx.array([[0, 33], [5, 25]])
+    loss_and_grad = nn.value_and_grad(model, masked_loss)
+    (fast, _), fast_grads = loss_and_grad(model, batch, lengths)
+    mx.eval(fast, fast_grads)
+    assert spy and all(spy)
+    spy.clear()
+    with fp.using(model, PLAIN):
+        (plain, _), plain_grads = loss_and_grad(model, batch, lengths)
+    assert spy == []
+    assert abs(fast.item() - plain.item()) <= 1e-5
+    fast_grads, plain_grads = dict(tree_flatten(fast_grads)), dict(tree_flatten(plain_grads))
+    assert fast_grads.keys() == plain_grads.keys() and any("experts" in k for k in fast_grads)
+    for name, grad in plain_grads.items():
+        scale = mx.abs(grad).max().item()
+        assert scale > 0, name
+        assert max_diff(fast_grads[name], grad) <= 1e-4 * scale, name
+
+
+def test_training_steps_on_padded_experts_follow_the_plain_loss_curve(always_fast, spy):
+    """The trainer's step takes the padded experts (so it is not compiled) and gives the plain,
+    compiled step's losses, step after step."""
+
+    def losses(policy: FastPaths) -> list[float]:
+        model = tiny_model(quantized=True, seed=1)
+        fp.set_fast_paths(model, policy)
+        mx.random.seed(2)
+        prepare_model(model, "lora", 2, {"rank": 4})
+        model.train()
+        step, state = training_step(model, optim.Adam(learning_rate=1e-2))
+        batch = mx.random.randint(0, 200, (2, 33))
+        lengths = mx.array([[0, 33], [0, 33]])
+        out = []
+        for _ in range(4):
+            loss, _, _ = step(batch, lengths, None, True)
+            mx.eval(loss, state)
+            out.append(loss.item())
+        return out
+
+    fast = losses(FastPaths.default())
+    assert spy and all(spy)
+    plain = losses(PLAIN)
+    assert fast[-1] < fast[0] - 0.1  # it learns
+    assert np.allclose(fast, plain, rtol=0, atol=1e-4)
 
 
 def test_fast_paths_context_restores_state():

@@ -1,8 +1,10 @@
-"""Inference fast paths, chosen by an explicit policy (`FastPaths`) that the model holds.
+"""Fast paths, chosen by an explicit policy (`FastPaths`) that the model holds.
 
 Two fast paths, each the plain path's computation reordered (tests hold them equal to it):
-- **padded prefill experts**: a long chunk runs the routed experts as one padded batched matmul
-  per projection on weights dequantized a group of experts at a time;
+- **padded experts** (prefill and training): a long chunk runs the routed experts as one padded
+  batched matmul per projection on weights dequantized a group of experts at a time; in training
+  the backward dequantizes again instead of keeping the dense weights, and LoRA adds its own
+  batched product;
 - **compiled decode step**: a single-token step runs everything but the cache update and
   attention in two `mx.compile`d functions (fewer, fused kernels and no per-op Python).
 
@@ -27,7 +29,7 @@ import mlx.core as mx
 import mlx.nn as nn
 from mlx_lm.models.base import scaled_dot_product_attention
 
-from .experts import GATHERED_LINEARS, SORT_THRESHOLD, GatheredGLU, GatheredLinear, weighted_sum
+from .experts import SORT_THRESHOLD, GatheredGLU, GatheredLinear, weighted_sum
 
 # Routed rows (tokens x k) from which a call takes the padded path, by backend; None: never.
 # Measured (BENCHMARKS.md): on CUDA, dequantizing a layer's experts costs about what gather_qmm
@@ -82,14 +84,18 @@ class FastPaths:
 
     def takes_padded(self, experts: GatheredGLU, rows: int) -> bool:
         """Whether a call of `experts` on `rows` routed rows should try the padded path."""
-        if experts.training:
-            return False
         if self.padded_min_rows is not None and rows >= self.padded_min_rows:
             return True
         unquantized = all(
             type(p) is GatheredLinear for p in (experts.gate_up_proj, experts.down_proj)
         )
         return self.avoid_sorted_gather_mm and rows >= SORT_THRESHOLD and unquantized
+
+    def reads_routing_counts(self) -> bool:
+        """Whether the padded path may run, which reads routing counts on the host mid-graph:
+        a function of the model that may take it must not be `mx.compile`d (it would fall back
+        to the gathered experts)."""
+        return self.padded_min_rows is not None or self.avoid_sorted_gather_mm
 
     def takes_compiled_decode(self, layer: nn.Module, x: mx.array, **call: Any) -> bool:
         """Whether a decoder layer call `layer(x, **call)` can run as `compiled_decode_step`:
@@ -144,11 +150,11 @@ def padded_experts(
 
     The capacity (most rows any one expert got) is read on the host, one synchronisation per
     layer, so no token is ever dropped; padding rows repeat a real token and are never read back.
-    None where this path cannot run: wrapped projections (adapters must see their own call), or
-    inside a function transformation (`mx.compile`), where the host cannot read the counts.
+    Each projection's `batched` product computes it (LoRA adapters add their own there). None
+    where a projection has none (a foreign wrapper must see its own call), or inside
+    `mx.compile`, where the host cannot read the counts (`vjp` and `checkpoint` can).
     """
-    projections = (experts.gate_up_proj, experts.down_proj)
-    if not all(type(p) in GATHERED_LINEARS for p in projections):
+    if not all(hasattr(p, "batched") for p in (experts.gate_up_proj, experts.down_proj)):
         return None
     num_experts = experts.gate_up_proj.dims[0]
     k = indices.shape[-1]
@@ -178,10 +184,9 @@ def padded_experts(
     for a in range(0, len(used), expert_group):
         b = min(a + expert_group, len(used))
         group = None if b - a == num_experts else used[a:b]
-        h = rows[a:b] @ experts.gate_up_proj.dense_weight(group).swapaxes(-1, -2)
+        h = experts.gate_up_proj.batched(rows[a:b], group)
         gate, up = mx.split(h, [experts.intermediate_size], axis=-1)
-        down = experts.down_proj.dense_weight(group).swapaxes(-1, -2)
-        outs.append((nn.silu(gate) * up) @ down)
+        outs.append(experts.down_proj.batched(nn.silu(gate) * up, group))
     out = outs[0] if len(outs) == 1 else mx.concatenate(outs)
     out = out.reshape(-1, out.shape[-1])[slot]
     return out.reshape(*indices.shape, out.shape[-1])

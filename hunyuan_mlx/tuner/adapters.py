@@ -21,7 +21,13 @@ from mlx_lm.tuner.lora import LoRALinear
 from mlx_lm.utils import dequantize_model as dequantize_mlx_lm_layers
 
 from ..files import check_tensors, read_json
-from ..models.experts import GATHERED_LINEARS, GatheredLinear, QuantizedGatheredLinear, Rows
+from ..models.experts import (
+    GATHERED_LINEARS,
+    GatheredLinear,
+    QuantizedGatheredLinear,
+    Rows,
+    pick_experts,
+)
 
 ADAPTER_FILE = "adapters.safetensors"
 ADAPTER_CONFIG_FILE = "adapter_config.json"
@@ -105,6 +111,19 @@ class LoRAGatheredLinear(nn.Module):
         h = mx.gather_mm(
             h, self.lora_b.swapaxes(-1, -2), rhs_indices=indices, sorted_indices=sorted_indices
         )
+        return y + (self.scale * h).astype(y.dtype)
+
+    @property
+    def dims(self) -> tuple[int, int, int]:
+        """The base's (num_experts, output_dims, input_dims)."""
+        return self.linear.dims
+
+    def batched(self, x: mx.array, experts: list[int] | None = None) -> mx.array:
+        """The base's padded-path product (`GatheredLinear.batched`) plus the experts' updates."""
+        y = self.linear.batched(x, experts)
+        lora_a = pick_experts(self.lora_a, experts).swapaxes(-1, -2)
+        lora_b = pick_experts(self.lora_b, experts).swapaxes(-1, -2)
+        h = (self.dropout(x).astype(lora_a.dtype) @ lora_a) @ lora_b
         return y + (self.scale * h).astype(y.dtype)
 
     def fuse(self, dequantize: bool = False) -> nn.Module:

@@ -18,7 +18,7 @@ import time
 import warnings
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
-from functools import cache, partial
+from functools import cache
 from pathlib import Path
 from typing import Any
 
@@ -308,14 +308,18 @@ def validate(model: nn.Module, dataset: list, config: LoRAConfig, num_batches: i
 def training_step(
     model: nn.Module, optimizer: optim.Optimizer, accumulation_steps: int = 1
 ) -> tuple[Callable[..., tuple[mx.array, mx.array, Any]], list[Any]]:
-    """A compiled step on `(batch, lengths, gradients so far, update)`: the loss, token count and
+    """A step on `(batch, lengths, gradients so far, update)`: the loss, token count and
     gradients added to those so far; with `update`, the optimizer applies their mean over the
     `accumulation_steps` batches instead, and no gradients are returned. Also returns the state the
-    step updates (evaluate it after each step)."""
+    step updates (evaluate it after each step).
+
+    The step is `mx.compile`d unless the model's fast paths read routing counts on the host (the
+    padded experts): under compile they would fall back to the gathered experts, which train
+    several times slower on CUDA (BENCHMARKS.md).
+    """
     loss_and_grad = nn.value_and_grad(model, masked_loss)
     state = [model.state, optimizer.state, mx.random.state]
 
-    @partial(mx.compile, inputs=state, outputs=state)
     def step(batch: mx.array, lengths: mx.array, so_far: Any, update: bool) -> tuple:
         (loss, tokens), grads = loss_and_grad(model, batch, lengths)
         if so_far is not None:
@@ -327,7 +331,10 @@ def training_step(
             grads = None
         return loss, tokens, grads
 
-    return step, state
+    fast_paths = getattr(model, "fast_paths", None)  # None: another model (mlx-lm's)
+    if fast_paths is not None and fast_paths.reads_routing_counts():
+        return step, state
+    return mx.compile(step, inputs=state, outputs=state), state
 
 
 def train(
