@@ -15,14 +15,18 @@ from __future__ import annotations
 
 import argparse
 import json
+import statistics
 import subprocess
 import sys
 import time
+from collections.abc import Callable
 from typing import Any
 
 import mlx.core as mx
 import mlx.nn as nn
 import mlx.optimizers as optim
+
+from hunyuan_mlx.quantize import QUANT_RECIPES
 
 # Hunyuan-A13B's architecture (../shared/hunyuan-a13b/config.json), as both models read it.
 A13B: dict[str, Any] = {
@@ -48,7 +52,9 @@ A13B: dict[str, Any] = {
     "tie_word_embeddings": True,
 }
 HEAD_DIM = 128
-IMPLS = ("hunyuan_mlx", "mlx_lm")
+# hunyuan_mlx_plain: ours with every fast path off (gathered experts, compiled step), as before
+# the padded experts reached training.
+IMPLS = ("hunyuan_mlx", "hunyuan_mlx_plain", "mlx_lm")
 # The same modules in each implementation's names, by this project's target group.
 LORA_GROUPS = ("attention", "shared_mlp", "experts")
 MLX_LM_KEYS = {
@@ -59,7 +65,7 @@ MLX_LM_KEYS = {
 
 
 def lora_keys(impl: str, groups: list[str]) -> list[str]:
-    if impl == "hunyuan_mlx":
+    if impl != "mlx_lm":
         return list(groups)
     return [key for group in groups for key in MLX_LM_KEYS[group]]
 
@@ -81,11 +87,12 @@ def model_config(args: argparse.Namespace) -> dict[str, Any]:
     }
 
 
-def randomize_quantized(model: nn.Module, bits: int) -> None:
+def randomize_quantized(model: nn.Module) -> None:
     """Give every quantized module random packed weights and scales, never computing the float
     weights it was built from (they stay unevaluated and are dropped)."""
     for _, module in model.named_modules():
         if "scales" in module:
+            bits = module.bits
             bits32 = mx.random.randint(-(2**31), 2**31 - 1, module.weight.shape, dtype=mx.int32)
             module.weight = bits32.view(mx.uint32)
             scales = mx.random.uniform(0.003, 0.006, module.scales.shape).astype(mx.bfloat16)
@@ -97,18 +104,26 @@ def build(
     impl: str, config: dict[str, Any], checkpointing: bool, args: argparse.Namespace
 ) -> nn.Module:
     """The random 4-bit model of one implementation, with LoRA and optional checkpointing."""
-    quant = {"group_size": args.group_size, "bits": args.bits}
+    quant = {"group_size": args.group_size, "bits": args.bits, "mode": "affine"}
     keys = lora_keys(impl, args.targets)
     lora = {"rank": args.rank, "scale": 20.0, "dropout": 0.0, "keys": keys}
-    if impl == "hunyuan_mlx":
+    if impl != "mlx_lm":
         from hunyuan_mlx import HunYuanMoEV1Config, HunYuanMoEV1ForCausalLM
-        from hunyuan_mlx.quantize import apply_quantization
+        from hunyuan_mlx.models.fast_paths import FastPaths, set_fast_paths
+        from hunyuan_mlx.quantize import apply_quantization, is_router, recipe_params
         from hunyuan_mlx.tuner.adapters import prepare_model
         from hunyuan_mlx.tuner.trainer import checkpoint_layers
 
         model = HunYuanMoEV1ForCausalLM(HunYuanMoEV1Config.from_dict(config))
+        for path, module in model.named_modules():  # --recipe: the converter's rule, per module
+            if hasattr(module, "to_quantized") and not is_router(path):
+                bits = recipe_params(args.recipe, path, quant)["bits"]
+                if bits != args.bits:
+                    quant[path] = {"bits": bits}
         apply_quantization(model, quant)
-        randomize_quantized(model, args.bits)
+        randomize_quantized(model)
+        if impl == "hunyuan_mlx_plain":
+            set_fast_paths(model, FastPaths.off())
         model.set_dtype(mx.bfloat16)
         for layer in model.layers:  # the router stays float32, as a loaded checkpoint has it
             if "gate" in layer.mlp:
@@ -128,7 +143,7 @@ def build(
             **quant,
             class_predicate=lambda p, m: hasattr(m, "to_quantized") and not p.endswith("gate.wg"),
         )
-        randomize_quantized(model, args.bits)
+        randomize_quantized(model)
         model.set_dtype(mx.bfloat16)
         mx.eval(model.parameters())
         model.freeze()
@@ -155,10 +170,11 @@ def measure(
     mx.reset_peak_memory()
     for _ in range(args.warmup):
         mx.eval(step(batch, lengths, None, True), state)
-    tic = time.perf_counter()
+    tic, losses = time.perf_counter(), []
     for _ in range(args.steps):
         loss, _, _ = step(batch, lengths, None, True)
         mx.eval(loss, state)
+        losses.append(loss)
     seconds = (time.perf_counter() - tic) / args.steps
     return {
         "impl": impl,
@@ -169,7 +185,7 @@ def measure(
         "seconds_per_step": round(seconds, 4),
         "peak_memory_gb": round(mx.get_peak_memory() / 1e9, 3),
         "weights_memory_gb": round(weights_gb, 3),
-        "loss": round(loss.item(), 4),
+        "losses": [round(x.item(), 5) for x in losses],  # the timed steps', on one batch
         "device": str(mx.default_device()),
         "layers": args.layers,
         "width_scale": args.width_scale,
@@ -180,7 +196,92 @@ def measure(
         "targets": args.targets,
         "rank": args.rank,
         "bits": args.bits,
+        "recipe": args.recipe,
     }
+
+
+def timed(fn: Callable[[], Any], reps: int) -> tuple[float, float]:
+    """Median milliseconds of `fn()` evaluated (after one untimed call), and its peak memory
+    above what was live before it, in GB."""
+    mx.eval(fn())
+    times = []
+    base = mx.get_active_memory()
+    mx.reset_peak_memory()
+    for _ in range(reps):
+        mx.synchronize()
+        tic = time.perf_counter()
+        mx.eval(fn())
+        mx.synchronize()
+        times.append(time.perf_counter() - tic)
+    return statistics.median(times) * 1e3, (mx.get_peak_memory() - base) / 1e9
+
+
+def profile(seq_length: int, args: argparse.Namespace) -> list[dict[str, Any]]:
+    """Forward and forward+backward time of each part of one tuned layer of ours (gradients of
+    its adapters and of its input, as in training), the loss on the 128K head, and the
+    optimizer update of every tuned layer's adapters: where a training step's time goes."""
+    from hunyuan_mlx.models.fast_paths import FastPaths, routed_experts
+    from hunyuan_mlx.models.hf_compat import masked_cross_entropy
+
+    mx.random.seed(0)
+    config = model_config(args)
+    model = build(
+        "hunyuan_mlx", config, False, argparse.Namespace(**{**vars(args), "lora_layers": -1})
+    )
+    model.train()
+    layer, moe = model.layers[-1], model.layers[-1].mlp
+    x = (mx.random.normal((args.batch_size, seq_length, config["hidden_size"])) * 0.5).astype(
+        mx.bfloat16
+    )
+    indices, weights = moe.route(x)
+    targets = mx.random.randint(0, config["vocab_size"], x.shape[:2])
+    mask = mx.ones(targets.shape, dtype=mx.bool_)
+    padded, plain = FastPaths.default(), FastPaths.off()
+    parts: dict[str, Callable[[mx.array], mx.array]] = {
+        "attention": lambda h: layer.self_attn(layer.input_layernorm(h), "causal")[0],
+        "router": lambda h: moe.route(h)[1],
+        "routed_experts_gathered": lambda h: routed_experts(
+            plain, moe.experts, h, indices, weights
+        ),
+        "routed_experts_padded": lambda h: routed_experts(padded, moe.experts, h, indices, weights),
+        "shared_expert": lambda h: moe.shared_mlp(h),
+        "head_and_loss": lambda h: masked_cross_entropy(
+            model.lm_head_logits(model.model.norm(h)), targets, mask
+        )[0],
+    }
+    params = layer.trainable_parameters()
+    rows = []
+    for name, fn in parts.items():
+
+        def loss(p: Any, h: mx.array, fn: Callable = fn) -> mx.array:
+            layer.update(p)
+            return fn(h).astype(mx.float32).sum()
+
+        grad = mx.grad(loss, argnums=(0, 1))
+        fwd_ms, fwd_gb = timed(lambda fn=fn: fn(x), args.steps)
+        bwd_ms, bwd_gb = timed(lambda grad=grad: grad(params, x), args.steps)
+        rows.append(
+            {
+                "part": name,
+                "forward_ms": fwd_ms,
+                "forward_backward_ms": bwd_ms,
+                "forward_peak_gb": fwd_gb,
+                "forward_backward_peak_gb": bwd_gb,
+            }
+        )
+    optimizer = optim.Adam(learning_rate=1e-5)
+    tuned = {str(i): layer.trainable_parameters() for i in range(args.lora_layers)}
+    optimizer.init(tuned)
+    update_ms, update_gb = timed(lambda: optimizer.apply_gradients(tuned, tuned), args.steps)
+    rows.append(
+        {
+            "part": f"adam_update_{args.lora_layers}_layers",
+            "forward_ms": update_ms,
+            "forward_peak_gb": update_gb,
+        }
+    )
+    head = {"bench": "lora_profile", "seq_length": seq_length, "device": str(mx.default_device())}
+    return [{**head, **row} for row in rows]
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -200,15 +301,30 @@ def build_parser() -> argparse.ArgumentParser:
     )
     p.add_argument("--bits", type=int, default=4)
     p.add_argument("--group-size", type=int, default=64)
+    p.add_argument(
+        "--recipe",
+        choices=QUANT_RECIPES,
+        default="uniform",
+        help="Ours only: --bits for the "
+        "routed experts, mixed_N: N bits for the rest (the converter's --quant-recipe).",
+    )
     p.add_argument("--warmup", type=int, default=2, help="Untimed steps (compilation).")
     p.add_argument("--steps", type=int, default=5, help="Timed steps.")
     p.add_argument("--row-timeout", type=float, default=None, help="Seconds per measurement.")
+    p.add_argument(
+        "--profile", action="store_true", help="Time the parts of one layer and the loss instead."
+    )
     p.add_argument("--one", help=argparse.SUPPRESS)  # impl:seq_length:on|off, in a child
     return p
 
 
 def main() -> None:
     args = build_parser().parse_args()
+    if args.profile:
+        for seq_length in args.seq_lengths:
+            for row in profile(seq_length, args):
+                print(json.dumps(row), flush=True)
+        return
     if args.one:
         impl, seq_length, checkpointing = args.one.split(":")
         print(json.dumps(measure(impl, int(seq_length), checkpointing == "on", args)), flush=True)
