@@ -17,6 +17,7 @@ from hunyuan_mlx.models import fast_paths as fp
 from hunyuan_mlx.models.experts import GatheredGLU
 from hunyuan_mlx.quantize import apply_quantization
 from hunyuan_mlx.tuner.adapters import prepare_model
+from hunyuan_mlx.tuner.layerwise import layerwise_loss_and_grad
 from hunyuan_mlx.tuner.trainer import checkpoint_layers, masked_loss, training_step
 
 ATOL = 1e-4
@@ -203,6 +204,42 @@ def test_lora_training_on_padded_experts_equals_gathered(quantized, checkpointed
         scale = mx.abs(grad).max().item()
         assert scale > 0, name
         assert max_diff(fast_grads[name], grad) <= 1e-4 * scale, name
+
+
+@pytest.mark.parametrize("dropout", [0.0, 0.3])
+def test_layerwise_gradients_equal_value_and_grad(dropout, always_fast, monkeypatch):
+    """The trainer's layer-at-a-time gradients are one `nn.value_and_grad`'s (the padded path
+    in both: its dropout masks have the padded rows' shape), dropout included: each layer's
+    forward and recomputation draw the same masks. (Padded against gathered: the test above.)"""
+    model = tiny_model(quantized=True)
+    prepare_model(model, "lora", 2, {"rank": 4, "dropout": dropout})
+    model.train()
+    batch = mx.random.randint(0, 200, (2, 33))
+    lengths = mx.array([[0, 33], [5, 25]])
+    mx.random.seed(7)
+    (loss, tokens), grads = layerwise_loss_and_grad(model, batch, lengths)
+    mx.eval(loss, grads)
+
+    # The reference: one value_and_grad, each layer reseeded as layerwise_loss_and_grad does.
+    mx.random.seed(7)
+    seeds = iter(mx.random.randint(0, 2**31 - 1, (len(model.layers),)).tolist())
+    layer_class = type(model.layers[0])
+
+    def reseeded(layer, *args, **kwargs):
+        mx.random.seed(next(seeds))
+        return original(layer, *args, **kwargs)
+
+    original = layer_class.__call__
+    monkeypatch.setattr(layer_class, "__call__", reseeded)
+    (plain, plain_tokens), plain_grads = nn.value_and_grad(model, masked_loss)(
+        model, batch, lengths
+    )
+    assert tokens.item() == plain_tokens.item()
+    assert abs(loss.item() - plain.item()) <= 1e-5
+    grads, plain_grads = dict(tree_flatten(grads)), dict(tree_flatten(plain_grads))
+    assert grads.keys() == plain_grads.keys()
+    for name, grad in plain_grads.items():
+        assert max_diff(grads[name], grad) <= 1e-4 * mx.abs(grad).max().item() + 1e-7, name
 
 
 def test_training_steps_on_padded_experts_follow_the_plain_loss_curve(always_fast, spy):

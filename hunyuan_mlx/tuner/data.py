@@ -12,6 +12,7 @@ import warnings
 from pathlib import Path
 from typing import Any
 
+import mlx.core as mx
 from mlx_lm.tuner.datasets import ChatDataset, CompletionsDataset, TextDataset
 
 from ..files import read_jsonl
@@ -139,3 +140,12 @@ def load_data_dir(
         for split in DATA_SPLITS
         if (directory / f"{split}.jsonl").is_file()
     }
+
+
+def split_batch(batch: mx.array, lengths: mx.array) -> tuple[mx.array, mx.array, mx.array]:
+    """Inputs, next-token targets and the mask of the scored targets (`offset <= i < length` of
+    each row, as `iterate_batches` gives them) of a training batch."""
+    inputs, targets = batch[:, :-1], batch[:, 1:]
+    positions = mx.arange(1, targets.shape[1] + 1)
+    mask = (positions >= lengths[:, 0:1]) & (positions < lengths[:, 1:])
+    return inputs, targets, mask

@@ -46,7 +46,8 @@ from .adapters import (
     resolve_targets,
     save_adapter_config,
 )
-from .data import load_data_dir
+from .data import load_data_dir, split_batch
+from .layerwise import layerwise_loss_and_grad, takes_layerwise
 
 OPTIMIZER_FILE = "optimizer.safetensors"
 LR_SCHEDULES = ("constant", "cosine")
@@ -183,9 +184,7 @@ def masked_loss(model: nn.Module, batch: mx.array, lengths: mx.array) -> tuple[m
 
     mlx-lm's `default_loss` (0.32) also counts position `length`, the first padding token.
     """
-    inputs, targets = batch[:, :-1], batch[:, 1:]
-    positions = mx.arange(1, targets.shape[1] + 1)
-    mask = (positions >= lengths[:, 0:1]) & (positions < lengths[:, 1:])
+    inputs, targets, mask = split_batch(batch, lengths)
     return masked_cross_entropy(model(inputs), targets, mask)
 
 
@@ -267,7 +266,10 @@ def checkpointed_class(cls: type[nn.Module]) -> type[nn.Module]:
 
 
 def checkpoint_layers(model: nn.Module) -> None:
-    """Gradient checkpointing of every decoder layer of this model."""
+    """Gradient checkpointing of every decoder layer of this model; none where it trains a layer
+    at a time (`layerwise.py`), which recomputes each layer already."""
+    if takes_layerwise(model):
+        return
     for layer in model.layers:
         layer.__class__ = checkpointed_class(type(layer))
 
@@ -313,11 +315,13 @@ def training_step(
     `accumulation_steps` batches instead, and no gradients are returned. Also returns the state the
     step updates (evaluate it after each step).
 
-    The step is `mx.compile`d unless the model's fast paths read routing counts on the host (the
-    padded experts): under compile they would fall back to the gathered experts, which train
-    several times slower on CUDA (BENCHMARKS.md).
+    Where the model's fast paths read routing counts on the host (the padded experts), the step
+    goes a layer at a time (`layerwise.py`) and is not compiled: under `mx.compile` the experts
+    would fall back to the gathered ones, which train several times slower on CUDA (BENCHMARKS.md).
+    Elsewhere it is mlx-lm's: one `value_and_grad`, compiled.
     """
-    loss_and_grad = nn.value_and_grad(model, masked_loss)
+    layerwise = takes_layerwise(model)
+    loss_and_grad = layerwise_loss_and_grad if layerwise else nn.value_and_grad(model, masked_loss)
     state = [model.state, optimizer.state, mx.random.state]
 
     def step(batch: mx.array, lengths: mx.array, so_far: Any, update: bool) -> tuple:
@@ -331,8 +335,7 @@ def training_step(
             grads = None
         return loss, tokens, grads
 
-    fast_paths = getattr(model, "fast_paths", None)  # None: another model (mlx-lm's)
-    if fast_paths is not None and fast_paths.reads_routing_counts():
+    if layerwise:
         return step, state
     return mx.compile(step, inputs=state, outputs=state), state
 

@@ -1,0 +1,87 @@
+"""The training loss and its gradients computed a decoder layer at a time.
+
+The padded experts (`models/fast_paths.py`) read each layer's routing counts on the host. Inside
+one `value_and_grad` over the whole model, MLX keeps everything such a read evaluates for the
+backward, so every layer's dequantized experts (4.8 GB of bf16 at A13B shape) would stay alive:
+A13B QLoRA ran out of an H100's 80 GB at 512 tokens. Here the forward runs outside any
+transformation (each layer's graph is freed as it goes; only the layer inputs are kept), then each
+layer's `vjp` is taken in turn from the last: what gradient checkpointing does, one layer's graph
+alive at a time, and the host reads free to happen.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+import mlx.core as mx
+import mlx.nn as nn
+from mlx.utils import tree_flatten, tree_unflatten
+from mlx_lm.models.base import create_attention_mask
+
+from ..models.hf_compat import masked_cross_entropy
+from .data import split_batch
+
+
+def takes_layerwise(model: nn.Module) -> bool:
+    """Whether `model` trains a layer at a time: its fast paths read routing counts on the host,
+    and nothing but its decoder layers is trained, and no layer reads another's keys and values
+    (cross-layer attention shares them, so the layers' gradients would not separate)."""
+    fast_paths = getattr(model, "fast_paths", None)  # None: another model (mlx-lm's)
+    if fast_paths is None or not fast_paths.reads_routing_counts():
+        return False
+    trained = {name.split(".")[1] for name, _ in tree_flatten(model.trainable_parameters())}
+    return trained <= {"layers"} and not model.config.use_cla
+
+
+def layer_vjp(
+    layer: nn.Module, x: mx.array, mask: Any, cotangent: mx.array
+) -> tuple[dict[str, Any], mx.array]:
+    """The gradients of `layer`'s trainable parameters and of its input `x`, given the cotangent
+    of its output."""
+    flat = tree_flatten(layer.trainable_parameters())
+    names, params = [name for name, _ in flat], [p for _, p in flat]
+
+    def forward(x: mx.array, *params: mx.array) -> mx.array:
+        layer.update(tree_unflatten(list(zip(names, params, strict=True))))
+        return layer(x, mask)[0]
+
+    _, (dx, *dparams) = mx.vjp(forward, [x, *params], [cotangent])
+    return tree_unflatten(list(zip(names, dparams, strict=True))), dx
+
+
+def layerwise_loss_and_grad(
+    model: nn.Module, batch: mx.array, lengths: mx.array
+) -> tuple[tuple[mx.array, mx.array], dict[str, Any]]:
+    """`nn.value_and_grad(model, masked_loss)(model, batch, lengths)`, a layer at a time.
+
+    Each layer runs twice (forward, then again for its vjp), as with gradient checkpointing, both
+    times from the same random seed, drawn for it, so its dropout masks repeat. Layers below the
+    lowest trained one are not run backwards.
+    """
+    inputs, targets, mask = split_batch(batch, lengths)
+    decoder = model.model
+    seeds = mx.random.randint(0, 2**31 - 1, (len(decoder.layers),)).tolist()
+    h = decoder.embed_tokens(inputs)
+    attention_mask = create_attention_mask(h, None)
+    layer_inputs = []
+    for layer, seed in zip(decoder.layers, seeds, strict=True):
+        layer_inputs.append(h)
+        mx.random.seed(seed)
+        h = layer(h, attention_mask)[0]
+        mx.eval(h)
+
+    def head_loss(h: mx.array) -> tuple[mx.array, mx.array]:
+        return masked_cross_entropy(model.lm_head_logits(decoder.norm(h)), targets, mask)
+
+    (loss, tokens), cotangent = mx.value_and_grad(head_loss)(h)
+    mx.eval(loss, tokens, cotangent)
+    grads = model.trainable_parameters()
+    layer_grads = grads["model"]["layers"]
+    trained = [i for i, g in enumerate(layer_grads) if tree_flatten(g)]
+    for i in reversed(range(min(trained, default=len(layer_grads)), len(layer_grads))):
+        mx.random.seed(seeds[i])
+        layer_grads[i], cotangent = layer_vjp(
+            decoder.layers[i], layer_inputs[i], attention_mask, cotangent
+        )
+        mx.eval(layer_grads[i], cotangent)
+    return (loss, tokens), grads
