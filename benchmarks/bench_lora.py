@@ -14,6 +14,7 @@ fresh process, so peak memory is its own, and prints one JSON line:
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import json
 import statistics
 import subprocess
@@ -124,6 +125,9 @@ def build(
         randomize_quantized(model)
         if impl == "hunyuan_mlx_plain":
             set_fast_paths(model, FastPaths.off())
+        elif args.expert_group:
+            group = dataclasses.replace(model.fast_paths, padded_expert_group=args.expert_group)
+            set_fast_paths(model, group)
         model.set_dtype(mx.bfloat16)
         for layer in model.layers:  # the router stays float32, as a loaded checkpoint has it
             if "gate" in layer.mlp:
@@ -197,6 +201,7 @@ def measure(
         "rank": args.rank,
         "bits": args.bits,
         "recipe": args.recipe,
+        "expert_group": args.expert_group,
     }
 
 
@@ -311,6 +316,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--warmup", type=int, default=2, help="Untimed steps (compilation).")
     p.add_argument("--steps", type=int, default=5, help="Timed steps.")
     p.add_argument("--row-timeout", type=float, default=None, help="Seconds per measurement.")
+    p.add_argument(
+        "--expert-group", type=int, default=None, help="Ours: experts per padded matmul."
+    )
     p.add_argument(
         "--profile", action="store_true", help="Time the parts of one layer and the loss instead."
     )
