@@ -60,7 +60,8 @@ def build_parser() -> argparse.ArgumentParser:
         "--grad-checkpoint",
         action="store_true",
         default=None,
-        help="Recompute layer activations in the backward pass: less memory, more time.",
+        help="Recompute layer activations in the backward pass: less memory, more time. Where "
+        "the routed experts train padded (CUDA; the CPU in bfloat16) every step does so already.",
     )
     p.add_argument(
         "--mask-prompt",
