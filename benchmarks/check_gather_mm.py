@@ -54,7 +54,7 @@ def relerr(out, ref):
 def main():
     mx.random.seed(0)
     default = FastPaths.default()
-    padded_always = dataclasses.replace(default, padded_min_rows=1)
+    padded_always = dataclasses.replace(default, padded_min_rows=1, padded_float32=True)
     shapes = [(64, 32, 8, 2, [3, 40]), (4096, 3072, 64, 8, [1, 8, 40, 100])]
     last = None
     for d, inter, e, k, token_counts in shapes:
@@ -82,7 +82,7 @@ def main():
                     }
                     out = routed_experts(default, glu, x, indices, weights)
                     padded = routed_experts(padded_always, glu, x, indices, weights)
-                    rec["default_is_padded"] = default.takes_padded(glu, t * k)
+                    rec["default_is_padded"] = default.takes_padded(glu, t * k, x.dtype)
                     rec["default_relerr"], rec["padded_relerr"] = (
                         relerr(out, ref),
                         relerr(padded, ref),

@@ -9,6 +9,7 @@ saves the logits; then, given flags, every rank runs the generate command's `mai
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import json
 from typing import Any
 
@@ -20,8 +21,10 @@ from mlx_lm.models.cache import make_prompt_cache
 from hunyuan_mlx import load_model
 from hunyuan_mlx.distributed import init_group
 from hunyuan_mlx.generate import main as generate_main
+from hunyuan_mlx.models import FastPaths
+from hunyuan_mlx.models.fast_paths import set_fast_paths
 
-# Long enough that the prefill takes the padded experts on the CPU (rows = tokens x top-k >= 64).
+# Long enough that the prefill takes the padded experts (rows = tokens x top-k >= the CPU's 64).
 PROMPT = [(7 * i + 3) % 90 for i in range(40)]
 DECODE_STEPS = 3
 
@@ -31,6 +34,9 @@ def case_logits(case: dict[str, Any], group: mx.distributed.Group | None, pipeli
     model = load_model(
         case["model"], adapter_path=case.get("adapters"), group=group, pipeline=pipeline
     )
+    # The CPU pads half-precision rows only: these float32 models are made to, so that the
+    # padded experts meet the sharded ones.
+    set_fast_paths(model, dataclasses.replace(FastPaths.default(), padded_float32=True))
     cache = make_prompt_cache(model)
     logits = model(mx.array([PROMPT]), cache)[0]
     prefill, steps = logits, []

@@ -28,9 +28,10 @@ PLAIN = FastPaths.off()
 
 @pytest.fixture
 def always_fast(monkeypatch):
-    """Take the padded prefill path from the first routed row on this backend (in every
-    default policy made during the test)."""
+    """Take the padded path from the first routed row on this backend, float32 rows included
+    (in every default policy made during the test)."""
     monkeypatch.setitem(fp.PADDED_MIN_ROWS, fp.backend(), 1)
+    monkeypatch.setattr(fp, "PADDED_HALF_PRECISION_ONLY", ())
 
 
 @pytest.fixture
@@ -267,6 +268,16 @@ def test_training_steps_on_padded_experts_follow_the_plain_loss_curve(always_fas
     plain = losses(PLAIN)
     assert fast[-1] < fast[0] - 0.1  # it learns
     assert np.allclose(fast, plain, rtol=0, atol=1e-4)
+
+
+def test_cpu_pads_half_precision_rows_only():
+    """On the CPU the float32 gathered experts are the faster ones; CUDA pads either dtype."""
+    glu = GatheredGLU(128, 64, 16)
+    cpu, cuda = FastPaths.default(on="cpu"), FastPaths.default(on="cuda")
+    assert cpu.takes_padded(glu, 512, mx.bfloat16) and not cpu.takes_padded(glu, 512, mx.float32)
+    assert not cpu.takes_padded(glu, 32, mx.bfloat16)  # too few rows
+    assert cuda.takes_padded(glu, 512, mx.float32) and cuda.takes_padded(glu, 512, mx.bfloat16)
+    assert cpu.reads_routing_counts(mx.bfloat16) and not cpu.reads_routing_counts(mx.float32)
 
 
 def test_fast_paths_context_restores_state():

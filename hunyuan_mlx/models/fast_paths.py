@@ -36,6 +36,11 @@ from .experts import SORT_THRESHOLD, GatheredGLU, GatheredLinear, weighted_sum
 # spends on ~350 rows; on the CPU, whose bf16 gather_qmm is far slower, the padded path wins from
 # a few dozen rows. Apple GPUs keep sorted gather_qmm until measured there.
 PADDED_MIN_ROWS = {"cuda": 512, "cpu": 64, "metal": None}
+# Backends where the padded path takes half-precision rows only: on the CPU, float32 gathered
+# experts beat it (`python -m benchmarks.cpu_dtype`, 200 tokens: LoRA step 6.8 s vs 9.3 padded,
+# prefill 4.7 vs 5.3), while in bfloat16 it wins (53.2 s vs 55.5, 42.2 vs 44.3; the 128K head
+# dominates there).
+PADDED_HALF_PRECISION_ONLY = ("cpu",)
 # Experts per batched matmul: bounds the dense weights alive at once (32 of A13B's experts: 1.6 GB
 # of bf16 gate+up, 0.8 GB of down) to keep prefill's peak memory within 10% of the weights.
 PADDED_EXPERT_GROUP = 32
@@ -56,8 +61,10 @@ def backend() -> str:
 class FastPaths:
     """Which fast paths a model takes; the default fields are the plain path."""
 
-    # Routed rows from which a prefill call takes the padded experts; None: never.
+    # Routed rows from which a call takes the padded experts; None: never.
     padded_min_rows: int | None = None
+    # Whether float32 rows take them too (else half precision only).
+    padded_float32: bool = True
     # Experts whose dense weights a padded call holds at once.
     padded_expert_group: int = PADDED_EXPERT_GROUP
     compiled_decode: bool = False
@@ -72,6 +79,7 @@ class FastPaths:
         mlx_version = mlx_version or mx.__version__
         return cls(
             padded_min_rows=PADDED_MIN_ROWS.get(on),
+            padded_float32=on not in PADDED_HALF_PRECISION_ONLY,
             compiled_decode=True,
             avoid_sorted_gather_mm=on == "cuda"
             and mlx_version in SORTED_GATHER_MM_BROKEN_ON_CUDA,
@@ -82,20 +90,25 @@ class FastPaths:
         """The plain path everywhere."""
         return cls()
 
-    def takes_padded(self, experts: GatheredGLU, rows: int) -> bool:
-        """Whether a call of `experts` on `rows` routed rows should try the padded path."""
-        if self.padded_min_rows is not None and rows >= self.padded_min_rows:
+    def takes_padded(self, experts: GatheredGLU, rows: int, dtype: mx.Dtype) -> bool:
+        """Whether a call of `experts` on `rows` routed rows in `dtype` should try the padded
+        path."""
+        if self.pads(dtype) and rows >= self.padded_min_rows:
             return True
         unquantized = all(
             type(p) is GatheredLinear for p in (experts.gate_up_proj, experts.down_proj)
         )
         return self.avoid_sorted_gather_mm and rows >= SORT_THRESHOLD and unquantized
 
-    def reads_routing_counts(self) -> bool:
-        """Whether the padded path may run, which reads routing counts on the host mid-graph:
-        a function of the model that may take it must not be `mx.compile`d (it would fall back
-        to the gathered experts)."""
-        return self.padded_min_rows is not None or self.avoid_sorted_gather_mm
+    def pads(self, dtype: mx.Dtype) -> bool:
+        """Whether rows in `dtype` take the padded path once there are enough of them."""
+        return self.padded_min_rows is not None and (self.padded_float32 or dtype != mx.float32)
+
+    def reads_routing_counts(self, dtype: mx.Dtype) -> bool:
+        """Whether the padded path may run on `dtype` rows. It reads routing counts on the host
+        mid-graph: a function of the model that may take it must not be `mx.compile`d (it would
+        fall back to the gathered experts)."""
+        return self.pads(dtype) or self.avoid_sorted_gather_mm
 
     def takes_compiled_decode(self, layer: nn.Module, x: mx.array, **call: Any) -> bool:
         """Whether a decoder layer call `layer(x, **call)` can run as `compiled_decode_step`:
@@ -136,7 +149,7 @@ def routed_experts(
     policy: FastPaths, experts: GatheredGLU, x: mx.array, indices: mx.array, weights: mx.array
 ) -> mx.array:
     """`experts(x, indices, weights)`, through the padded path where `policy` and the call allow."""
-    if policy.takes_padded(experts, indices.size):
+    if policy.takes_padded(experts, indices.size, x.dtype):
         out = padded_experts(experts, x, indices, policy.padded_expert_group)
         if out is not None:
             return weighted_sum(out, weights)

@@ -19,15 +19,21 @@ from mlx.utils import tree_flatten, tree_unflatten
 from mlx_lm.models.base import create_attention_mask
 
 from ..models.hf_compat import masked_cross_entropy
+from ..models.sharding import stage_dtype
 from .data import split_batch
 
 
 def takes_layerwise(model: nn.Module) -> bool:
-    """Whether `model` trains a layer at a time: its fast paths read routing counts on the host,
-    and nothing but its decoder layers is trained, and no layer reads another's keys and values
-    (cross-layer attention shares them, so the layers' gradients would not separate)."""
+    """Whether `model` trains a layer at a time: its fast paths read routing counts on the host
+    for its hidden states' dtype, nothing but its decoder layers is trained, and no layer reads
+    another's keys and values (cross-layer attention shares them, so the layers' gradients would
+    not separate)."""
     fast_paths = getattr(model, "fast_paths", None)  # None: another model (mlx-lm's)
-    if fast_paths is None or not fast_paths.reads_routing_counts():
+    if fast_paths is None:
+        return False
+    decoder = model.model
+    hidden = stage_dtype(decoder.embed_tokens(mx.zeros((1, 1), dtype=mx.int32)), decoder.norm)
+    if not fast_paths.reads_routing_counts(hidden):
         return False
     trained = {name.split(".")[1] for name, _ in tree_flatten(model.trainable_parameters())}
     return trained <= {"layers"} and not model.config.use_cla
