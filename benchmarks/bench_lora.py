@@ -241,7 +241,7 @@ def profile(seq_length: int, args: argparse.Namespace) -> list[dict[str, Any]]:
     indices, weights = moe.route(x)
     targets = mx.random.randint(0, config["vocab_size"], x.shape[:2])
     mask = mx.ones(targets.shape, dtype=mx.bool_)
-    padded, plain = FastPaths.default(), FastPaths.off()
+    padded, plain = model.fast_paths, FastPaths.off()  # padded: the default, --expert-group
     parts: dict[str, Callable[[mx.array], mx.array]] = {
         "attention": lambda h: layer.self_attn(layer.input_layernorm(h), "causal")[0],
         "router": lambda h: moe.route(h)[1],
@@ -285,7 +285,13 @@ def profile(seq_length: int, args: argparse.Namespace) -> list[dict[str, Any]]:
             "forward_peak_gb": update_gb,
         }
     )
-    head = {"bench": "lora_profile", "seq_length": seq_length, "device": str(mx.default_device())}
+    head = {
+        "bench": "lora_profile",
+        "seq_length": seq_length,
+        "device": str(mx.default_device()),
+        "targets": args.targets,
+        "expert_group": padded.padded_expert_group,
+    }
     return [{**head, **row} for row in rows]
 
 
