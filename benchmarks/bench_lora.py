@@ -158,6 +158,33 @@ def build(
     return model
 
 
+def phase_peaks(step: Callable, batch: mx.array, lengths: mx.array, state: Any) -> dict:
+    """Peak GB of one layer-at-a-time step by phase: the forward and the loss, the highest layer
+    vjp, the optimizer update (with the gradients), and what stays live after the step."""
+    from hunyuan_mlx.tuner import layerwise
+
+    original, peaks = layerwise.layer_vjp, {"layer_vjp": 0.0}
+
+    def recorded(*args: Any) -> Any:
+        peaks.setdefault("forward_and_loss", mx.get_peak_memory() / 1e9)
+        mx.reset_peak_memory()
+        out = original(*args)
+        mx.eval(out)
+        peaks["layer_vjp"] = max(peaks["layer_vjp"], mx.get_peak_memory() / 1e9)
+        mx.reset_peak_memory()
+        return out
+
+    layerwise.layer_vjp = recorded
+    try:
+        mx.reset_peak_memory()
+        mx.eval(step(batch, lengths, None, True), state)
+    finally:
+        layerwise.layer_vjp = original
+    peaks["update"] = mx.get_peak_memory() / 1e9
+    peaks["live_after"] = mx.get_active_memory() / 1e9
+    return {k: round(v, 3) for k, v in peaks.items()}
+
+
 def measure(
     impl: str, seq_length: int, checkpointing: bool, args: argparse.Namespace
 ) -> dict[str, Any]:
@@ -180,14 +207,17 @@ def measure(
         mx.eval(loss, state)
         losses.append(loss)
     seconds = (time.perf_counter() - tic) / args.steps
+    peak_gb = mx.get_peak_memory() / 1e9
+    phases = phase_peaks(step, batch, lengths, state) if args.phases else None
     return {
+        "phase_peak_gb": phases,
         "impl": impl,
         "seq_length": seq_length,
         "batch_size": args.batch_size,
         "grad_checkpoint": checkpointing,
         "tokens_per_second": round(args.batch_size * seq_length / seconds, 2),
         "seconds_per_step": round(seconds, 4),
-        "peak_memory_gb": round(mx.get_peak_memory() / 1e9, 3),
+        "peak_memory_gb": round(peak_gb, 3),
         "weights_memory_gb": round(weights_gb, 3),
         "losses": [round(x.item(), 5) for x in losses],  # the timed steps', on one batch
         "device": str(mx.default_device()),
@@ -324,6 +354,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--row-timeout", type=float, default=None, help="Seconds per measurement.")
     p.add_argument(
         "--expert-group", type=int, default=None, help="Ours: experts per padded matmul."
+    )
+    p.add_argument(
+        "--phases", action="store_true", help="Ours: peak memory by phase of one more step."
     )
     p.add_argument(
         "--profile", action="store_true", help="Time the parts of one layer and the loss instead."
