@@ -255,7 +255,7 @@ def profile(seq_length: int, args: argparse.Namespace) -> list[dict[str, Any]]:
     """Forward and forward+backward time of each part of one tuned layer of ours (gradients of
     its adapters and of its input, as in training), the loss on the 128K head, and the
     optimizer update of every tuned layer's adapters: where a training step's time goes."""
-    from hunyuan_mlx.models.fast_paths import FastPaths, routed_experts
+    from hunyuan_mlx.models.fast_paths import FastPaths, routed_experts, using
     from hunyuan_mlx.models.hf_compat import masked_cross_entropy
 
     mx.random.seed(0)
@@ -280,10 +280,17 @@ def profile(seq_length: int, args: argparse.Namespace) -> list[dict[str, Any]]:
         ),
         "routed_experts_padded": lambda h: routed_experts(padded, moe.experts, h, indices, weights),
         "shared_expert": lambda h: moe.shared_mlp(h),
+        "decoder_layer_padded": lambda h: layer(h, "causal")[0],
+        "decoder_layer_gathered": lambda h: using_plain(lambda: layer(h, "causal")[0]),
         "head_and_loss": lambda h: masked_cross_entropy(
             model.lm_head_logits(model.model.norm(h)), targets, mask
         )[0],
     }
+
+    def using_plain(fn: Callable[[], mx.array]) -> mx.array:
+        with using(model, plain):
+            return fn()
+
     params = layer.trainable_parameters()
     rows = []
     for name, fn in parts.items():
