@@ -1,7 +1,6 @@
 """Hunyuan-A13B-shaped models from random quantized weights, built directly in MLX (ours and
 mlx-lm's on shared arrays), and `generate_step`'s loop, timed: what the speed benchmarks share."""
 
-
 from __future__ import annotations
 
 import argparse
@@ -24,6 +23,9 @@ from hunyuan_mlx.quantize import apply_quantization
 # A copy of the release config.json (../shared does not travel to the GPU machine).
 DEFAULT_CONFIG = Path(__file__).resolve().parent / "hunyuan_a13b_config.json"
 GB = 1e9
+# Random embeddings (and the tied head) this many times a linear's weight scale: the tokens stay
+# distinguishable after attention, whose random outputs are much alike across tokens.
+EMBED_SCALE = 4.0
 PER_LAYER_LISTS = ("moe_topk", "moe_intermediate_size", "num_shared_expert", "num_experts")
 
 
@@ -82,6 +84,18 @@ def quantization_dict(args) -> dict:
     return q
 
 
+def random_words(shape: tuple[int, ...]) -> mx.array:
+    """uint32 words whose every bit is uniformly random: packed random quantized values.
+
+    Two 16-bit halves: MLX's `randint` over the whole int32 range draws through float32, whose
+    24-bit mantissa leaves the low bits biased (4-bit values averaged 5.6-6.0, not 7.5), which gave
+    every random weight matrix a mean, every token the same hidden state after attention, and
+    every token the same 8 experts.
+    """
+    low = mx.random.randint(0, 2**16, shape, dtype=mx.uint32)
+    return low | (mx.random.randint(0, 2**16, shape, dtype=mx.uint32) << 16)
+
+
 def random_quantized(module: nn.Module, dtype, in_scale: float = 1.0) -> None:
     """Give a quantized module random packed weights and sane scales/biases (w ~ U(-a, a))."""
     bits, gs = module.bits, module.group_size
@@ -89,8 +103,7 @@ def random_quantized(module: nn.Module, dtype, in_scale: float = 1.0) -> None:
     in_dims = shape[-1] * 32 // bits
     a = in_scale / math.sqrt(in_dims)
     levels = 2**bits - 1
-    # uint32 words, every bit random
-    module.weight = mx.random.randint(-(2**31), 2**31 - 1, shape, dtype=mx.int32).view(mx.uint32)
+    module.weight = random_words(shape)
     sshape = (*shape[:-1], in_dims // gs)
     scales = (2 * a / levels) * mx.random.uniform(0.75, 1.25, sshape)
     module.scales = scales.astype(dtype)
@@ -300,8 +313,8 @@ def add_model_args(ap: argparse.ArgumentParser) -> None:
     ap.add_argument("--group-size", type=int, default=64)
     ap.add_argument("--recipe", choices=("uniform", "mixed"), default="uniform")
     ap.add_argument("--dtype", choices=("bfloat16", "float16"), default="bfloat16")
-    ap.add_argument("--embed-scale", type=float, default=4.0, help="embedding/head value scale")
+    ap.add_argument(
+        "--embed-scale", type=float, default=EMBED_SCALE, help="embedding/head value scale"
+    )
     ap.add_argument("--prefill-step", type=int, default=2048, help="generate_step's default")
     ap.add_argument("--seed", type=int, default=0)
-
-

@@ -27,6 +27,7 @@ import mlx.core as mx
 import mlx.nn as nn
 import mlx.optimizers as optim
 
+from benchmarks.a13b import EMBED_SCALE, random_quantized
 from hunyuan_mlx.quantize import QUANT_RECIPES
 
 # Hunyuan-A13B's architecture (../shared/hunyuan-a13b/config.json), as both models read it.
@@ -89,16 +90,13 @@ def model_config(args: argparse.Namespace) -> dict[str, Any]:
 
 
 def randomize_quantized(model: nn.Module) -> None:
-    """Give every quantized module random packed weights and scales, never computing the float
-    weights it was built from (they stay unevaluated and are dropped)."""
-    for _, module in model.named_modules():
+    """Give every quantized module random packed weights and scales as the generation benchmarks
+    do (`a13b.random_quantized`), never computing the float weights it was built from (they stay
+    unevaluated and are dropped)."""
+    for path, module in model.named_modules():
         if "scales" in module:
-            bits = module.bits
-            bits32 = mx.random.randint(-(2**31), 2**31 - 1, module.weight.shape, dtype=mx.int32)
-            module.weight = bits32.view(mx.uint32)
-            scales = mx.random.uniform(0.003, 0.006, module.scales.shape).astype(mx.bfloat16)
-            module.scales = scales
-            module.biases = -(2 ** (bits - 1)) * scales
+            scale = EMBED_SCALE if path.endswith("embed_tokens") else 1.0
+            random_quantized(module, mx.bfloat16, scale)
 
 
 def build(

@@ -21,16 +21,18 @@ import time
 
 import mlx.core as mx
 
+from benchmarks.a13b import random_words
+
 D, INTER, E, K, VOCAB = 4096, 3072, 64, 8, 128167
 SPLITS = {"split4": [4, 4], "split7": [7, 1], "split1": [1] * 8}
 
 
 def qrand(shape, bits=4, gs=64):
     *lead, out, inp = shape
-    w = mx.random.randint(-(2**31), 2**31 - 1, (*lead, out, inp * bits // 32), dtype=mx.int32)
+    w = random_words((*lead, out, inp * bits // 32))
     a = 1 / math.sqrt(inp)
     s = (2 * a / 15) * mx.random.uniform(0.75, 1.25, (*lead, out, inp // gs))
-    return w.view(mx.uint32), s.astype(mx.bfloat16), (-s * 7.5).astype(mx.bfloat16)
+    return w, s.astype(mx.bfloat16), (-s * 7.5).astype(mx.bfloat16)
 
 
 def timed(make, reps):

@@ -19,13 +19,14 @@ import time
 import mlx.core as mx
 import mlx.nn as nn
 
+from benchmarks.a13b import random_words
+
 D, I, E, K, H, KV, HD, V = 4096, 3072, 64, 8, 32, 8, 128, 128167
 
 
 def qrand(shape_out_in, bits=4, gs=64, dtype=mx.bfloat16):
     *lead, out, inp = shape_out_in
-    w = mx.random.randint(-(2**31), 2**31 - 1, (*lead, out, inp * bits // 32), dtype=mx.int32)
-    w = w.view(mx.uint32)
+    w = random_words((*lead, out, inp * bits // 32))
     a = 1 / math.sqrt(inp)
     s = (2 * a / 15) * mx.random.uniform(0.75, 1.25, (*lead, out, inp // gs))
     b = -s * 7.5
