@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import dataclasses
+
 import mlx.core as mx
 import mlx.nn as nn
 import mlx.optimizers as optim
@@ -91,6 +93,45 @@ def test_padded_experts_equal_gathered(quantized, tokens, group, always_fast, sp
     plain = experts_call(glu, PLAIN)(x, indices, weights)
     assert spy == [True]
     assert fast.shape == plain.shape == (1, tokens, 128)
+    assert max_diff(fast, plain) <= 1e-5
+
+
+def skewed_routing(tokens: int) -> tuple[mx.array, mx.array]:
+    """Every token picks expert 5 first, most pick 6 second, the rest spread (experts 0..15)."""
+    t = mx.arange(tokens)[None, :, None]
+    rest = mx.concatenate([7 + t % 9, 7 + (t + 4) % 9], axis=-1)
+    second = mx.where(t % 5 == 0, 3, 6)
+    indices = mx.concatenate([mx.full((1, tokens, 1), 5), second, rest], axis=-1)
+    mx.eval(indices)
+    assert all(len(set(row)) == 4 for row in indices[0].tolist())  # k distinct experts
+    return indices.astype(mx.uint32), mx.softmax(mx.random.normal((1, tokens, 4)), axis=-1)
+
+
+def test_padded_blocks_cover_every_row_once_within_three_times_the_rows():
+    counts = [0, 3, 200, 0, 9, 1, 40, 0]  # one expert far busier than the others
+    capacity, blocks = fp.padded_blocks(counts)
+    assert capacity % 8 == 0 and len(blocks) * capacity <= 3 * sum(counts)
+    covered = [row for _, first, size in blocks for row in range(first, first + size)]
+    assert covered == list(range(sum(counts)))
+    per_expert = {e: sum(size for x, _, size in blocks if x == e) for e in range(len(counts))}
+    assert list(per_expert.values()) == counts
+    assert fp.padded_blocks([4, 4, 5]) == (8, [(0, 0, 4), (1, 4, 4), (2, 8, 5)])  # one block each
+
+
+@pytest.mark.parametrize("group", [3, 32])
+@pytest.mark.parametrize("quantized", [False, True])
+def test_padded_experts_equal_gathered_on_skewed_routing(quantized, group, always_fast, spy):
+    """A busy expert spans several blocks, and its weights repeat within a group."""
+    glu = GatheredGLU(128, 64, 16)
+    if quantized:
+        nn.quantize(glu, 32, 4)
+    glu.eval()
+    x = mx.random.normal((1, 50, 128))
+    indices, weights = skewed_routing(50)
+    policy = dataclasses.replace(FastPaths.default(), padded_expert_group=group)
+    fast = experts_call(glu, policy)(x, indices, weights)
+    plain = experts_call(glu, PLAIN)(x, indices, weights)
+    assert spy == [True]
     assert max_diff(fast, plain) <= 1e-5
 
 

@@ -63,12 +63,12 @@ def gather_mm_supports(dtype: mx.Dtype, device: mx.Device) -> bool:
 
 
 def pick_experts(a: mx.array | None, experts: list[int] | None) -> mx.array | None:
-    """The rows of a stacked (E, ...) array for `experts` (all for None): a view for a run of
-    consecutive experts, a gathered copy otherwise."""
+    """The rows of a stacked (E, ...) array for `experts` (all for None; repeats allowed): a view
+    for a run of consecutive experts, a gathered copy otherwise."""
     if a is None or experts is None:
         return a
-    if experts[-1] - experts[0] == len(experts) - 1:
-        return a[experts[0] : experts[-1] + 1]
+    if experts == list(range(experts[0], experts[0] + len(experts))):
+        return a[experts[0] : experts[0] + len(experts)]
     return mx.take(a, mx.array(experts, dtype=mx.int32), axis=0)
 
 

@@ -21,6 +21,7 @@ per graph node (about 7 us each), which the compiled step cuts.
 from __future__ import annotations
 
 import contextlib
+import math
 from collections.abc import Iterator
 from dataclasses import dataclass
 from typing import Any
@@ -156,16 +157,37 @@ def routed_experts(
     return experts(x, indices, weights)
 
 
+def padded_blocks(counts: list[int]) -> tuple[int, list[tuple[int, int, int]]]:
+    """The padded grid for each expert's routed row count: its capacity (a multiple of 8, for
+    fewer distinct matmul shapes) and its blocks, (expert, first row, rows) over the rows sorted
+    by expert.
+
+    The capacity is the busiest expert's count, capped at twice the used experts' mean: a busier
+    expert takes several blocks, so the grid stays within 3x the rows however skewed the routing
+    (with one capacity for all, one expert taking every token made it `used` times the rows).
+    """
+    used = [count for count in counts if count]
+    capacity = min(max(used), math.ceil(2 * sum(used) / len(used)))
+    capacity = -(-capacity // 8) * 8
+    blocks, start = [], 0
+    for expert, count in enumerate(counts):
+        for first in range(0, count, capacity):
+            blocks.append((expert, start + first, min(capacity, count - first)))
+        start += count
+    return capacity, blocks
+
+
 def padded_experts(
     experts: GatheredGLU, x: mx.array, indices: mx.array, expert_group: int
 ) -> mx.array | None:
-    """Each row's expert output (..., k, D), as batched matmuls over (used experts, capacity, D).
+    """Each row's expert output (..., k, D), as batched matmuls over (blocks, capacity, D).
 
-    The capacity (most rows any one expert got) is read on the host, one synchronisation per
-    layer, so no token is ever dropped; padding rows repeat a real token and are never read back.
-    Each projection's `batched` product computes it (LoRA adapters add their own there). None
-    where a projection has none (a foreign wrapper must see its own call), or inside
-    `mx.compile`, where the host cannot read the counts (`vjp` and `checkpoint` can).
+    The routing counts are read on the host, one synchronisation per layer, so no token is ever
+    dropped (`padded_blocks` lays out the grid); padding rows repeat a real token and are never
+    read back. Each projection's `batched` product computes it (LoRA adapters add their own
+    there), `expert_group` blocks at a time. None where a projection has none (a foreign wrapper
+    must see its own call), or inside `mx.compile`, where the host cannot read the counts (`vjp`
+    and `checkpoint` can).
     """
     if not all(hasattr(p, "batched") for p in (experts.gate_up_proj, experts.down_proj)):
         return None
@@ -176,32 +198,30 @@ def padded_experts(
         counts = mx.zeros((num_experts,), dtype=mx.int32).at[flat].add(1).tolist()
     except ValueError:  # "eval during function transformations": MLX's only sign of tracing
         return None
-    used = [e for e, c in enumerate(counts) if c]
-    capacity = -(-max(counts) // 8) * 8  # a multiple of 8: fewer distinct matmul shapes
-    compact_of, starts, total = [0] * num_experts, [], 0
-    for j, e in enumerate(used):
-        compact_of[e], total = j, total + counts[e]
-        starts.append(total - counts[e])
-    compact = mx.array(compact_of, dtype=mx.int32)[flat]  # each row's expert, 0..used-1
-    starts_a = mx.array(starts, dtype=mx.int32)
-    counts_a = mx.array([counts[e] for e in used], dtype=mx.int32)
-    order = mx.argsort(compact)  # sorted position -> row
-    # Each row's slot in the (used, capacity) grid: its expert's block, then its rank there.
-    slot = compact * capacity + (mx.argsort(order).astype(mx.int32) - starts_a[compact])
-    # Each grid slot's token; padding slots repeat the row at the block start.
+    capacity, blocks = padded_blocks(counts)
+    # Sorted row p of expert e sits in grid cell p + base[e]: e's first block times the capacity,
+    # less e's first sorted row (its blocks are consecutive and full but the last).
+    base = [0] * num_experts
+    for b, (expert, first, _) in reversed(list(enumerate(blocks))):
+        base[expert] = b * capacity - first
+    order = mx.argsort(flat)  # sorted row -> row
+    cell = mx.array(base, dtype=mx.int32)[flat] + mx.argsort(order).astype(mx.int32)
+    # Each grid cell's token; padding cells repeat their block's first row.
+    firsts = mx.array([first for _, first, _ in blocks], dtype=mx.int32)
+    sizes = mx.array([size for _, _, size in blocks], dtype=mx.int32)
     c = mx.arange(capacity, dtype=mx.int32)
-    src = starts_a[:, None] + mx.where(c < counts_a[:, None], c, 0)
-    tokens = (order // k)[src]
-    rows = x.reshape(-1, x.shape[-1])[tokens]  # (used, capacity, D)
+    tokens = (order // k)[firsts[:, None] + mx.where(c < sizes[:, None], c, 0)]
+    rows = x.reshape(-1, x.shape[-1])[tokens]  # (blocks, capacity, D)
+    block_experts = [expert for expert, _, _ in blocks]
     outs = []
-    for a in range(0, len(used), expert_group):
-        b = min(a + expert_group, len(used))
-        group = None if b - a == num_experts else used[a:b]
-        h = experts.gate_up_proj.batched(rows[a:b], group)
+    for a in range(0, len(blocks), expert_group):
+        group = block_experts[a : a + expert_group]
+        group = None if group == list(range(num_experts)) else group
+        h = experts.gate_up_proj.batched(rows[a : a + expert_group], group)
         gate, up = mx.split(h, [experts.intermediate_size], axis=-1)
         outs.append(experts.down_proj.batched(nn.silu(gate) * up, group))
     out = outs[0] if len(outs) == 1 else mx.concatenate(outs)
-    out = out.reshape(-1, out.shape[-1])[slot]
+    out = out.reshape(-1, out.shape[-1])[cell]
     return out.reshape(*indices.shape, out.shape[-1])
 
 
