@@ -124,8 +124,14 @@ def build(
         if impl == "hunyuan_mlx_plain":
             set_fast_paths(model, FastPaths.off())
         elif args.expert_group:
-            group = dataclasses.replace(model.fast_paths, padded_expert_group=args.expert_group)
-            set_fast_paths(model, group)
+            set_fast_paths(
+                model,
+                dataclasses.replace(
+                    model.fast_paths,
+                    padded_expert_group=args.expert_group,
+                    padded_training_expert_group=args.expert_group,
+                ),
+            )
         model.set_dtype(mx.bfloat16)
         for layer in model.layers:  # the router stays float32, as a loaded checkpoint has it
             if "gate" in layer.mlp:
@@ -229,7 +235,7 @@ def measure(
         "rank": args.rank,
         "bits": args.bits,
         "recipe": args.recipe,
-        "expert_group": args.expert_group,
+        "expert_group": None if impl == "mlx_lm" else model.fast_paths.padded_training_expert_group,
     }
 
 
@@ -274,9 +280,11 @@ def profile(seq_length: int, args: argparse.Namespace) -> list[dict[str, Any]]:
         "attention": lambda h: layer.self_attn(layer.input_layernorm(h), "causal")[0],
         "router": lambda h: moe.route(h)[1],
         "routed_experts_gathered": lambda h: routed_experts(
-            plain, moe.experts, h, indices, weights
+            plain, moe.experts, h, indices, weights, training=True
         ),
-        "routed_experts_padded": lambda h: routed_experts(padded, moe.experts, h, indices, weights),
+        "routed_experts_padded": lambda h: routed_experts(
+            padded, moe.experts, h, indices, weights, training=True
+        ),
         "shared_expert": lambda h: moe.shared_mlp(h),
         "decoder_layer_padded": lambda h: layer(h, "causal")[0],
         "decoder_layer_gathered": lambda h: using_plain(lambda: layer(h, "causal")[0]),
@@ -325,7 +333,7 @@ def profile(seq_length: int, args: argparse.Namespace) -> list[dict[str, Any]]:
         "seq_length": seq_length,
         "device": str(mx.default_device()),
         "targets": args.targets,
-        "expert_group": padded.padded_expert_group,
+        "expert_group": padded.padded_training_expert_group,
     }
     return [{**head, **row} for row in rows]
 
@@ -358,7 +366,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--steps", type=int, default=5, help="Timed steps.")
     p.add_argument("--row-timeout", type=float, default=None, help="Seconds per measurement.")
     p.add_argument(
-        "--expert-group", type=int, default=None, help="Ours: experts per padded matmul."
+        "--expert-group", type=int, default=None, help="Ours: experts per padded matmul (training)."
     )
     p.add_argument(
         "--phases", action="store_true", help="Ours: peak memory by phase of one more step."

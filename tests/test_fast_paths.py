@@ -81,15 +81,16 @@ def max_diff(a: mx.array, b: mx.array) -> float:
 @pytest.mark.parametrize("group", [3, 32])  # experts per batched matmul
 @pytest.mark.parametrize("quantized", [False, True])
 @pytest.mark.parametrize("tokens", [2, 7, 64])  # 2 tokens x 4 of 16 experts: some unused
-def test_padded_experts_equal_gathered(quantized, tokens, group, always_fast, spy, monkeypatch):
-    monkeypatch.setattr(fp, "PADDED_EXPERT_GROUP", group)
+def test_padded_experts_equal_gathered(quantized, tokens, group, always_fast, spy):
     glu = GatheredGLU(128, 64, 16)
     if quantized:
         nn.quantize(glu, 32, 4)
     glu.eval()
     x = mx.random.normal((1, tokens, 128))
     indices, weights = routing(tokens)
-    fast = experts_call(glu)(x, indices, weights)
+    fast = experts_call(glu, dataclasses.replace(FastPaths.default(), padded_expert_group=group))(
+        x, indices, weights
+    )
     plain = experts_call(glu, PLAIN)(x, indices, weights)
     assert spy == [True]
     assert fast.shape == plain.shape == (1, tokens, 128)
@@ -248,18 +249,19 @@ def test_lora_training_on_padded_experts_equals_gathered(quantized, checkpointed
         assert max_diff(fast_grads[name], grad) <= 1e-4 * scale, name
 
 
-@pytest.mark.parametrize("dropout", [0.0, 0.3])
-def test_layerwise_gradients_equal_value_and_grad(dropout, always_fast, monkeypatch):
+@pytest.mark.parametrize(("dropout", "loss_chunk"), [(0.0, 512), (0.3, 512), (0.0, 5)])
+def test_layerwise_gradients_equal_value_and_grad(dropout, loss_chunk, always_fast, monkeypatch):
     """The trainer's layer-at-a-time gradients are one `nn.value_and_grad`'s (the padded path
     in both: its dropout masks have the padded rows' shape), dropout included: each layer's
-    forward and recomputation draw the same masks. (Padded against gathered: the test above.)"""
+    forward and recomputation draw the same masks; the loss in pieces of 5 positions (one piece
+    with no scored position) gives the whole sequence's. (Padded against gathered: above.)"""
     model = tiny_model(quantized=True)
     prepare_model(model, "lora", 2, {"rank": 4, "dropout": dropout})
     model.train()
     batch = mx.random.randint(0, 200, (2, 33))
     lengths = mx.array([[0, 33], [5, 25]])
     mx.random.seed(7)
-    (loss, tokens), grads = layerwise_loss_and_grad(model, batch, lengths)
+    (loss, tokens), grads = layerwise_loss_and_grad(model, batch, lengths, loss_chunk)
     mx.eval(loss, grads)
 
     # The reference: one value_and_grad, each layer reseeded as layerwise_loss_and_grad does.

@@ -45,6 +45,10 @@ PADDED_HALF_PRECISION_ONLY = ("cpu",)
 # Experts per batched matmul: bounds the dense weights alive at once (32 of A13B's experts: 1.6 GB
 # of bf16 gate+up, 0.8 GB of down) to keep prefill's peak memory within 10% of the weights.
 PADDED_EXPERT_GROUP = 32
+# In training, where the backward dequantizes each group again: one A13B layer's padded experts
+# took 8.0 GB forward and backward at 2048 tokens with 32, 3.0 GB with 8, for 40 ms against 26
+# (H100, `bench_lora --profile`, results/2026-11-26_h100_lora_profile_groups.jsonl).
+PADDED_TRAINING_EXPERT_GROUP = 8
 # MLX versions whose CUDA sorted `gather_mm` (unquantized experts) returned NaN or wrong rows at
 # A13B shape and hit an illegal memory access at 320 rows (benchmarks/check_gather_mm.py).
 # Quantized experts (`gather_qmm`) are fine there.
@@ -66,8 +70,9 @@ class FastPaths:
     padded_min_rows: int | None = None
     # Whether float32 rows take them too (else half precision only).
     padded_float32: bool = True
-    # Experts whose dense weights a padded call holds at once.
+    # Experts whose dense weights a padded call holds at once, in inference and in training.
     padded_expert_group: int = PADDED_EXPERT_GROUP
+    padded_training_expert_group: int = PADDED_TRAINING_EXPERT_GROUP
     compiled_decode: bool = False
     # Unquantized experts avoid sorted gather_mm (padded instead), for MLX's bug above.
     avoid_sorted_gather_mm: bool = False
@@ -147,11 +152,17 @@ def using(model: nn.Module, policy: FastPaths) -> Iterator[None]:
 
 
 def routed_experts(
-    policy: FastPaths, experts: GatheredGLU, x: mx.array, indices: mx.array, weights: mx.array
+    policy: FastPaths,
+    experts: GatheredGLU,
+    x: mx.array,
+    indices: mx.array,
+    weights: mx.array,
+    training: bool = False,
 ) -> mx.array:
     """`experts(x, indices, weights)`, through the padded path where `policy` and the call allow."""
     if policy.takes_padded(experts, indices.size, x.dtype):
-        out = padded_experts(experts, x, indices, policy.padded_expert_group)
+        group = policy.padded_training_expert_group if training else policy.padded_expert_group
+        out = padded_experts(experts, x, indices, group)
         if out is not None:
             return weighted_sum(out, weights)
     return experts(x, indices, weights)

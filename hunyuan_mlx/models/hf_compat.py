@@ -105,11 +105,15 @@ def causal_lm_forward(
 
 
 def masked_cross_entropy(
-    logits: mx.array, targets: mx.array, mask: mx.array
+    logits: mx.array, targets: mx.array, mask: mx.array, count: mx.array | None = None
 ) -> tuple[mx.array, mx.array]:
-    """Mean float32 cross-entropy over the positions where `mask` is true, and their count."""
+    """Mean float32 cross-entropy over the positions where `mask` is true, and their count.
+
+    `count` divides the sum instead where given: a piece of a longer sequence then contributes its
+    share of the whole sequence's mean.
+    """
     losses = nn.losses.cross_entropy(logits.astype(mx.float32), mx.where(mask, targets, 0))
-    count = mask.sum()
+    count = mask.sum() if count is None else count
     return (losses * mask).sum() / count, count
 
 

@@ -184,7 +184,7 @@ class HunYuanMoEV1Moe(nn.Module):
             weights = mx.ones(indices.shape, dtype=mx.float32)
         else:
             indices, weights = self.route(x)
-        y = routed_experts(self.fast_paths, self.experts, x, indices, weights)
+        y = routed_experts(self.fast_paths, self.experts, x, indices, weights, self.training)
         if "shared_mlp" in self:
             y = y + self.shared_mlp(x)
         if self.sharding_group is not None:

@@ -22,6 +22,10 @@ from ..models.hf_compat import masked_cross_entropy
 from ..models.sharding import stage_dtype
 from .data import split_batch
 
+# Positions per piece of the head and loss: 512 x 128,167 float32 logits are 262 MB, and their
+# gradient as much again, where a 2048-token sequence at once held four times that.
+LOSS_CHUNK = 512
+
 
 def takes_layerwise(model: nn.Module) -> bool:
     """Whether `model` trains a layer at a time: its fast paths read routing counts on the host
@@ -37,6 +41,28 @@ def takes_layerwise(model: nn.Module) -> bool:
         return False
     trained = {name.split(".")[1] for name, _ in tree_flatten(model.trainable_parameters())}
     return trained <= {"layers"} and not model.config.use_cla
+
+
+def head_loss_and_grad(
+    model: nn.Module, h: mx.array, targets: mx.array, mask: mx.array, loss_chunk: int
+) -> tuple[tuple[mx.array, mx.array], mx.array]:
+    """The masked mean loss of the final hidden states `h` (B, L, D), its token count, and its
+    gradient with respect to `h`, computed `loss_chunk` positions at a time: each piece's float32
+    logits and their gradient are freed before the next piece's are made."""
+    count = mask.sum()
+    loss, cotangents = mx.array(0.0), []
+    for start in range(0, h.shape[1], loss_chunk):
+        piece = slice(start, start + loss_chunk)
+
+        def piece_loss(h: mx.array, piece: slice = piece) -> mx.array:
+            logits = model.lm_head_logits(model.model.norm(h))
+            return masked_cross_entropy(logits, targets[:, piece], mask[:, piece], count)[0]
+
+        value, cotangent = mx.value_and_grad(piece_loss)(h[:, piece])
+        loss = loss + value
+        mx.eval(loss, cotangent)
+        cotangents.append(cotangent)
+    return (loss, count), mx.concatenate(cotangents, axis=1)
 
 
 def layer_vjp(
@@ -56,13 +82,14 @@ def layer_vjp(
 
 
 def layerwise_loss_and_grad(
-    model: nn.Module, batch: mx.array, lengths: mx.array
+    model: nn.Module, batch: mx.array, lengths: mx.array, loss_chunk: int = LOSS_CHUNK
 ) -> tuple[tuple[mx.array, mx.array], dict[str, Any]]:
     """`nn.value_and_grad(model, masked_loss)(model, batch, lengths)`, a layer at a time.
 
     Each layer runs twice (forward, then again for its vjp), as with gradient checkpointing, both
     times from the same random seed, drawn for it, so its dropout masks repeat. Layers below the
-    lowest trained one are not run backwards.
+    lowest trained one are not run backwards. The head and loss go `loss_chunk` positions at a
+    time (`head_loss_and_grad`).
     """
     inputs, targets, mask = split_batch(batch, lengths)
     decoder = model.model
@@ -76,11 +103,7 @@ def layerwise_loss_and_grad(
         h = layer(h, attention_mask)[0]
         mx.eval(h)
 
-    def head_loss(h: mx.array) -> tuple[mx.array, mx.array]:
-        return masked_cross_entropy(model.lm_head_logits(decoder.norm(h)), targets, mask)
-
-    (loss, tokens), cotangent = mx.value_and_grad(head_loss)(h)
-    mx.eval(loss, tokens, cotangent)
+    (loss, tokens), cotangent = head_loss_and_grad(model, h, targets, mask, loss_chunk)
     grads = model.trainable_parameters()
     layer_grads = grads["model"]["layers"]
     trained = [i for i, g in enumerate(layer_grads) if tree_flatten(g)]
