@@ -21,6 +21,7 @@ from mlx_lm.models.base import create_attention_mask
 from ..models.hf_compat import masked_cross_entropy
 from ..models.sharding import stage_dtype
 from .data import split_batch
+from .expert_groups import grouped_forward, grouped_vjp, takes_groups
 
 # Positions per piece of the head and loss: 512 x 128,167 float32 logits are 262 MB, and their
 # gradient as much again, where a 2048-token sequence at once held four times that.
@@ -65,11 +66,22 @@ def head_loss_and_grad(
     return (loss, count), mx.concatenate(cotangents, axis=1)
 
 
+def layer_forward(layer: nn.Module, x: mx.array, mask: Any) -> mx.array:
+    """`layer(x, mask)[0]`, evaluated, its padded experts a group at a time where it takes them."""
+    if takes_groups(layer, x):
+        return grouped_forward(layer, x, mask)[0]
+    out = layer(x, mask)[0]
+    mx.eval(out)
+    return out
+
+
 def layer_vjp(
     layer: nn.Module, x: mx.array, mask: Any, cotangent: mx.array
 ) -> tuple[dict[str, Any], mx.array]:
     """The gradients of `layer`'s trainable parameters and of its input `x`, given the cotangent
-    of its output."""
+    of its output; in parts where its padded experts go a group at a time (`expert_groups.py`)."""
+    if takes_groups(layer, x):
+        return grouped_vjp(layer, x, mask, cotangent)
     flat = tree_flatten(layer.trainable_parameters())
     names, params = [name for name, _ in flat], [p for _, p in flat]
 
@@ -100,8 +112,7 @@ def layerwise_loss_and_grad(
     for layer, seed in zip(decoder.layers, seeds, strict=True):
         layer_inputs.append(h)
         mx.random.seed(seed)
-        h = layer(h, attention_mask)[0]
-        mx.eval(h)
+        h = layer_forward(layer, h, attention_mask)
 
     (loss, tokens), cotangent = head_loss_and_grad(model, h, targets, mask, loss_chunk)
     grads = model.trainable_parameters()

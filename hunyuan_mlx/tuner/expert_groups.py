@@ -1,0 +1,153 @@
+"""A decoder layer's forward and vjp with its padded experts run one expert group at a time.
+
+A GPU frees a kernel's inputs only once it has run it, so one graph over a layer's padded experts
+held every group's dense weights at once (an A13B layer's vjp peaked 20 GB above the weights at
+2048 tokens on an H100), and evaluating inside `mx.vjp` would not help: MLX keeps what it
+evaluates there for the backward. So the layer's vjp is taken in three parts, each evaluated
+outside any transformation, with the groups' outputs as inputs in between:
+
+1. `around_groups`: attention, router, shared expert and residuals, the groups' outputs given;
+   its vjp gives the cotangent of each group's output;
+2. each group's own vjp (`padded_glu`), one at a time: its rows' cotangent, its adapters' gradient;
+3. the rows' vjp (attention and the norm up to `PaddedGrid.rows`): the rest of the input's.
+
+Random draws (LoRA dropout) repeat the one-graph order: each part starts from the key the
+forward had there.
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Callable
+from dataclasses import dataclass
+from typing import Any
+
+import mlx.core as mx
+import mlx.nn as nn
+from mlx.utils import tree_flatten, tree_unflatten
+
+from ..models.experts import weighted_sum
+from ..models.fast_paths import PaddedGrid, padded_glu, takes_padded_groups
+
+
+def random_key() -> int:
+    """The global PRNG key, as the int that `mx.random.seed` restores it from."""
+    high, low = mx.random.state[0].tolist()
+    return high << 32 | low
+
+
+def takes_groups(layer: nn.Module, x: mx.array) -> bool:
+    """Whether `layer(x, mask)` runs its routed experts on the padded path, which this module can
+    split (a router, one rank, projections with `batched` products)."""
+    moe = layer.mlp
+    rows = math.prod(x.shape[:-1]) * moe.top_k
+    return (
+        moe.num_experts > 1
+        and moe.sharding_group is None
+        and takes_padded_groups(moe.experts)
+        and moe.fast_paths.takes_padded(moe.experts, rows, x.dtype)
+    )
+
+
+@dataclass
+class GroupedForward:
+    """What the forward leaves for the vjp: the grid and its rows, each group's output, and the
+    random key before the attention, each group and the shared expert."""
+
+    grid: PaddedGrid
+    rows: mx.array
+    outs: list[mx.array]
+    keys: list[int]
+
+
+def attention_part(layer: nn.Module, x: mx.array, mask: Any) -> tuple[mx.array, mx.array]:
+    """The residual after attention and its norm, the MoE block's input (as
+    `HunYuanMoEV1DecoderLayer.__call__`)."""
+    h = x + layer.self_attn(layer.input_layernorm(x), mask)[0]
+    return h, layer.post_attention_layernorm(h)
+
+
+def around_groups(
+    layer: nn.Module, x: mx.array, mask: Any, forward: GroupedForward, outs: list[mx.array]
+) -> mx.array:
+    """The layer's output from its input and the groups' outputs `outs` (as
+    `HunYuanMoEV1Moe.__call__` with the residual)."""
+    moe = layer.mlp
+    mx.random.seed(forward.keys[0])
+    h, n = attention_part(layer, x, mask)
+    _, weights = moe.route(n)
+    y = weighted_sum(forward.grid.unpad(outs), weights)
+    if "shared_mlp" in moe:
+        mx.random.seed(forward.keys[-1])
+        y = y + moe.shared_mlp(n)
+    return h + y
+
+
+def grouped_forward(layer: nn.Module, x: mx.array, mask: Any) -> tuple[mx.array, GroupedForward]:
+    """`layer(x, mask)[0]`, each expert group evaluated before the next is built."""
+    moe = layer.mlp
+    keys = [random_key()]
+    _, n = attention_part(layer, x, mask)
+    indices, _ = moe.route(n)
+    grid = PaddedGrid.plan(indices, moe.num_experts)
+    rows = grid.rows(n)
+    outs = []
+    for part, group in grid.groups(moe.fast_paths.padded_training_expert_group):
+        keys.append(random_key())
+        outs.append(padded_glu(moe.experts, rows[part], group))
+        mx.eval(outs[-1])
+    keys.append(random_key())
+    forward = GroupedForward(grid, rows, outs, keys)
+    out = around_groups(layer, x, mask, forward, outs)
+    mx.eval(out)
+    return out, forward
+
+
+def grouped_vjp(
+    layer: nn.Module, x: mx.array, mask: Any, cotangent: mx.array
+) -> tuple[dict[str, Any], mx.array]:
+    """`layerwise.layer_vjp` in the three parts above."""
+    moe = layer.mlp
+    flat = tree_flatten(layer.trainable_parameters())
+    names, params = [name for name, _ in flat], [p for _, p in flat]
+    _, forward = grouped_forward(layer, x, mask)
+    groups = forward.grid.groups(moe.fast_paths.padded_training_expert_group)
+
+    def taking(params: tuple[mx.array, ...]) -> None:
+        layer.update(tree_unflatten(list(zip(names, params, strict=True))))
+
+    def vjp(fn: Callable, primals: list[mx.array], cotangent: mx.array) -> list[mx.array]:
+        return mx.vjp(fn, [*primals, *params], [cotangent])[1]
+
+    def around(x: mx.array, *rest: mx.array) -> mx.array:
+        taking(rest[len(groups) :])
+        return around_groups(layer, x, mask, forward, list(rest[: len(groups)]))
+
+    dx, *rest = vjp(around, [x, *forward.outs], cotangent)
+    out_cotangents, grads = rest[: len(groups)], rest[len(groups) :]
+    mx.eval(dx, out_cotangents, grads)
+
+    row_cotangents = []
+    for (part, group), key, out_cotangent in zip(
+        groups, forward.keys[1:-1], out_cotangents, strict=True
+    ):
+
+        def glu(rows: mx.array, *params: mx.array, group=group, key=key) -> mx.array:
+            taking(params)
+            mx.random.seed(key)
+            return padded_glu(moe.experts, rows, group)
+
+        drows, *dparams = vjp(glu, [forward.rows[part]], out_cotangent)
+        grads = [a + b for a, b in zip(grads, dparams, strict=True)]
+        row_cotangents.append(drows)
+        mx.eval(drows, grads)
+
+    def rows_of(x: mx.array, *params: mx.array) -> mx.array:
+        taking(params)
+        mx.random.seed(forward.keys[0])
+        return forward.grid.rows(attention_part(layer, x, mask)[1])
+
+    dx_rows, *dparams = vjp(rows_of, [x], mx.concatenate(row_cotangents))
+    grads = [a + b for a, b in zip(grads, dparams, strict=True)]
+    taking(params)  # the layer's own arrays again, not the last vjp's
+    return tree_unflatten(list(zip(names, grads, strict=True))), dx + dx_rows
