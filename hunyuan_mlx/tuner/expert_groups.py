@@ -126,6 +126,7 @@ def grouped_vjp(
     dx, *rest = vjp(around, [x, *forward.outs], cotangent)
     out_cotangents, grads = rest[: len(groups)], rest[len(groups) :]
     mx.eval(dx, out_cotangents, grads)
+    forward.outs.clear()  # needed by `around` only
 
     row_cotangents = []
     for (part, group), key, out_cotangent in zip(

@@ -106,22 +106,24 @@ def layerwise_loss_and_grad(
     inputs, targets, mask = split_batch(batch, lengths)
     decoder = model.model
     seeds = mx.random.randint(0, 2**31 - 1, (len(decoder.layers),)).tolist()
+    grads = model.trainable_parameters()
+    layer_grads = grads["model"]["layers"]
+    trained = [i for i, g in enumerate(layer_grads) if tree_flatten(g)]
+    lowest = min(trained, default=len(layer_grads))
     h = decoder.embed_tokens(inputs)
     attention_mask = create_attention_mask(h, None)
-    layer_inputs = []
-    for layer, seed in zip(decoder.layers, seeds, strict=True):
-        layer_inputs.append(h)
+    layer_inputs = {}  # kept for the layers run backwards only, each dropped after its vjp
+    for i, (layer, seed) in enumerate(zip(decoder.layers, seeds, strict=True)):
+        if i >= lowest:
+            layer_inputs[i] = h
         mx.random.seed(seed)
         h = layer_forward(layer, h, attention_mask)
 
     (loss, tokens), cotangent = head_loss_and_grad(model, h, targets, mask, loss_chunk)
-    grads = model.trainable_parameters()
-    layer_grads = grads["model"]["layers"]
-    trained = [i for i, g in enumerate(layer_grads) if tree_flatten(g)]
-    for i in reversed(range(min(trained, default=len(layer_grads)), len(layer_grads))):
+    for i in reversed(range(lowest, len(layer_grads))):
         mx.random.seed(seeds[i])
         layer_grads[i], cotangent = layer_vjp(
-            decoder.layers[i], layer_inputs[i], attention_mask, cotangent
+            decoder.layers[i], layer_inputs.pop(i), attention_mask, cotangent
         )
         mx.eval(layer_grads[i], cotangent)
     return (loss, tokens), grads
