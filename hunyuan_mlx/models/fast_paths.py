@@ -2,9 +2,10 @@
 
 Two fast paths, each the plain path's computation reordered (tests hold them equal to it):
 - **padded experts** (prefill and training): a long chunk runs the routed experts as one padded
-  batched matmul per projection on weights dequantized a group of experts at a time; in training
-  the backward dequantizes again instead of keeping the dense weights, and LoRA adds its own
-  batched product;
+  batched matmul per projection on weights dequantized a group of experts at a time, each group
+  run before the next is built; in training the backward dequantizes again instead of keeping
+  the dense weights, LoRA adds its own batched product, and the trainer differentiates a layer
+  a group at a time (`tuner/expert_groups.py`);
 - **compiled decode step**: a single-token step runs everything but the cache update and
   attention in two `mx.compile`d functions (fewer, fused kernels and no per-op Python).
 
@@ -45,9 +46,9 @@ PADDED_HALF_PRECISION_ONLY = ("cpu",)
 # Experts per batched matmul: bounds the dense weights alive at once (32 of A13B's experts: 1.6 GB
 # of bf16 gate+up, 0.8 GB of down) to keep prefill's peak memory within 10% of the weights.
 PADDED_EXPERT_GROUP = 32
-# In training, where the backward dequantizes each group again: one A13B layer's padded experts
-# took 8.0 GB forward and backward at 2048 tokens with 32, 3.0 GB with 8, for 40 ms against 26
-# (H100, `bench_lora --profile`, results/2026-11-26_h100_lora_profile_groups.jsonl).
+# In training, where each group's vjp dequantizes it twice: A13B QLoRA at 2048 tokens on an H100
+# peaked 52.0 GB with 8, 55.6 with 16, 61.7 with 32, at 719 / 903 / 919 tokens/s (BENCHMARKS.md,
+# results/2026-11-26_h100_lora_memory_steps.jsonl): 8 keeps the step within weights + 6 GB.
 PADDED_TRAINING_EXPERT_GROUP = 8
 # MLX versions whose CUDA sorted `gather_mm` (unquantized experts) returned NaN or wrong rows at
 # A13B shape and hit an illegal memory access at 320 rows (benchmarks/check_gather_mm.py).
@@ -280,8 +281,9 @@ def padded_experts(
 
     `run_each_group` evaluates each group before the next is built: a GPU frees a kernel's inputs
     only once it has run, so unsynchronised groups piled up their dense weights (an A13B layer's
-    padded forward held 3.7 GB at 2048 tokens on an H100 with groups of 32, 0.8 GB run a group at
-    a time). Only outside `mx.grad`, which would keep what it evaluates for the backward.
+    padded forward at 2048 tokens on an H100 held 3.7 GB in groups of 32 and 4.5 in groups of 8
+    built as one graph, 0.8 GB in groups of 8 run one at a time). Only outside `mx.grad`, which
+    would keep what it evaluates for the backward.
     """
     if not takes_padded_groups(experts):
         return None
