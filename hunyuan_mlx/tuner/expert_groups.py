@@ -6,8 +6,8 @@ held every group's dense weights at once (an A13B layer's vjp peaked 20 GB above
 evaluates there for the backward. So the layer's vjp is taken in three parts, each evaluated
 outside any transformation, with the groups' outputs as inputs in between:
 
-1. `around_groups`: attention, router, shared expert and residuals, the groups' outputs given;
-   its vjp gives the cotangent of each group's output;
+1. around the groups: attention, router, shared expert and residuals (`attention_part`,
+   `output_part`), the groups' outputs given; its vjp gives the cotangent of each group's output;
 2. each group's own vjp (`padded_glu`), one at a time: its rows' cotangent, its adapters' gradient;
 3. the rows' vjp (attention and the norm up to `PaddedGrid.rows`): the rest of the input's.
 
@@ -51,10 +51,11 @@ def takes_groups(layer: nn.Module, x: mx.array) -> bool:
 
 @dataclass
 class GroupedForward:
-    """What the forward leaves for the vjp: the grid and its rows, each group's output, and the
-    random key before the attention, each group and the shared expert."""
+    """What the forward leaves for the vjp: the grid, its groups and rows, each group's output,
+    and the random key before the attention, each group and the shared expert."""
 
     grid: PaddedGrid
+    groups: list[tuple[slice, list[int] | None]]
     rows: mx.array
     outs: list[mx.array]
     keys: list[int]
@@ -67,15 +68,16 @@ def attention_part(layer: nn.Module, x: mx.array, mask: Any) -> tuple[mx.array, 
     return h, layer.post_attention_layernorm(h)
 
 
-def around_groups(
-    layer: nn.Module, x: mx.array, mask: Any, forward: GroupedForward, outs: list[mx.array]
+def output_part(
+    moe: nn.Module,
+    h: mx.array,
+    n: mx.array,
+    weights: mx.array,
+    forward: GroupedForward,
+    outs: list[mx.array],
 ) -> mx.array:
-    """The layer's output from its input and the groups' outputs `outs` (as
-    `HunYuanMoEV1Moe.__call__` with the residual)."""
-    moe = layer.mlp
-    mx.random.seed(forward.keys[0])
-    h, n = attention_part(layer, x, mask)
-    _, weights = moe.route(n)
+    """The layer's output from the residual `h`, its norm `n`, the routing weights and the
+    groups' outputs `outs` (as `HunYuanMoEV1Moe.__call__` with the residual)."""
     y = weighted_sum(forward.grid.unpad(outs), weights)
     if "shared_mlp" in moe:
         mx.random.seed(forward.keys[-1])
@@ -87,18 +89,19 @@ def grouped_forward(layer: nn.Module, x: mx.array, mask: Any) -> tuple[mx.array,
     """`layer(x, mask)[0]`, each expert group evaluated before the next is built."""
     moe = layer.mlp
     keys = [random_key()]
-    _, n = attention_part(layer, x, mask)
-    indices, _ = moe.route(n)
+    h, n = attention_part(layer, x, mask)
+    indices, weights = moe.route(n)
     grid = PaddedGrid.plan(indices, moe.num_experts)
+    groups = grid.groups(moe.fast_paths.padded_training_expert_group)
     rows = grid.rows(n)
     outs = []
-    for part, group in grid.groups(moe.fast_paths.padded_training_expert_group):
+    for part, group in groups:
         keys.append(random_key())
         outs.append(padded_glu(moe.experts, rows[part], group))
         mx.eval(outs[-1])
     keys.append(random_key())
-    forward = GroupedForward(grid, rows, outs, keys)
-    out = around_groups(layer, x, mask, forward, outs)
+    forward = GroupedForward(grid, groups, rows, outs, keys)
+    out = output_part(moe, h, n, weights, forward, outs)
     mx.eval(out)
     return out, forward
 
@@ -111,7 +114,7 @@ def grouped_vjp(
     flat = tree_flatten(layer.trainable_parameters())
     names, params = [name for name, _ in flat], [p for _, p in flat]
     _, forward = grouped_forward(layer, x, mask)
-    groups = forward.grid.groups(moe.fast_paths.padded_training_expert_group)
+    groups = forward.groups
 
     def taking(params: tuple[mx.array, ...]) -> None:
         layer.update(tree_unflatten(list(zip(names, params, strict=True))))
@@ -121,7 +124,10 @@ def grouped_vjp(
 
     def around(x: mx.array, *rest: mx.array) -> mx.array:
         taking(rest[len(groups) :])
-        return around_groups(layer, x, mask, forward, list(rest[: len(groups)]))
+        mx.random.seed(forward.keys[0])
+        h, n = attention_part(layer, x, mask)
+        _, weights = moe.route(n)
+        return output_part(moe, h, n, weights, forward, list(rest[: len(groups)]))
 
     dx, *rest = vjp(around, [x, *forward.outs], cotangent)
     out_cotangents, grads = rest[: len(groups)], rest[len(groups) :]
