@@ -7,10 +7,12 @@ import argparse
 import json
 import math
 import platform
+import statistics
 import time
 from collections.abc import Callable
 from importlib import metadata
 from pathlib import Path
+from typing import Any
 
 import mlx.core as mx
 import mlx.nn as nn
@@ -35,6 +37,19 @@ def log(record: dict, sink) -> None:
     if sink is not None:
         sink.write(line + "\n")
         sink.flush()
+
+
+def median_ms(fn: Callable[[], Any], reps: int) -> float:
+    """Median milliseconds of `reps` evaluated calls of `fn`, each between two synchronisations
+    (warm it first)."""
+    times = []
+    for _ in range(reps):
+        mx.synchronize()
+        tic = time.perf_counter()
+        mx.eval(fn())
+        mx.synchronize()
+        times.append(time.perf_counter() - tic)
+    return statistics.median(times) * 1e3
 
 
 def release_config(args) -> dict:

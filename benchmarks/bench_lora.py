@@ -16,7 +16,6 @@ from __future__ import annotations
 import argparse
 import dataclasses
 import json
-import statistics
 import subprocess
 import sys
 import time
@@ -27,7 +26,7 @@ import mlx.core as mx
 import mlx.nn as nn
 import mlx.optimizers as optim
 
-from benchmarks.a13b import EMBED_SCALE, random_quantized
+from benchmarks.a13b import EMBED_SCALE, median_ms, random_quantized
 from hunyuan_mlx.quantize import QUANT_RECIPES
 
 # Hunyuan-A13B's architecture (../shared/hunyuan-a13b/config.json), as both models read it.
@@ -243,16 +242,10 @@ def timed(fn: Callable[[], Any], reps: int) -> tuple[float, float]:
     """Median milliseconds of `fn()` evaluated (after one untimed call), and its peak memory
     above what was live before it, in GB."""
     mx.eval(fn())
-    times = []
     base = mx.get_active_memory()
     mx.reset_peak_memory()
-    for _ in range(reps):
-        mx.synchronize()
-        tic = time.perf_counter()
-        mx.eval(fn())
-        mx.synchronize()
-        times.append(time.perf_counter() - tic)
-    return statistics.median(times) * 1e3, (mx.get_peak_memory() - base) / 1e9
+    ms = median_ms(fn, reps)
+    return ms, (mx.get_peak_memory() - base) / 1e9
 
 
 def profile(seq_length: int, args: argparse.Namespace) -> list[dict[str, Any]]:

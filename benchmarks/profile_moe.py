@@ -13,13 +13,12 @@ from __future__ import annotations
 import argparse
 import json
 import math
-import statistics
 import time
 
 import mlx.core as mx
 import mlx.nn as nn
 
-from benchmarks.a13b import random_words
+from benchmarks.a13b import median_ms, random_words
 
 D, I, E, K, H, KV, HD, V = 4096, 3072, 64, 8, 32, 8, 128, 128167
 
@@ -43,14 +42,7 @@ def bench(fn, reps):
     out = fn()
     mx.eval(out)
     mx.synchronize()
-    ts = []
-    for _ in range(reps):
-        mx.synchronize()
-        t = time.perf_counter()
-        mx.eval(fn())
-        mx.synchronize()
-        ts.append(time.perf_counter() - t)
-    return statistics.median(ts) * 1e3, out
+    return median_ms(fn, reps), out
 
 
 def relerr(a, b):
