@@ -1,4 +1,5 @@
-"""Speed and memory of one model over several ranks (issue 12): tensor and pipeline mode.
+"""Speed and memory of one model over several ranks (issue 12): tensor and pipeline mode, and in
+tensor mode the two ways to split the routed experts.
 
 Builds the Hunyuan-A13B-shaped random quantized model of `a13b.py` on every rank, split for the
 rank before any weight is evaluated (every rank draws the same random weights, so the ranks hold
@@ -19,13 +20,27 @@ On a 2-GPU machine (full A13B shape; 8-bit does not fit one 80 GB card):
 On this CPU, a reduced shape over the ring backend (`--tiny`):
 
     mlx.launch --backend ring -n 2 -- python -m benchmarks.bench_distributed --tiny
+
+Tensor mode takes `--variants`, timed in turn in each of `--rounds` rounds on models built from
+the same random weights (medians in a last "summary" line per variant and prompt): `width` (each
+expert's intermediate width split, the default), `whole` (whole experts per rank), `width-no-sum`
+(the width model with its all_sums dropped: each rank's output is a partial sum, so the text is
+wrong; what is left is the compute alone, a diagnostic). Each tensor-mode run also times the link
+(`all_sum` of a decode token's hidden state, alone and as a chain of one token's 64, and of
+prefill chunks):
+
+    mlx.launch --backend nccl -n 2 -- python -m benchmarks.bench_distributed \\
+        --variants width,whole,width-no-sum --rounds 3
 """
 
 from __future__ import annotations
 
 import argparse
+import contextlib
+import statistics
 import sys
 import time
+from collections.abc import Callable, Iterator
 
 import mlx.core as mx
 import numpy as np
@@ -38,6 +53,7 @@ from benchmarks.a13b import (
     device_name,
     generate,
     log,
+    median_ms,
     release_config,
     versions,
 )
@@ -48,6 +64,8 @@ from hunyuan_mlx.models.sharding import keep_stage, shard_tensor
 # --tiny: 2 layers of a quarter-width A13B (8 heads, 2 KV heads, hidden 1024), 16 experts,
 # a 4096-token vocabulary; prompts and decode short enough for a 2-core CPU.
 TINY = dict(layers=2, width_scale=0.25, experts=16, vocab=4096, prompt_lens="32,128", gen=8)
+VARIANTS = ("width", "whole", "width-no-sum")
+LINK_REPS = 20
 
 
 def per_rank(group: mx.distributed.Group, value: float) -> list[float]:
@@ -60,10 +78,58 @@ def per_rank(group: mx.distributed.Group, value: float) -> list[float]:
     return np.array(mx.distributed.all_sum(mx.array(row), group=group)).tolist()
 
 
+@contextlib.contextmanager
+def without_all_sums(model, compiled: dict) -> Iterator[None]:
+    """The `width-no-sum` diagnostic: tensor mode without its collectives (wrong output). The
+    compiled decode steps hold the all_sums they were traced with, so each state keeps its own
+    (`compiled`, kept between calls)."""
+    saved = []
+    for layer in model.layers:
+        saved.append((layer.self_attn.sharding_group, layer.mlp.sharding_group, layer._decode_fns))
+        layer.self_attn.sharding_group = layer.mlp.sharding_group = None
+        layer._decode_fns = compiled.get(id(layer))
+    try:
+        yield
+    finally:
+        for layer, (attn_group, moe_group, fns) in zip(model.layers, saved):
+            compiled[id(layer)] = layer._decode_fns
+            layer.self_attn.sharding_group, layer.mlp.sharding_group = attn_group, moe_group
+            layer._decode_fns = fns
+
+
+def link_records(group: mx.distributed.Group, hidden: int, dtype: mx.Dtype, layers: int):
+    """Milliseconds of the link's `all_sum` (median of `LINK_REPS`) on a decode token's hidden
+    state, on a chain of one token's 2 x `layers` of them (each depending on the last, as in a
+    decode step), and on prefill chunks of 512 and 4096 tokens."""
+
+    def chain(x: mx.array) -> mx.array:
+        for _ in range(2 * layers):
+            x = mx.distributed.all_sum(x, group=group) * 0.5
+        return x
+
+    cases = {
+        "token": (lambda x: mx.distributed.all_sum(x, group=group), 1),
+        f"token_chain_{2 * layers}": (chain, 1),
+        "prefill_512": (lambda x: mx.distributed.all_sum(x, group=group), 512),
+        "prefill_4096": (lambda x: mx.distributed.all_sum(x, group=group), 4096),
+    }
+    for name, (fn, tokens) in cases.items():
+        x = mx.ones((1, tokens, hidden), dtype)
+        mx.eval(fn(x))  # warm-up
+        ms = median_ms(lambda fn=fn, x=x: fn(x), LINK_REPS)
+        yield {"kind": "all_sum", "case": name, "bytes": x.nbytes, "ms": ms}
+
+
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     add_model_args(ap)
     ap.add_argument("--pipeline", action="store_true", help="layers split (default: tensor)")
+    ap.add_argument(
+        "--variants",
+        default="width",
+        help=f"tensor mode: a comma list of {', '.join(VARIANTS)} (module doc)",
+    )
+    ap.add_argument("--rounds", type=int, default=1, help="timed runs of each variant and prompt")
     ap.add_argument("--prompt-lens", default="512,4096")
     ap.add_argument("--gen", type=int, default=64, help="tokens decoded after each prompt")
     ap.add_argument("--tiny", action="store_true", help=f"a reduced shape for CPUs: {TINY}")
@@ -72,14 +138,19 @@ def main() -> None:
     if args.tiny:
         for key, value in TINY.items():
             setattr(args, key, value)
+    variants = args.variants.split(",")
+    unknown = sorted(set(variants) - set(VARIANTS))
+    if unknown:
+        ap.error(f"--variants: unknown {', '.join(unknown)} (choose from {', '.join(VARIANTS)})")
 
     group = init_group()
     first = group.rank() == 0
     sink = open(args.out, "w") if args.out and first else None
-    mx.random.seed(args.seed)  # the same on every rank: one consistent model
     cfg = release_config(args)
     args._layers = cfg["num_hidden_layers"]
     mode = "single" if group.size() == 1 else "pipeline" if args.pipeline else "tensor"
+    if mode != "tensor":
+        variants = variants[:1]  # the split of the experts is tensor mode's
     head = {
         "bench": "distributed",
         "mode": mode,
@@ -90,47 +161,96 @@ def main() -> None:
         "argv": sys.argv[1:],
     }
 
-    def split(model) -> None:
-        if mode == "single":
-            return
-        plan = make_plan(HunYuanMoEV1Config.from_dict(cfg), group, args.pipeline)
-        if plan.mode == "tensor":
-            shard_tensor(model, group)
-        else:
-            keep_stage(model, group, plan.first_layer, plan.end_layer)
+    def split(whole_experts: bool) -> Callable:
+        def apply(model) -> None:
+            if mode == "single":
+                return
+            config = HunYuanMoEV1Config.from_dict(cfg)
+            plan = make_plan(config, group, args.pipeline, whole_experts)
+            if plan.mode == "tensor":
+                shard_tensor(model, group, whole_experts)
+            else:
+                keep_stage(model, group, plan.first_layer, plan.end_layer)
 
-    t = time.perf_counter()
-    model = build_ours(cfg, args, split)
-    model.eval()  # inference: the fast paths are off in training mode
-    weights = sum(v.nbytes for _, v in tree_flatten(model.parameters())) / GB
-    build = {
-        "kind": "build",
-        **head,
-        "build_s": time.perf_counter() - t,
-        "weights_gb_per_rank": per_rank(group, weights),
-        "peak_gb_per_rank": per_rank(group, mx.get_peak_memory() / GB),
-    }
-    if first:
-        log(build, sink)
-    mx.random.seed(args.seed + 1)
-    for prompt_len in [int(n) for n in args.prompt_lens.split(",")]:
-        prompt = mx.random.randint(0, cfg["vocab_size"], (prompt_len,))
-        generate(model, prompt, args.gen, args.prefill_step)  # warm-up: kernels compile at first
-        run = generate(model, prompt, args.gen, args.prefill_step)
-        record = {
-            "kind": "generate",
+        return apply
+
+    models, weights = {}, {}
+    for variant in variants:
+        if variant == "width-no-sum" and "width" in models:
+            continue  # the width model's weights, its all_sums dropped while it runs
+        t = time.perf_counter()
+        mx.random.seed(args.seed)  # the same on every rank and variant: one consistent model
+        model = build_ours(cfg, args, split(variant == "whole"))
+        model.eval()  # inference: the fast paths are off in training mode
+        models[variant] = model
+        weights[variant] = sum(v.nbytes for _, v in tree_flatten(model.parameters())) / GB
+        build = {
+            "kind": "build",
             **head,
-            "prompt_tokens": prompt_len,
-            "gen_tokens": args.gen,
-            "prefill_tps": run["prefill_tps"],
-            "decode_tps": run["decode_tps"],
-            "prefill_peak_gb_per_rank": per_rank(group, run["prefill_peak_gb"]),
-            "decode_peak_gb_per_rank": per_rank(group, run["decode_peak_gb"]),
-            "kv_gb_per_rank": per_rank(group, run["kv_gb"]),
-            "tokens": run["tokens"],
+            "variant": variant,
+            "build_s": time.perf_counter() - t,
+            "weights_gb_per_rank": per_rank(group, weights[variant]),
+            "peak_gb_per_rank": per_rank(group, mx.get_peak_memory() / GB),
         }
         if first:
-            log(record, sink)
+            log(build, sink)
+    if mode == "tensor":
+        hidden, dtype = cfg["hidden_size"], mx.bfloat16 if args.dtype == "bfloat16" else mx.float16
+        for record in link_records(group, hidden, dtype, cfg["num_hidden_layers"]):
+            if first:
+                log({**record, **head}, sink)
+
+    no_sum_steps = {}
+
+    def run(variant: str, prompt: mx.array) -> dict:
+        if variant != "width-no-sum":
+            return generate(models[variant], prompt, args.gen, args.prefill_step)
+        with without_all_sums(models["width"], no_sum_steps):
+            return generate(models["width"], prompt, args.gen, args.prefill_step)
+
+    held = sum(weights.values())  # every variant's weights
+    mx.random.seed(args.seed + 1)
+    lengths = [int(n) for n in args.prompt_lens.split(",")]
+    prompts = {n: mx.random.randint(0, cfg["vocab_size"], (n,)) for n in lengths}
+    results = {}
+    for prompt in prompts.values():
+        for variant in variants:  # warm-up: kernels compile at first
+            run(variant, prompt)
+    for r in range(args.rounds):
+        for prompt_len, prompt in prompts.items():
+            for variant in variants:
+                out = run(variant, prompt)
+                record = {
+                    "kind": "generate",
+                    **head,
+                    "variant": variant,
+                    "round": r,
+                    "prompt_tokens": prompt_len,
+                    "gen_tokens": args.gen,
+                    "prefill_tps": out["prefill_tps"],
+                    "decode_tps": out["decode_tps"],
+                    # Peaks less every variant's weights: the work of this run, then its weights.
+                    "prefill_work_gb_per_rank": per_rank(group, out["prefill_peak_gb"] - held),
+                    "decode_work_gb_per_rank": per_rank(group, out["decode_peak_gb"] - held),
+                    "weights_gb": weights["width" if variant == "width-no-sum" else variant],
+                    "kv_gb_per_rank": per_rank(group, out["kv_gb"]),
+                    "tokens": out["tokens"],
+                }
+                results.setdefault((variant, prompt_len), []).append(record)
+                if first:
+                    log(record, sink)
+    for (variant, prompt_len), records in results.items():
+        summary = {
+            "kind": "summary",
+            **head,
+            "variant": variant,
+            "prompt_tokens": prompt_len,
+            "rounds": len(records),
+            "prefill_tps_median": statistics.median(r["prefill_tps"] for r in records),
+            "decode_tps_median": statistics.median(r["decode_tps"] for r in records),
+        }
+        if first:
+            log(summary, sink)
 
 
 if __name__ == "__main__":
