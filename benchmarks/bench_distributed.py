@@ -1,11 +1,11 @@
-"""Speed and memory of one model over several ranks (issue 12): tensor and pipeline mode, and in
-tensor mode the two ways to split the routed experts.
+"""Speed and memory of one model over several ranks (issue 12): tensor and pipeline mode.
 
 Builds the Hunyuan-A13B-shaped random quantized model of `a13b.py` on every rank, split for the
 rank before any weight is evaluated (every rank draws the same random weights, so the ranks hold
 one consistent model), then times `generate_step`'s loop as `bench_generate` does: prefill
 tokens/s at each `--prompt-lens`, decode tokens/s over `--gen` tokens (each after an untimed
-warm-up run of the same prompt), and each rank's peak memory
+warm-up run of the same prompt; `--rounds` timed runs, medians in a last "summary" line per
+prompt), and each rank's peak memory
 (`mx.get_peak_memory`, weights included) and weights. Rank 0 prints one JSON line per measurement,
 with every rank's figures. Without `mlx.launch` it measures one process (the baseline).
 
@@ -21,16 +21,16 @@ On this CPU, a reduced shape over the ring backend (`--tiny`):
 
     mlx.launch --backend ring -n 2 -- python -m benchmarks.bench_distributed --tiny
 
-Tensor mode takes `--variants`, timed in turn in each of `--rounds` rounds on models built from
-the same random weights (medians in a last "summary" line per variant and prompt): `width` (each
-expert's intermediate width split, the default), `whole` (whole experts per rank), `width-no-sum`
-(the width model with its all_sums dropped: each rank's output is a partial sum, so the text is
-wrong; what is left is the compute alone, a diagnostic). Each tensor-mode run also times the link
-(`all_sum` of a decode token's hidden state, alone and as a chain of one token's 64, and of
-prefill chunks):
+In tensor mode the run also times the link (`all_sum` of a decode token's hidden state, alone and
+as a chain of one token's 64, and of prefill chunks), and `--no-all-sums` times the same model
+with its all_sums dropped, in turn with it in each round: each rank's output is then a partial
+sum, so the text is wrong; what is left is the compute alone, a diagnostic:
 
     mlx.launch --backend nccl -n 2 -- python -m benchmarks.bench_distributed \\
-        --variants width,whole,width-no-sum --rounds 3
+        --no-all-sums --rounds 3
+
+Whole experts per rank (expert parallel) against each expert's width split was measured with
+this script at commit 51b534b (`--variants width,whole`), where that variant lives.
 """
 
 from __future__ import annotations
@@ -40,7 +40,7 @@ import contextlib
 import statistics
 import sys
 import time
-from collections.abc import Callable, Iterator
+from collections.abc import Iterator
 
 import mlx.core as mx
 import numpy as np
@@ -64,7 +64,6 @@ from hunyuan_mlx.models.sharding import keep_stage, shard_tensor
 # --tiny: 2 layers of a quarter-width A13B (8 heads, 2 KV heads, hidden 1024), 16 experts,
 # a 4096-token vocabulary; prompts and decode short enough for a 2-core CPU.
 TINY = dict(layers=2, width_scale=0.25, experts=16, vocab=4096, prompt_lens="32,128", gen=8)
-VARIANTS = ("width", "whole", "width-no-sum")
 LINK_REPS = 20
 
 
@@ -80,7 +79,7 @@ def per_rank(group: mx.distributed.Group, value: float) -> list[float]:
 
 @contextlib.contextmanager
 def without_all_sums(model, compiled: dict) -> Iterator[None]:
-    """The `width-no-sum` diagnostic: tensor mode without its collectives (wrong output). The
+    """The `--no-all-sums` diagnostic: tensor mode without its collectives (wrong output). The
     compiled decode steps hold the all_sums they were traced with, so each state keeps its own
     (`compiled`, kept between calls)."""
     saved = []
@@ -125,11 +124,11 @@ def main() -> None:
     add_model_args(ap)
     ap.add_argument("--pipeline", action="store_true", help="layers split (default: tensor)")
     ap.add_argument(
-        "--variants",
-        default="width",
-        help=f"tensor mode: a comma list of {', '.join(VARIANTS)} (module doc)",
+        "--no-all-sums",
+        action="store_true",
+        help="tensor mode: also time the model without its all_sums (module doc)",
     )
-    ap.add_argument("--rounds", type=int, default=1, help="timed runs of each variant and prompt")
+    ap.add_argument("--rounds", type=int, default=1, help="timed runs of each prompt")
     ap.add_argument("--prompt-lens", default="512,4096")
     ap.add_argument("--gen", type=int, default=64, help="tokens decoded after each prompt")
     ap.add_argument("--tiny", action="store_true", help=f"a reduced shape for CPUs: {TINY}")
@@ -138,19 +137,13 @@ def main() -> None:
     if args.tiny:
         for key, value in TINY.items():
             setattr(args, key, value)
-    variants = args.variants.split(",")
-    unknown = sorted(set(variants) - set(VARIANTS))
-    if unknown:
-        ap.error(f"--variants: unknown {', '.join(unknown)} (choose from {', '.join(VARIANTS)})")
-
     group = init_group()
     first = group.rank() == 0
     sink = open(args.out, "w") if args.out and first else None
     cfg = release_config(args)
     args._layers = cfg["num_hidden_layers"]
     mode = "single" if group.size() == 1 else "pipeline" if args.pipeline else "tensor"
-    if mode != "tensor":
-        variants = variants[:1]  # the split of the experts is tensor mode's
+    variants = [mode] + (["tensor-no-all-sums"] if args.no_all_sums and mode == "tensor" else [])
     head = {
         "bench": "distributed",
         "mode": mode,
@@ -161,39 +154,29 @@ def main() -> None:
         "argv": sys.argv[1:],
     }
 
-    def split(whole_experts: bool) -> Callable:
-        def apply(model) -> None:
-            if mode == "single":
-                return
-            config = HunYuanMoEV1Config.from_dict(cfg)
-            plan = make_plan(config, group, args.pipeline, whole_experts)
-            if plan.mode == "tensor":
-                shard_tensor(model, group, whole_experts)
-            else:
-                keep_stage(model, group, plan.first_layer, plan.end_layer)
+    def split(model) -> None:
+        if mode == "single":
+            return
+        plan = make_plan(HunYuanMoEV1Config.from_dict(cfg), group, args.pipeline)
+        if plan.mode == "tensor":
+            shard_tensor(model, group)
+        else:
+            keep_stage(model, group, plan.first_layer, plan.end_layer)
 
-        return apply
-
-    models, weights = {}, {}
-    for variant in variants:
-        if variant == "width-no-sum" and "width" in models:
-            continue  # the width model's weights, its all_sums dropped while it runs
-        t = time.perf_counter()
-        mx.random.seed(args.seed)  # the same on every rank and variant: one consistent model
-        model = build_ours(cfg, args, split(variant == "whole"))
-        model.eval()  # inference: the fast paths are off in training mode
-        models[variant] = model
-        weights[variant] = sum(v.nbytes for _, v in tree_flatten(model.parameters())) / GB
-        build = {
-            "kind": "build",
-            **head,
-            "variant": variant,
-            "build_s": time.perf_counter() - t,
-            "weights_gb_per_rank": per_rank(group, weights[variant]),
-            "peak_gb_per_rank": per_rank(group, mx.get_peak_memory() / GB),
-        }
-        if first:
-            log(build, sink)
+    t = time.perf_counter()
+    mx.random.seed(args.seed)  # the same on every rank: one consistent model
+    model = build_ours(cfg, args, split)
+    model.eval()  # inference: the fast paths are off in training mode
+    weights = sum(v.nbytes for _, v in tree_flatten(model.parameters())) / GB
+    build = {
+        "kind": "build",
+        **head,
+        "build_s": time.perf_counter() - t,
+        "weights_gb_per_rank": per_rank(group, weights),
+        "peak_gb_per_rank": per_rank(group, mx.get_peak_memory() / GB),
+    }
+    if first:
+        log(build, sink)
     if mode == "tensor":
         hidden, dtype = cfg["hidden_size"], mx.bfloat16 if args.dtype == "bfloat16" else mx.float16
         for record in link_records(group, hidden, dtype, cfg["num_hidden_layers"]):
@@ -203,12 +186,11 @@ def main() -> None:
     no_sum_steps = {}
 
     def run(variant: str, prompt: mx.array) -> dict:
-        if variant != "width-no-sum":
-            return generate(models[variant], prompt, args.gen, args.prefill_step)
-        with without_all_sums(models["width"], no_sum_steps):
-            return generate(models["width"], prompt, args.gen, args.prefill_step)
+        if variant != "tensor-no-all-sums":
+            return generate(model, prompt, args.gen, args.prefill_step)
+        with without_all_sums(model, no_sum_steps):
+            return generate(model, prompt, args.gen, args.prefill_step)
 
-    held = sum(weights.values())  # every variant's weights
     mx.random.seed(args.seed + 1)
     lengths = [int(n) for n in args.prompt_lens.split(",")]
     prompts = {n: mx.random.randint(0, cfg["vocab_size"], (n,)) for n in lengths}
@@ -229,10 +211,8 @@ def main() -> None:
                     "gen_tokens": args.gen,
                     "prefill_tps": out["prefill_tps"],
                     "decode_tps": out["decode_tps"],
-                    # Peaks less every variant's weights: the work of this run, then its weights.
-                    "prefill_work_gb_per_rank": per_rank(group, out["prefill_peak_gb"] - held),
-                    "decode_work_gb_per_rank": per_rank(group, out["decode_peak_gb"] - held),
-                    "weights_gb": weights["width" if variant == "width-no-sum" else variant],
+                    "prefill_peak_gb_per_rank": per_rank(group, out["prefill_peak_gb"]),
+                    "decode_peak_gb_per_rank": per_rank(group, out["decode_peak_gb"]),
                     "kv_gb_per_rank": per_rank(group, out["kv_gb"]),
                     "tokens": out["tokens"],
                 }

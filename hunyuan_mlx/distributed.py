@@ -34,15 +34,14 @@ def init_group() -> mx.distributed.Group:
 
 @dataclass(frozen=True)
 class Plan:
-    """What one rank holds: `mode` "tensor" (a share of every layer; with `whole_experts`, whole
-    routed experts rather than a slice of each) or "pipeline" (layers [first_layer, end_layer))."""
+    """What one rank holds: `mode` "tensor" (a share of every layer) or "pipeline" (layers
+    [first_layer, end_layer))."""
 
     mode: str
     rank: int
     size: int
     first_layer: int
     end_layer: int
-    whole_experts: bool = False
 
     def keeps(self, name: str) -> bool:
         """Whether this rank needs the tensor `name` (checkpoint or model naming)."""
@@ -50,35 +49,27 @@ class Plan:
         return found is None or self.first_layer <= int(found[1]) < self.end_layer
 
 
-def make_plan(
-    config: HunYuanMoEV1Config,
-    group: mx.distributed.Group,
-    pipeline: bool,
-    whole_experts: bool = False,
-) -> Plan:
+def make_plan(config: HunYuanMoEV1Config, group: mx.distributed.Group, pipeline: bool) -> Plan:
     """This rank's part; a ValueError naming what the rank count does not divide, from the config
     alone, so it comes before any weight is read."""
     size, rank = group.size(), group.rank()
     if pipeline:
         first, end = pipeline_stage(config, size, rank)
         return Plan("pipeline", rank, size, first, end)
-    problem = tensor_problem(config, size, whole_experts)
+    problem = tensor_problem(config, size)
     if problem:
-        fits = [n for n in range(1, size) if not tensor_problem(config, n, whole_experts)]
+        fits = [n for n in range(1, size) if not tensor_problem(config, n)]
         raise ValueError(
             f"Tensor mode cannot split this model over {size} ranks: {problem}. Use --pipeline "
             f"(layers split over the ranks), or {', '.join(map(str, fits))} ranks"
         )
-    return Plan("tensor", rank, size, 0, config.num_hidden_layers, whole_experts)
+    return Plan("tensor", rank, size, 0, config.num_hidden_layers)
 
 
-def tensor_problem(
-    config: HunYuanMoEV1Config, size: int, whole_experts: bool = False
-) -> str | None:
+def tensor_problem(config: HunYuanMoEV1Config, size: int) -> str | None:
     """What `size` ranks cannot split evenly in tensor mode, or None: heads, key-value heads,
-    expert widths (or with `whole_experts` the experts) and shared-expert widths, and the inputs
-    of quantized projections split by column (a rank's slice must hold whole quantization
-    groups)."""
+    expert and shared-expert widths, and the inputs of quantized projections split by column
+    (a rank's slice must hold whole quantization groups)."""
     counts = [
         ("query heads", config.num_attention_heads),
         ("key-value heads", config.num_key_value_heads),
@@ -87,15 +78,12 @@ def tensor_problem(
     split_inputs = []
     for i in range(config.num_hidden_layers):
         prefix = f"model.layers.{i}"
-        split_inputs.append(
-            (f"{prefix}.self_attn.o_proj", config.num_attention_heads * config.head_dim)
-        )
-        if whole_experts:
-            counts.append((f"layer {i}'s routed experts", config.layer_num_experts(i)))
-        else:
-            moe = config.layer_moe_intermediate_size(i)
-            counts.append((f"layer {i}'s expert width", moe))
-            split_inputs.append((f"{prefix}.mlp.experts.down_proj", moe))
+        moe = config.layer_moe_intermediate_size(i)
+        counts.append((f"layer {i}'s expert width", moe))
+        split_inputs += [
+            (f"{prefix}.self_attn.o_proj", config.num_attention_heads * config.head_dim),
+            (f"{prefix}.mlp.experts.down_proj", moe),
+        ]
         shared = config.intermediate_size * config.layer_num_shared_expert(i)
         if config.use_mixed_mlp_moe and shared:
             counts.append((f"layer {i}'s shared-expert width", shared))

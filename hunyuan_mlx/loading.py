@@ -79,7 +79,6 @@ def load_model(
     dtype: str = DEFAULT_LOAD_DTYPE,
     group: mx.distributed.Group | None = None,
     pipeline: bool = False,
-    whole_experts: bool = False,
 ) -> nn.Module:
     """Build the model from config.json and fill it from the checkpoint's safetensors.
 
@@ -87,9 +86,9 @@ def load_model(
     otherwise they are evaluated here, one layer at a time. `adapter_path` applies the
     adapters of a `hunyuan_mlx.lora` run. `dtype` (`LOAD_DTYPES`) is what floating
     parameters, and so activations, are computed in. With a `group` of several ranks
-    (`mlx.launch`), this rank's share only: tensor mode (with `whole_experts`, whole routed
-    experts per rank), or layers split with `pipeline` (see `distributed.py`); every check
-    passes or fails on all ranks together, before any weight is evaluated.
+    (`mlx.launch`), this rank's share only: tensor mode, or layers split with `pipeline` (see
+    `distributed.py`); every check passes or fails on all ranks together, before any weight is
+    evaluated.
     """
     target_dtype = compute_dtype(dtype)
     if group is not None and group.size() == 1:
@@ -101,9 +100,7 @@ def load_model(
         group = None
     model = together(
         group,
-        lambda: assemble(
-            path_or_repo, model_class, adapter_path, target_dtype, group, pipeline, whole_experts
-        ),
+        lambda: assemble(path_or_repo, model_class, adapter_path, target_dtype, group, pipeline),
     )
     if not lazy:
         together(group, lambda: evaluate(model, group))
@@ -117,13 +114,12 @@ def assemble(
     dtype: mx.Dtype | None,
     group: mx.distributed.Group | None,
     pipeline: bool,
-    whole_experts: bool = False,
 ) -> nn.Module:
     """The model with its (lazy) weights, cast to `dtype`, and adapters, split for this rank when
     `group` is set."""
     model_path = resolve_model_path(path_or_repo)
     config = HunYuanMoEV1Config.from_pretrained(model_path)
-    plan = None if group is None else make_plan(config, group, pipeline, whole_experts)
+    plan = None if group is None else make_plan(config, group, pipeline)
     keep = (lambda name: True) if plan is None else plan.keeps
     model = model_class(config)
     weights = model.sanitize(load_safetensors(weight_files(model_path, keep)))
@@ -142,7 +138,7 @@ def assemble(
     if adapter_path is not None:
         load_adapters(model, adapter_path)
     if plan is not None and plan.mode == "tensor":
-        shard_tensor(model, group, plan.whole_experts)
+        shard_tensor(model, group)
     elif plan is not None:
         keep_stage(model, group, plan.first_layer, plan.end_layer)
     model.eval()

@@ -1,8 +1,7 @@
 """Run by test_distributed.py on every rank of `mlx.launch`, and in the test's own process for
 the reference: each case's logits for a prefill and greedy cached decode steps.
 
-`python tests/distributed_worker.py CASES.json OUT.npz [--pipeline | --whole-experts]
-[--generate JSON]`: rank 0
+`python tests/distributed_worker.py CASES.json OUT.npz [--pipeline] [--generate JSON]`: rank 0
 saves the logits; then, given flags, every rank runs the generate command's `main` with them (and
 `--pipeline`), which prints on rank 0. One launch for both: starting ranks is the slow part.
 """
@@ -30,19 +29,10 @@ PROMPT = [(7 * i + 3) % 90 for i in range(40)]
 DECODE_STEPS = 3
 
 
-def case_logits(
-    case: dict[str, Any],
-    group: mx.distributed.Group | None,
-    pipeline: bool,
-    whole_experts: bool = False,
-):
+def case_logits(case: dict[str, Any], group: mx.distributed.Group | None, pipeline: bool):
     """Prefill logits (L, vocab), then those of `DECODE_STEPS` greedy steps (steps, vocab)."""
     model = load_model(
-        case["model"],
-        adapter_path=case.get("adapters"),
-        group=group,
-        pipeline=pipeline,
-        whole_experts=whole_experts,
+        case["model"], adapter_path=case.get("adapters"), group=group, pipeline=pipeline
     )
     # The CPU pads half-precision rows only: these float32 models are made to, so that the
     # padded experts meet the sharded ones.
@@ -64,14 +54,13 @@ def main() -> None:
     parser.add_argument("cases")
     parser.add_argument("out")
     parser.add_argument("--pipeline", action="store_true")
-    parser.add_argument("--whole-experts", action="store_true")
     parser.add_argument("--generate", default=None, help="generate flags, a JSON list")
     args = parser.parse_args()
     group = init_group()
     results = {}
     for name, case in json.loads(open(args.cases).read()).items():
         results[f"{name}.prefill"], results[f"{name}.decode"] = case_logits(
-            case, group, args.pipeline, args.whole_experts
+            case, group, args.pipeline
         )
     if group.rank() == 0:
         np.savez(args.out, **results)

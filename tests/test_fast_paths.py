@@ -11,13 +11,12 @@ import numpy as np
 import pytest
 import torch
 from helpers import FAST_PATHS_CONFIG
-from mlx.utils import tree_flatten, tree_map, tree_unflatten
+from mlx.utils import tree_flatten, tree_unflatten
 
 from hunyuan_mlx import load_model
 from hunyuan_mlx.models import FastPaths, HunYuanMoEV1Config, HunYuanMoEV1ForCausalLM
 from hunyuan_mlx.models import fast_paths as fp
 from hunyuan_mlx.models.experts import GatheredGLU
-from hunyuan_mlx.models.sharding import local_choices
 from hunyuan_mlx.quantize import apply_quantization
 from hunyuan_mlx.tuner import layerwise
 from hunyuan_mlx.tuner.adapters import prepare_model
@@ -111,45 +110,6 @@ def test_padded_experts_equal_gathered(quantized, tokens, group, always_fast, sp
     assert spy == [True]
     assert fast.shape == plain.shape == (1, tokens, 128)
     assert max_diff(fast, plain) <= 1e-5
-
-
-@pytest.mark.parametrize("policy", ["padded", "plain"])
-@pytest.mark.parametrize("quantized", [False, True])
-@pytest.mark.parametrize("tokens", [1, 2, 64])  # with 1 or 2 tokens some ranks hold no choice
-def test_whole_experts_per_rank_sum_to_all_experts(quantized, tokens, policy, always_fast, spy):
-    """Expert parallel: 4 ranks of 4 whole experts each, each computing its share of the
-    routing (`local_choices`), sum to the 16 experts' output."""
-    glu = GatheredGLU(128, 64, 16)
-    if quantized:
-        nn.quantize(glu, 32, 4)
-    glu.eval()
-    x = mx.random.normal((1, tokens, 128))
-    indices, weights = routing(tokens)
-    if tokens < 3:  # experts of ranks 0 and 1 only
-        indices = mx.array([[[0, 1, 2, 5], [1, 4, 6, 7]][:tokens]], dtype=mx.uint32)
-    policy = FastPaths.default() if policy == "padded" else PLAIN
-    parts = []
-    for rank in range(4):
-        part = GatheredGLU(128, 64, 4)
-        if quantized:
-            nn.quantize(part, 32, 4)
-        part.update(tree_map(lambda a, r=rank: a[4 * r : 4 * r + 4], glu.parameters()))
-        local = local_choices(indices, weights, range(4 * rank, 4 * rank + 4))
-        parts.append(fp.routed_experts(policy, part, x, *local[:2], local=local[2]))
-    whole = experts_call(glu, PLAIN)(x, indices, weights)
-    assert spy == ([True] * 4 if policy.padded_min_rows else [])
-    assert max_diff(sum(parts), whole) <= 1e-5
-
-
-def test_padded_grid_leaves_out_other_ranks_rows():
-    """Rows of another rank's experts get no cell (no compute) and a zero output."""
-    indices = mx.array([[[0, 3], [1, 3], [2, 0]]], dtype=mx.uint32)
-    local = indices < 2
-    grid = fp.PaddedGrid.plan(indices, 4, local)
-    assert grid.block_experts == [0, 1] and grid.skips
-    out = grid.unpad([mx.ones((2, grid.tokens.shape[1], 1))])
-    assert out[..., 0].tolist() == local.astype(mx.float32).tolist()
-    assert fp.PaddedGrid.plan(indices, 4, mx.zeros_like(local)).block_experts == []
 
 
 def skewed_routing(tokens: int) -> tuple[mx.array, mx.array]:

@@ -159,11 +159,8 @@ def routed_experts(
     indices: mx.array,
     weights: mx.array,
     training: bool = False,
-    local: mx.array | None = None,
 ) -> mx.array:
     """`experts(x, indices, weights)`, through the padded path where `policy` and the call allow.
-    `local` marks the choices this rank computes under expert parallel (the others weigh 0):
-    the padded path skips the others.
 
     In inference each expert group is run before the next is built (see `padded_experts`); in
     training the call may be differentiated, and an evaluation under `mx.grad` would keep every
@@ -172,7 +169,7 @@ def routed_experts(
     """
     if policy.takes_padded(experts, indices.size, x.dtype):
         group = policy.padded_training_expert_group if training else policy.padded_expert_group
-        out = padded_experts(experts, x, indices, group, not training, local)
+        out = padded_experts(experts, x, indices, group, run_each_group=not training)
         if out is not None:
             return weighted_sum(out, weights)
     return experts(x, indices, weights)
@@ -188,8 +185,6 @@ def padded_blocks(counts: list[int]) -> tuple[int, list[tuple[int, int, int]]]:
     (with one capacity for all, one expert taking every token made it `used` times the rows).
     """
     used = [count for count in counts if count]
-    if not used:  # every row another rank's (expert parallel)
-        return 0, []
     capacity = min(max(used), math.ceil(2 * sum(used) / len(used)))
     capacity = -(-capacity // 8) * 8
     blocks, start = [], 0
@@ -211,43 +206,33 @@ class PaddedGrid:
     tokens: mx.array  # (blocks, capacity): the token each cell computes
     cells: mx.array  # (rows,): each routed row's cell, rows in (token, choice) order
     shape: tuple[int, ...]  # the routing's (..., k)
-    skips: bool  # whether some rows are another rank's (the zero cell after the grid)
 
     @classmethod
-    def plan(
-        cls, indices: mx.array, num_experts: int, local: mx.array | None = None
-    ) -> PaddedGrid | None:
+    def plan(cls, indices: mx.array, num_experts: int) -> PaddedGrid | None:
         """The grid for routing `indices` (..., k). The counts are read on the host, one
         synchronisation, so no token is ever dropped; None inside `mx.compile`, where the host
-        cannot read them (`vjp` and `checkpoint` can). Rows that `local` marks False (another
-        rank's, expert parallel) get no cell: their output is the zero cell after the grid."""
+        cannot read them (`vjp` and `checkpoint` can)."""
         k = indices.shape[-1]
         flat = mx.stop_gradient(indices).flatten().astype(mx.int32)
-        if local is not None:  # another rank's rows: a last bin, sorted after every expert's
-            flat = mx.where(local.flatten(), flat, num_experts)
         try:
-            counts = mx.zeros((num_experts + 1,), dtype=mx.int32).at[flat].add(1).tolist()
+            counts = mx.zeros((num_experts,), dtype=mx.int32).at[flat].add(1).tolist()
         except ValueError:  # "eval during function transformations": MLX's only sign of tracing
             return None
-        capacity, blocks = padded_blocks(counts[:num_experts])
+        capacity, blocks = padded_blocks(counts)
         # Sorted row p of expert e sits in cell p + base[e]: e's first block times the capacity,
-        # less e's first sorted row (its blocks are consecutive and full but the last). Skipped
-        # rows all sit in the zero cell.
+        # less e's first sorted row (its blocks are consecutive and full but the last).
         base = [0] * num_experts
         for b, (expert, first, _) in reversed(list(enumerate(blocks))):
             base[expert] = b * capacity - first
         order = mx.argsort(flat)  # sorted row -> row
-        cells = mx.array(base + [0], dtype=mx.int32)[flat] + mx.argsort(order).astype(mx.int32)
-        skips = counts[num_experts] > 0
-        if skips:
-            cells = mx.where(flat < num_experts, cells, len(blocks) * capacity)
+        cells = mx.array(base, dtype=mx.int32)[flat] + mx.argsort(order).astype(mx.int32)
         firsts = mx.array([first for _, first, _ in blocks], dtype=mx.int32)
         sizes = mx.array([size for _, _, size in blocks], dtype=mx.int32)
         c = mx.arange(capacity, dtype=mx.int32)
         # Each cell's token; padding cells repeat their block's first row.
         tokens = (order // k)[firsts[:, None] + mx.where(c < sizes[:, None], c, 0)]
         block_experts = [expert for expert, _, _ in blocks]
-        return cls(num_experts, block_experts, tokens, cells, tuple(indices.shape), skips)
+        return cls(num_experts, block_experts, tokens, cells, tuple(indices.shape))
 
     def rows(self, x: mx.array) -> mx.array:
         """The grid's input rows (blocks, capacity, D) from tokens `x` (..., D)."""
@@ -266,10 +251,7 @@ class PaddedGrid:
     def unpad(self, outs: list[mx.array]) -> mx.array:
         """Each routed row's output (..., k, D) from the groups' outputs, in grid order."""
         out = outs[0] if len(outs) == 1 else mx.concatenate(outs)
-        out = out.reshape(-1, out.shape[-1])
-        if self.skips:
-            out = mx.concatenate([out, mx.zeros((1, out.shape[-1]), out.dtype)])
-        out = out[self.cells]
+        out = out.reshape(-1, out.shape[-1])[self.cells]
         return out.reshape(*self.shape, out.shape[-1])
 
 
@@ -292,11 +274,10 @@ def padded_experts(
     indices: mx.array,
     expert_group: int,
     run_each_group: bool = False,
-    local: mx.array | None = None,
 ) -> mx.array | None:
     """Each row's expert output (..., k, D), as batched matmuls over (blocks, capacity, D),
-    `expert_group` blocks at a time; zero for rows that `local` marks another rank's. None where
-    a projection has no `batched` product or inside `mx.compile` (`PaddedGrid.plan`).
+    `expert_group` blocks at a time. None where a projection has no `batched` product or inside
+    `mx.compile` (`PaddedGrid.plan`).
 
     `run_each_group` evaluates each group before the next is built: a GPU frees a kernel's inputs
     only once it has run, so unsynchronised groups piled up their dense weights (an A13B layer's
@@ -306,11 +287,9 @@ def padded_experts(
     """
     if not takes_padded_groups(experts):
         return None
-    grid = PaddedGrid.plan(indices, experts.gate_up_proj.dims[0], local)
+    grid = PaddedGrid.plan(indices, experts.gate_up_proj.dims[0])
     if grid is None:
         return None
-    if not grid.block_experts:  # every row another rank's
-        return mx.zeros((*indices.shape, x.shape[-1]), x.dtype)
     rows = grid.rows(x)
     outs = []
     for part, group in grid.groups(expert_group):

@@ -21,7 +21,7 @@ from .config import HunYuanMoEV1Config
 from .experts import GatheredGLU
 from .fast_paths import FastPaths, compiled_decode_step, routed_experts, set_fast_paths
 from .rope import HunYuanMoEV1RotaryEmbedding
-from .sharding import local_choices, stage_dtype, stage_input, stage_output
+from .sharding import stage_dtype, stage_input, stage_output
 from .weights import sanitize
 
 Mask = mx.array | str | None  # a boolean/additive array, "causal", or None
@@ -144,8 +144,6 @@ class HunYuanMoEV1Moe(nn.Module):
     fast_paths = FastPaths.off()  # the model gives every block its policy
     # Tensor mode (sharding.py): this rank holds a slice of every expert, the output is summed.
     sharding_group: mx.distributed.Group | None = None
-    # Expert parallel (sharding.py): the ids of the whole experts this rank holds instead.
-    local_experts: range | None = None
 
     def __init__(self, config: HunYuanMoEV1Config, layer_idx: int):
         super().__init__()
@@ -186,12 +184,7 @@ class HunYuanMoEV1Moe(nn.Module):
             weights = mx.ones(indices.shape, dtype=mx.float32)
         else:
             indices, weights = self.route(x)
-        local = None
-        if self.local_experts is not None:
-            indices, weights, local = local_choices(indices, weights, self.local_experts)
-        y = routed_experts(
-            self.fast_paths, self.experts, x, indices, weights, self.training, local
-        )
+        y = routed_experts(self.fast_paths, self.experts, x, indices, weights, self.training)
         if "shared_mlp" in self:
             y = y + self.shared_mlp(x)
         if self.sharding_group is not None:

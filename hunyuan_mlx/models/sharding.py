@@ -6,9 +6,6 @@
   embedding stay whole. Each block's output is a partial sum that one `all_sum` completes: one
   for attention (`HunYuanMoEV1Attention.sharding_group`), one for the MoE block, routed and
   shared experts together (`HunYuanMoEV1Moe.sharding_group`).
-  With `whole_experts` (expert parallel) a rank keeps 1/N of the routed experts whole instead
-  and computes only the choices routed to them (`local_choices`); the same one `all_sum`
-  completes the block.
 - **Pipeline mode** (`keep_stage`): each rank keeps a contiguous run of layers; hidden states go
   from stage to stage through `all_sum`s to which only the sender adds (`stage_input`,
   `stage_output`): every backend has `all_sum`, MLX 0.32.4's CUDA one has no `recv`.
@@ -74,11 +71,8 @@ def shard_rows_in(module: nn.Module, group: mx.distributed.Group, where: str) ->
             sub.bias = mx.zeros_like(sub.bias)
 
 
-def shard_tensor(
-    model: nn.Module, group: mx.distributed.Group, whole_experts: bool = False
-) -> None:
-    """Tensor mode, in place: this rank's heads, expert and shared-expert slices, or with
-    `whole_experts` this rank's run of whole routed experts (module doc)."""
+def shard_tensor(model: nn.Module, group: mx.distributed.Group) -> None:
+    """Tensor mode, in place: this rank's heads, expert and shared-expert slices (module doc)."""
     n = group.size()
     for i, layer in enumerate(model.layers):
         attn = layer.self_attn
@@ -90,41 +84,15 @@ def shard_tensor(
         attn.num_key_value_heads //= n
         attn.sharding_group = group
         moe = layer.mlp
-        if whole_experts:
-            keep_experts(moe, group)
-        else:
-            # gate_up_proj stacks gate rows then up rows: each rank takes its share of both.
-            shard_rows_out(moe.experts.gate_up_proj, group, segments=2)
-            shard_rows_in(moe.experts.down_proj, group, f"layer {i}'s mlp.experts.down_proj")
-            moe.experts.intermediate_size //= n
+        # gate_up_proj stacks gate rows then up rows: each rank takes its share of both.
+        shard_rows_out(moe.experts.gate_up_proj, group, segments=2)
+        shard_rows_in(moe.experts.down_proj, group, f"layer {i}'s mlp.experts.down_proj")
+        moe.experts.intermediate_size //= n
         if "shared_mlp" in moe:
             shard_rows_out(moe.shared_mlp.gate_proj, group)
             shard_rows_out(moe.shared_mlp.up_proj, group)
             shard_rows_in(moe.shared_mlp.down_proj, group, f"layer {i}'s shared_mlp.down_proj")
         moe.sharding_group = group
-
-
-def keep_experts(moe: nn.Module, group: mx.distributed.Group) -> None:
-    """Expert parallel, in place: keep this rank's contiguous run of the routed experts, every
-    stacked array (weights, quantization scales and biases, LoRA factors) cut along experts."""
-    count = moe.num_experts // group.size()
-    shard_inplace(moe.experts, lambda path, w: 0, group=group)
-    first = group.rank() * count
-    moe.local_experts = range(first, first + count)
-
-
-def local_choices(
-    indices: mx.array, weights: mx.array, experts: range
-) -> tuple[mx.array, mx.array, mx.array]:
-    """This rank's share of a routing (expert parallel): the choices as local expert ids, their
-    weights, and which are local. Another rank's choice keeps weight 0 and points at one of the
-    token's local experts (local expert 0 if it has none): the gathered experts compute every
-    row, and a repeated expert's weights are read again from cache, not memory. The padded path
-    skips those rows."""
-    local = (indices >= experts.start) & (indices < experts.stop)
-    ids = mx.where(local, indices - experts.start, 0)
-    ids = mx.where(local, ids, ids.max(axis=-1, keepdims=True)).astype(indices.dtype)
-    return ids, mx.where(local, weights, 0), local
 
 
 def keep_stage(model: nn.Module, group: mx.distributed.Group, first: int, end: int) -> None:
