@@ -7,13 +7,14 @@ The model side of the split is `models/sharding.py`; `loading.load_model(group=.
 
 from __future__ import annotations
 
+import json
 import os
 import re
 import socket
 import traceback
 from collections.abc import Callable
 from dataclasses import dataclass
-from typing import TypeVar
+from typing import Any, TypeVar
 
 import mlx.core as mx
 import numpy as np
@@ -167,9 +168,22 @@ def gather_messages(group: mx.distributed.Group, message: str) -> list[tuple[int
     return failures
 
 
-def shared_seed(group: mx.distributed.Group, seed: int | None) -> int:
-    """`seed`, or rank 0's random pick: the same on every rank, which all sample the same tokens
-    from the same logits (rank 0's tokens are the ones printed)."""
+def broadcast_json(group: mx.distributed.Group, value: Any) -> Any:
+    """Rank 0's `value` (anything JSON holds) on every rank; the others' `value` is not read.
+    Two `all_sum`s, which every backend has: the length, then the bytes (rank 0's row)."""
+    data = json.dumps(value).encode() if group.rank() == 0 else b""
+    size = mx.distributed.all_sum(mx.array(len(data), dtype=mx.int32), group=group).item()
+    row = np.zeros(size, np.int32)
+    row[: len(data)] = np.frombuffer(data, np.uint8)
+    summed = np.array(mx.distributed.all_sum(mx.array(row), group=group)).astype(np.uint8)
+    return json.loads(summed.tobytes())
+
+
+def shared_seed(group: mx.distributed.Group | None, seed: int | None) -> int | None:
+    """`seed`, or over several ranks rank 0's random pick: the same on every rank, which all
+    sample the same tokens from the same logits (rank 0's tokens are the ones printed)."""
+    if group is None or group.size() == 1:
+        return seed
     if seed is None:
         seed = int(np.random.default_rng().integers(2**31)) if group.rank() == 0 else 0
         seed = int(mx.distributed.all_sum(mx.array(seed, dtype=mx.int32), group=group).item())

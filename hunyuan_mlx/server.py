@@ -2,7 +2,9 @@
 
 Chat and text completions (JSON or streamed), with Hunyuan's reasoning and tool calls parsed out,
 a prompt cache across requests, and one worker thread that owns the model and serves concurrent
-requests one at a time or, with --decode-concurrency > 1, with continuous batching.
+requests one at a time or, with --decode-concurrency > 1, with continuous batching. Under
+`mlx.launch` every rank loads its share of the model and rank 0 serves (tensor mode, or
+`--pipeline`).
 """
 
 from __future__ import annotations
@@ -14,7 +16,10 @@ import sys
 from collections.abc import Sequence
 from typing import Any
 
+import mlx.core as mx
+
 from .cli import add_debug_argument, run_main
+from .distributed import init_group, shared_seed, together
 from .generation.options import (
     add_generation_arguments,
     add_model_arguments,
@@ -110,33 +115,48 @@ def build_parser() -> argparse.ArgumentParser:
     return parser
 
 
-def build_service(args: argparse.Namespace) -> Service:
-    """Load the model and start the engine for parsed flags."""
+def check_flags(args: argparse.Namespace, group: mx.distributed.Group | None) -> None:
+    """What the flags alone show wrong, before the model loads."""
     for flag in ("decode_concurrency", "prompt_concurrency", "max_request_bytes"):
         if getattr(args, flag) < 1:
             raise ValueError(f"--{flag.replace('_', '-')} must be >= 1")
     if not 0 <= args.port <= MAX_PORT:  # checked before the model loads, not when binding
         raise ValueError(f"--port must be in 0..{MAX_PORT}, got {args.port}")
+    if args.decode_concurrency > 1 and group is not None and group.size() > 1:
+        raise ValueError(
+            "--decode-concurrency > 1 (continuous batching) is not supported under mlx.launch, "
+            "whose ranks serve one request at a time together: leave it at 1"
+        )
+
+
+def build_service(args: argparse.Namespace, group: mx.distributed.Group | None = None) -> Service:
+    """Load the model (under mlx.launch, this rank's share of it: `group`) and make the engine
+    for parsed flags; started on rank 0, whose engine hands its jobs to the other ranks'."""
+    together(group, lambda: check_flags(args, group))
     model_path = resolve_model_path(args.model)
     defaults = settings_from_args(args, model_path)
-    model, tokenizer = load(model_path, adapter_path=args.adapter_path)
+    model, tokenizer = load(
+        model_path, adapter_path=args.adapter_path, group=group, pipeline=args.pipeline
+    )
     if tokenizer is None:
         raise FileNotFoundError(f"No tokenizer (hy.tiktoken or tokenizer.json) in {model_path}")
     cache = PromptCache(args.prompt_cache_size, args.prompt_cache_bytes)
+    seed = shared_seed(group, args.seed)
     # mlx-lm's batch generator batches plain KV caches only.
     if args.decode_concurrency > 1 and defaults.kv_bits is None and defaults.max_kv_size is None:
         engine: Engine = BatchEngine(
             model,
             tokenizer,
             cache,
-            seed=args.seed,
+            seed=seed,
             decode_concurrency=args.decode_concurrency,
             prompt_concurrency=args.prompt_concurrency,
             prefill_step_size=defaults.prefill_step_size,
         )
     else:
-        engine = Engine(model, tokenizer, cache, seed=args.seed)
-    engine.start()
+        engine = Engine(model, tokenizer, cache, seed=seed, group=group)
+    if group is None or group.rank() == 0:
+        engine.start()
     return Service(
         args.model,
         model,
@@ -157,14 +177,22 @@ def main(argv: Sequence[str] | None = None) -> None:
         level=getattr(logging, args.log_level), format="%(asctime)s - %(levelname)s - %(message)s"
     )
     with run_main(parser.prog, args.debug):
-        service = build_service(args)
-        server = Server((args.host, args.port), service)
+        group = init_group()  # size 1 unless run by mlx.launch
+        service = build_service(args, group)
+        # Rank 0 serves; a port it cannot bind stops every rank.
+        server = together(
+            group, lambda: Server((args.host, args.port), service) if group.rank() == 0 else None
+        )
+        if server is None:
+            service.engine.follow()
+            return
         host, port = server.server_address[:2]
         print(f"Serving {args.model} on http://{host}:{port}", file=sys.stderr, flush=True)
         try:
             server.serve_forever()
         finally:
             server.server_close()
+            service.engine.close()
 
 
 if __name__ == "__main__":

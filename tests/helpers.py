@@ -5,13 +5,22 @@ from __future__ import annotations
 
 import importlib.util
 import json
+import os
+import re
+import signal
+import subprocess
+import sys
+import time
+from collections.abc import Iterator
 from pathlib import Path
 from types import ModuleType
 from typing import Any
 
 import pytest
 
-SHARED = Path(__file__).resolve().parents[1].parent / "shared" / "hunyuan-a13b"
+ROOT = Path(__file__).resolve().parents[1]
+SHARED = ROOT.parent / "shared" / "hunyuan-a13b"
+SERVER_STARTUP_SECONDS = 60
 
 # Small enough for a 2-core CPU, large enough that routing and GQA are non-trivial.
 TINY_CONFIG: dict[str, Any] = dict(
@@ -139,3 +148,31 @@ def load_example(relative: str) -> ModuleType:
     module = importlib.util.module_from_spec(spec)
     spec.loader.exec_module(module)
     return module
+
+
+def serve(command: list[str], log: Path) -> Iterator[str]:
+    """Run a server `command` (ending in `python -m hunyuan_mlx.server ... --port 0`, perhaps
+    under mlx.launch) as a process importing this checkout; yields its base URL once it says it
+    serves, and terminates it when closed."""
+    path = os.pathsep.join([str(ROOT), os.environ.get("PYTHONPATH", "")])
+    env = {**os.environ, "PYTHONPATH": path}
+    with open(log, "w") as sink:  # its own process group: mlx.launch passes no signal on
+        process = subprocess.Popen(
+            command, stdout=sink, stderr=subprocess.STDOUT, env=env, start_new_session=True
+        )
+    try:
+        deadline = time.monotonic() + SERVER_STARTUP_SECONDS
+        while not (found := re.search(r"on (http://\S+)", log.read_text())):
+            assert process.poll() is None, f"server exited:\n{log.read_text()}"
+            assert time.monotonic() < deadline, f"server did not start:\n{log.read_text()}"
+            time.sleep(0.1)
+        yield found.group(1)
+    finally:  # SIGTERM to every process of the group, as a terminal's Ctrl-C reaches them all
+        os.killpg(process.pid, signal.SIGTERM)
+        process.wait(timeout=30)
+
+
+def server_command(model: Path, *flags: str) -> list[str]:
+    """`python -m hunyuan_mlx.server` on `model` and a free port."""
+    server = [sys.executable, "-m", "hunyuan_mlx.server"]
+    return [*server, "--model", str(model), "--port", "0", *flags]

@@ -8,6 +8,7 @@ shard, end every rank with one line; DoRA where tensor mode cannot split it is r
 
 from __future__ import annotations
 
+import contextlib
 import json
 import os
 import shutil
@@ -26,6 +27,8 @@ from helpers import (
     TINY_CONFIG,
     build_torch_model,
     save_checkpoint,
+    serve,
+    server_command,
 )
 
 from hunyuan_mlx import load_model
@@ -50,8 +53,10 @@ DIST_CONFIG = dict(
 )
 LAUNCH_TIMEOUT = 120
 GENERATE = "python -m hunyuan_mlx.generate: error: "
+SERVER = "python -m hunyuan_mlx.server: error: "
 
 pytestmark = pytest.mark.skipif(not LAUNCH.is_file(), reason=f"no mlx.launch at {LAUNCH}")
+openai = pytest.importorskip("openai")
 
 
 def launch(ranks: int, *command: str) -> subprocess.CompletedProcess:
@@ -163,6 +168,49 @@ def test_logits_and_greedy_text_equal_the_single_process_ones(
     generate_main(argv)
     single = capsys.readouterr().out
     assert single.strip() and result.stdout == single  # printed once, by rank 0
+
+
+@pytest.mark.parametrize(("ranks", "flags"), [(2, []), (3, ["--pipeline"])])
+def test_the_server_under_mlx_launch_answers_as_one_process(release_model, tmp_path, ranks, flags):
+    """Rank 0 serves, every rank computes: the same replies as a single-process server, also
+    after a request that a stop string cancels mid-generation (the ranks must stop together)."""
+    if release_model is None:
+        pytest.skip(f"the server needs the release's tokenizer files at {SHARED}")
+    launcher = [str(LAUNCH), "-n", str(ranks), "--backend", "ring", "--"]
+    server = contextlib.contextmanager(serve)
+    replies = []
+    with (
+        server(server_command(release_model), tmp_path / "one.log") as one,
+        server(launcher + server_command(release_model, *flags), tmp_path / "ranks.log") as ranks,
+    ):
+        for url in (one, ranks):
+            client = openai.OpenAI(base_url=f"{url}/v1", api_key="none", max_retries=0, timeout=60)
+
+            def chat(client=client, **kwargs) -> str:
+                kwargs = {"temperature": 0.0, "max_tokens": 24, **kwargs}
+                messages = [{"role": "user", "content": "Tell me about MLX."}]
+                reply = client.chat.completions.create(
+                    model=str(release_model), messages=messages, **kwargs
+                )
+                return reply.choices[0].message.content
+
+            greedy = chat()
+            cut = chat(stop=[greedy[6:9]])  # cancelled after a few of its 24 tokens
+            again = chat()  # the prompt cache's copy, after the cancel
+            sampled = chat(temperature=1.0, seed=7)
+            replies.append((greedy, cut, again, sampled))
+    (greedy, cut, again, sampled), launched = replies
+    assert len(greedy) > 9 and cut == greedy[:6] and again == greedy, replies
+    assert launched == replies[0], replies
+
+
+def test_batching_under_mlx_launch_is_one_error(release_model, tmp_path):
+    if release_model is None:
+        pytest.skip(f"the server needs the release's tokenizer files at {SHARED}")
+    command = server_command(release_model, "--decode-concurrency", "4")
+    result = launch(2, *command[1:])
+    line = failure_line(result)
+    assert line.startswith(SERVER) and "not supported under mlx.launch" in line, line
 
 
 def test_the_plans_split_what_they_say(models):

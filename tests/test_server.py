@@ -5,64 +5,30 @@ from __future__ import annotations
 
 import http.client
 import json
-import os
-import re
-import subprocess
-import sys
-import time
 import urllib.error
 import urllib.request
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
 import pytest
+from helpers import serve, server_command
 
-# The fixture registers under its name, `tiny_release`.
 from hunyuan_mlx.generation.settings import GenerationSettings
 from hunyuan_mlx.serve.app import Service
 from hunyuan_mlx.server import build_parser
 
 openai = pytest.importorskip("openai")
 
-ROOT = Path(__file__).resolve().parents[1]
 API_KEY = "test-key"
 MAX_REQUEST_BYTES = 100_000
-STARTUP_SECONDS = 60
 GREEDY = {"temperature": 0.0, "max_tokens": 12}
 
 
 def start_server(tiny_release, log: Path, *flags: str):
     """(base URL, model id) of a server process, until the generator is closed."""
-    env = {
-        **os.environ,
-        "PYTHONPATH": os.pathsep.join([str(ROOT), os.environ.get("PYTHONPATH", "")]),
-    }
-    command = [
-        sys.executable,
-        "-m",
-        "hunyuan_mlx.server",
-        "--model",
-        str(tiny_release),
-        "--port",
-        "0",
-        "--api-key",
-        API_KEY,
-        "--max-request-bytes",
-        str(MAX_REQUEST_BYTES),
-        *flags,
-    ]
-    with open(log, "w") as sink:
-        process = subprocess.Popen(command, stdout=sink, stderr=subprocess.STDOUT, env=env)
-    try:
-        deadline = time.monotonic() + STARTUP_SECONDS
-        while not (found := re.search(r"on (http://\S+)", log.read_text())):
-            assert process.poll() is None, f"server exited:\n{log.read_text()}"
-            assert time.monotonic() < deadline, f"server did not start:\n{log.read_text()}"
-            time.sleep(0.1)
-        yield found.group(1), str(tiny_release)
-    finally:
-        process.terminate()
-        process.wait(timeout=10)
+    limits = ["--api-key", API_KEY, "--max-request-bytes", str(MAX_REQUEST_BYTES)]
+    for url in serve(server_command(tiny_release, *limits, *flags), log):
+        yield url, str(tiny_release)
 
 
 @pytest.fixture(scope="module")

@@ -48,12 +48,19 @@ def add_dtype_argument(
 
 
 def add_model_arguments(parser: argparse.ArgumentParser) -> None:
-    """--model and --adapter-path: what to load (generate, chat, the server)."""
+    """--model, --adapter-path and --pipeline: what to load, and how to split it under
+    mlx.launch (generate, chat, the server)."""
     parser.add_argument(
         "--model", required=True, help="Local checkpoint directory or Hugging Face repo id"
     )
     parser.add_argument(
         "--adapter-path", default=None, help="Directory of trained LoRA/DoRA adapters to apply"
+    )
+    parser.add_argument(
+        "--pipeline",
+        action="store_true",
+        help="Under mlx.launch: split the layers over the ranks (default there: tensor mode, "
+        "every layer split)",
     )
 
 
@@ -85,12 +92,6 @@ def add_common_arguments(parser: argparse.ArgumentParser) -> None:
         help="Print token counts, speeds and peak memory (--verbose, or mlx-lm's --verbose True)",
     )
     add_dtype_argument(parser)
-    parser.add_argument(
-        "--pipeline",
-        action="store_true",
-        help="Under mlx.launch: split the layers over the ranks (default there: tensor mode, "
-        "every layer split)",
-    )
     add_debug_argument(parser)
 
 
@@ -155,7 +156,7 @@ def prepare(
     )
     if tokenizer is None:
         raise FileNotFoundError(f"No tokenizer (hy.tiktoken or tokenizer.json) in {model_path}")
-    seed = args.seed if group is None or group.size() == 1 else shared_seed(group, args.seed)
+    seed = shared_seed(group, args.seed)
     if seed is not None:
         mx.random.seed(seed)
     return model, tokenizer, settings

@@ -5,10 +5,16 @@ events. A job whose client has gone is skipped, or stopped at its next token.
 `Engine` runs the jobs one at a time, in the order they arrive. `BatchEngine` runs them together
 through mlx-lm's `BatchGenerator` (continuous batching): a job joins the running batch as soon as
 it arrives and leaves it when it ends.
+
+Under `mlx.launch` every rank holds a share of the model, so every rank must run every step:
+rank 0's engine hands each job to the others (`Engine.follow`), which run it as rank 0 does and
+drop its events. Same jobs in the same order, same seeds: the ranks' prompt caches and sampled
+tokens stay alike.
 """
 
 from __future__ import annotations
 
+import dataclasses
 import queue
 import sys
 import threading
@@ -16,8 +22,9 @@ from dataclasses import dataclass, field
 from typing import Any
 
 import mlx.core as mx
-from mlx_lm.generate import DEFAULT_PREFILL_STEP_SIZE, BatchGenerator
+from mlx_lm.generate import DEFAULT_PREFILL_STEP_SIZE, BatchGenerator, generation_stream
 
+from ..distributed import broadcast_json
 from ..generation.settings import GenerationSettings
 from ..generation.stream import stream_generate
 from ..tokenizer import HunYuanTokenizer
@@ -31,6 +38,15 @@ from .protocol import TokenLogprob
 DEFAULT_DECODE_CONCURRENCY = 1
 DEFAULT_PROMPT_CONCURRENCY = 8  # mlx-lm server's --prompt-concurrency
 BATCH_DECODE_CONCURRENCY = 32  # mlx-lm server's --decode-concurrency
+# Under mlx.launch the ranks agree every this many tokens whether rank 0's job was cancelled, so
+# all stop at the same step: each check waits for the step in flight (a collective on the
+# host), which every token would make a decode-speed cost; a cancelled job runs on for at most
+# this many tokens, unseen.
+CANCEL_CHECK_TOKENS = 16
+JOIN_POLL_SECONDS = 0.5  # how soon the main thread, waiting for the worker, acts on a signal
+# How long a rank other than 0, signalled, goes on with rank 0's job so that rank 0 (signalled
+# too, by mlx.launch or the terminal) can stop it and tell every rank to end.
+FOLLOW_GRACE_SECONDS = 10
 
 
 @dataclass(frozen=True)
@@ -72,12 +88,16 @@ class Engine:
         tokenizer: HunYuanTokenizer,
         prompt_cache: PromptCache,
         seed: int | None = None,
+        group: mx.distributed.Group | None = None,
     ) -> None:
+        """`group`: the ranks of `mlx.launch` that hold `model` between them (rank 0 serves)."""
         self.model = model
         self.tokenizer = tokenizer
         self.prompt_cache = prompt_cache
         self._seed = seed
+        self.group = group if group is not None and group.size() > 1 else None
         self._jobs: queue.Queue[Job | None] = queue.Queue()
+        self._closing = threading.Event()
         self._thread = threading.Thread(target=self._loop, name="hunyuan-mlx-engine", daemon=True)
 
     def start(self) -> None:
@@ -89,6 +109,15 @@ class Engine:
         self._jobs.put(None)
         self._thread.join()
 
+    def close(self) -> None:
+        """Cancel the running and queued jobs and end the worker thread. Under mlx.launch, wait
+        for its last word, which ends the other ranks' `follow`: they wait for rank 0 in a
+        collective, where no signal reaches them."""
+        self._closing.set()
+        self._jobs.put(None)
+        if self.group is not None:
+            wait_for(self._thread)
+
     def submit(self, job: Job) -> None:
         """Queue `job`; its events follow on `job.events`."""
         self._jobs.put(job)
@@ -97,15 +126,58 @@ class Engine:
         if self._seed is not None:
             mx.random.seed(self._seed)
         while (job := self._jobs.get()) is not None:
-            if job.cancelled.is_set():
+            if self._dropped(job):
                 job.events.put(None)
                 continue
+            self._hand_out(job)
             try:
                 self._run(job)
             except Exception as e:  # reported to the request's thread, the engine goes on
                 job.events.put(e)
             else:
                 job.events.put(None)
+        self._hand_out(None)
+
+    def _hand_out(self, job: Job | None) -> None:
+        """Under mlx.launch: give the other ranks `job` (None: the engine stops)."""
+        if self.group is not None:
+            message = None if job is None else {
+                "prompt": job.prompt,
+                "settings": dataclasses.asdict(job.settings),
+                "seed": job.seed,
+                "top_logprobs": job.top_logprobs,
+            }
+            self._agree(message)
+
+    def _agree(self, value: Any) -> Any:
+        """Rank 0's `value` on every rank, through collectives on the stream generation runs on:
+        on another stream they could meet a generation step's in another order on each rank."""
+        with mx.stream(generation_stream):
+            return broadcast_json(self.group, value)
+
+    def follow(self) -> None:
+        """On a rank other than 0: run the jobs rank 0's engine hands out, until it stops.
+
+        They run on the worker thread while this one waits, so that a signal still reaches
+        this process: in a collective waiting for a rank 0 that died, the thread would wait
+        for ever, and a signal handler runs on the main thread only between Python steps."""
+        self._thread = threading.Thread(target=self._follow, name="hunyuan-mlx-engine", daemon=True)
+        self._thread.start()
+        try:
+            wait_for(self._thread)
+        except BaseException:  # a signal: rank 0, which got it too, is stopping the jobs
+            self._thread.join(FOLLOW_GRACE_SECONDS)
+            raise
+
+    def _follow(self) -> None:
+        if self._seed is not None:
+            mx.random.seed(self._seed)
+        while (message := self._agree(None)) is not None:
+            settings = GenerationSettings(**message.pop("settings"))
+            try:
+                self._run(Job(settings=settings, **message))
+            except Exception:  # rank 0 met the same error and reports it
+                pass
 
     def _open(self, job: Job) -> tuple[list[Any], int]:
         """The job's KV cache (from the prompt cache if it holds a prefix) and how many prompt
@@ -121,18 +193,36 @@ class Engine:
     def _run(self, job: Job) -> None:
         cache, cached = self._open(job)
         tokens = list(job.prompt)
-        for response in stream_generate(
+        responses = stream_generate(
             self.model, self.tokenizer, job.prompt[cached:], job.settings, prompt_cache=cache
-        ):
+        )
+        for n, response in enumerate(responses, 1):
             tokens.append(response.token)
             logprob = None
             if job.top_logprobs is not None:
                 logprob = token_logprob(response.logprobs, response.token, job.top_logprobs)
             job.events.put(Token(response.token, response.text, response.finish_reason, logprob))
-            if job.cancelled.is_set():
+            if self._stops(job, n):
                 break
         # mlx-lm has run every token it yields through the model, so the cache holds `tokens`.
         self.prompt_cache.insert(tokens, cache)
+
+    def _stops(self, job: Job, n: int) -> bool:
+        """Whether to stop `job` after its `n`-th token: once cancelled (or the engine closing);
+        under mlx.launch, at the ranks' next check of rank 0's word (`CANCEL_CHECK_TOKENS`)."""
+        if self.group is None:
+            return self._dropped(job)
+        return n % CANCEL_CHECK_TOKENS == 0 and self._agree(self._dropped(job))
+
+    def _dropped(self, job: Job) -> bool:
+        """Whether `job` is to end now: its client has gone, or the engine is closing."""
+        return job.cancelled.is_set() or self._closing.is_set()
+
+
+def wait_for(thread: threading.Thread) -> None:
+    """Join `thread` in short waits, between which the main thread acts on signals."""
+    while thread.is_alive():
+        thread.join(JOIN_POLL_SECONDS)
 
 
 def token_logprob(logprobs: mx.array, token: int, top: int) -> TokenLogprob:
@@ -219,7 +309,7 @@ class BatchEngine(Engine):
         batch.close()
 
     def _admit(self, batch: BatchGenerator, running: dict[int, _Running], job: Job) -> None:
-        if job.cancelled.is_set():
+        if self._dropped(job):
             job.events.put(None)
             return
         try:
@@ -239,7 +329,7 @@ class BatchEngine(Engine):
         running[uid] = _Running(job, self.tokenizer.detokenizer, list(job.prompt))
 
     def _step(self, batch: BatchGenerator, running: dict[int, _Running]) -> None:
-        gone = [uid for uid, run in running.items() if run.job.cancelled.is_set()]
+        gone = [uid for uid, run in running.items() if self._dropped(run.job)]
         if gone:
             caches = batch.remove(gone, return_prompt_caches=True)
             for uid in gone:
