@@ -18,6 +18,7 @@ import dataclasses
 import queue
 import sys
 import threading
+import time
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -27,6 +28,7 @@ from mlx_lm.generate import DEFAULT_PREFILL_STEP_SIZE, BatchGenerator, generatio
 from ..distributed import broadcast_json
 from ..generation.settings import GenerationSettings
 from ..generation.stream import stream_generate
+from ..interrupts import main_thread_only
 from ..tokenizer import HunYuanTokenizer
 from .prompt_cache import PromptCache
 from .protocol import TokenLogprob
@@ -45,7 +47,8 @@ BATCH_DECODE_CONCURRENCY = 32  # mlx-lm server's --decode-concurrency
 CANCEL_CHECK_TOKENS = 16
 JOIN_POLL_SECONDS = 0.5  # how soon the main thread, waiting for the worker, acts on a signal
 # How long a rank other than 0, signalled, goes on with rank 0's job so that rank 0 (signalled
-# too, by mlx.launch or the terminal) can stop it and tell every rank to end.
+# too, by mlx.launch or the terminal) can stop it and tell every rank to end; and how long rank 0
+# waits to say it.
 FOLLOW_GRACE_SECONDS = 10
 
 
@@ -111,18 +114,19 @@ class Engine:
 
     def close(self) -> None:
         """Cancel the running and queued jobs and end the worker thread. Under mlx.launch, wait
-        for its last word, which ends the other ranks' `follow`: they wait for rank 0 in a
-        collective, where no signal reaches them."""
+        (up to `FOLLOW_GRACE_SECONDS`: a rank that died would keep it in a collective) for its
+        last word, which ends the other ranks' `follow`."""
         self._closing.set()
         self._jobs.put(None)
         if self.group is not None:
-            wait_for(self._thread)
+            wait_for(self._thread, FOLLOW_GRACE_SECONDS)
 
     def submit(self, job: Job) -> None:
         """Queue `job`; its events follow on `job.events`."""
         self._jobs.put(job)
 
     def _loop(self) -> None:
+        main_thread_only()
         if self._seed is not None:
             mx.random.seed(self._seed)
         while (job := self._jobs.get()) is not None:
@@ -170,6 +174,7 @@ class Engine:
             raise
 
     def _follow(self) -> None:
+        main_thread_only()
         if self._seed is not None:
             mx.random.seed(self._seed)
         while (message := self._agree(None)) is not None:
@@ -219,9 +224,11 @@ class Engine:
         return job.cancelled.is_set() or self._closing.is_set()
 
 
-def wait_for(thread: threading.Thread) -> None:
-    """Join `thread` in short waits, between which the main thread acts on signals."""
-    while thread.is_alive():
+def wait_for(thread: threading.Thread, timeout: float | None = None) -> None:
+    """Join `thread` (for at most `timeout` seconds) in short waits, between which the main
+    thread acts on signals."""
+    end = None if timeout is None else time.monotonic() + timeout
+    while thread.is_alive() and (end is None or time.monotonic() < end):
         thread.join(JOIN_POLL_SECONDS)
 
 
