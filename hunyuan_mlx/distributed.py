@@ -20,7 +20,6 @@ import mlx.core as mx
 import numpy as np
 
 from .cli import DEBUG_ENV
-from .interrupts import threads_without_signals
 from .models import HunYuanMoEV1Config
 from .quantize import module_params
 
@@ -30,10 +29,8 @@ MESSAGE_BYTES = 512  # of each rank's error message, as every rank gathers them
 
 
 def init_group() -> mx.distributed.Group:
-    """The group of the ranks `mlx.launch` started (ring, JACCL, MPI or NCCL); size 1 otherwise.
-    The backend's threads start without the interrupt signals (`threads_without_signals`)."""
-    with threads_without_signals():
-        return mx.distributed.init()
+    """The group of the ranks `mlx.launch` started (ring, JACCL, MPI or NCCL); size 1 otherwise."""
+    return mx.distributed.init()
 
 
 @dataclass(frozen=True)

@@ -74,26 +74,3 @@ def deferred() -> Iterator[Deferred]:
     state = Deferred()
     with _installed(state.handler):
         yield state
-
-
-def main_thread_only() -> None:
-    """Keep SIGNALS from the calling thread and the threads it starts: the process's signals go
-    to the main thread, whose Python handlers act on them. Threads that block in C++ (MLX's
-    backends and streams) would otherwise take one as an interrupted system call: a ring
-    backend thread so interrupted aborted its rank on Ctrl-C."""
-    if hasattr(signal, "pthread_sigmask"):  # not on Windows
-        signal.pthread_sigmask(signal.SIG_BLOCK, SIGNALS)
-
-
-@contextlib.contextmanager
-def threads_without_signals() -> Iterator[None]:
-    """The threads started within the block (by MLX, or Python) get no SIGNALS; this thread's
-    mask is restored after it."""
-    if not hasattr(signal, "pthread_sigmask"):
-        yield
-        return
-    previous = signal.pthread_sigmask(signal.SIG_BLOCK, SIGNALS)
-    try:
-        yield
-    finally:
-        signal.pthread_sigmask(signal.SIG_SETMASK, previous)

@@ -28,7 +28,6 @@ from mlx_lm.generate import DEFAULT_PREFILL_STEP_SIZE, BatchGenerator, generatio
 from ..distributed import broadcast_json
 from ..generation.settings import GenerationSettings
 from ..generation.stream import stream_generate
-from ..interrupts import main_thread_only
 from ..tokenizer import HunYuanTokenizer
 from .prompt_cache import PromptCache
 from .protocol import TokenLogprob
@@ -126,7 +125,6 @@ class Engine:
         self._jobs.put(job)
 
     def _loop(self) -> None:
-        main_thread_only()
         if self._seed is not None:
             mx.random.seed(self._seed)
         while (job := self._jobs.get()) is not None:
@@ -174,7 +172,6 @@ class Engine:
             raise
 
     def _follow(self) -> None:
-        main_thread_only()
         if self._seed is not None:
             mx.random.seed(self._seed)
         while (message := self._agree(None)) is not None:
