@@ -1,6 +1,7 @@
 """The generation engines: one worker thread owns the model and does all MLX work (prompt cache
 lookups, prefill, decoding, log-probabilities); HTTP threads only submit jobs and read their
-events. A job whose client has gone is skipped, or stopped at its next token.
+events. A job whose client has gone is skipped, or stopped at its next token (under mlx.launch,
+at the ranks' next check: `CANCEL_CHECK_TOKENS`).
 
 `Engine` runs the jobs one at a time, in the order they arrive. `BatchEngine` runs them together
 through mlx-lm's `BatchGenerator` (continuous batching): a job joins the running batch as soon as
