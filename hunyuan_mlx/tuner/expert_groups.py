@@ -18,7 +18,7 @@ forward had there.
 from __future__ import annotations
 
 import math
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from typing import Any
 
@@ -34,6 +34,23 @@ def random_key() -> int:
     """The global PRNG key, as the int that `mx.random.seed` restores it from."""
     high, low = mx.random.state[0].tolist()
     return high << 32 | low
+
+
+def trainable_arrays(
+    layer: nn.Module,
+) -> tuple[list[mx.array], Callable[[Sequence[mx.array]], None], Callable[[Sequence], dict]]:
+    """`layer`'s trainable arrays as a flat list (the primals of a vjp), a function that puts such
+    a list into the layer, and one that makes a like list (their gradients) a parameter tree."""
+    flat = tree_flatten(layer.trainable_parameters())
+    names = [name for name, _ in flat]
+
+    def tree(arrays: Sequence) -> dict:
+        return tree_unflatten(list(zip(names, arrays, strict=True)))
+
+    def put(arrays: Sequence[mx.array]) -> None:
+        layer.update(tree(arrays))
+
+    return [p for _, p in flat], put, tree
 
 
 def takes_groups(layer: nn.Module, x: mx.array) -> bool:
@@ -111,13 +128,9 @@ def grouped_vjp(
 ) -> tuple[dict[str, Any], mx.array]:
     """`layerwise.layer_vjp` in the three parts above."""
     moe = layer.mlp
-    flat = tree_flatten(layer.trainable_parameters())
-    names, params = [name for name, _ in flat], [p for _, p in flat]
+    params, taking, tree = trainable_arrays(layer)
     _, forward = grouped_forward(layer, x, mask)
     groups = forward.groups
-
-    def taking(params: tuple[mx.array, ...]) -> None:
-        layer.update(tree_unflatten(list(zip(names, params, strict=True))))
 
     def vjp(fn: Callable, primals: list[mx.array], cotangent: mx.array) -> list[mx.array]:
         return mx.vjp(fn, [*primals, *params], [cotangent])[1]
@@ -157,4 +170,4 @@ def grouped_vjp(
     dx_rows, *dparams = vjp(rows_of, [x], mx.concatenate(row_cotangents))
     grads = [a + b for a, b in zip(grads, dparams, strict=True)]
     taking(params)  # the layer's own arrays again, not the last vjp's
-    return tree_unflatten(list(zip(names, grads, strict=True))), dx + dx_rows
+    return tree(grads), dx + dx_rows

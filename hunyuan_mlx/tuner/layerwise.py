@@ -15,13 +15,13 @@ from typing import Any
 
 import mlx.core as mx
 import mlx.nn as nn
-from mlx.utils import tree_flatten, tree_unflatten
+from mlx.utils import tree_flatten
 from mlx_lm.models.base import create_attention_mask
 
 from ..models.hf_compat import masked_cross_entropy
 from ..models.sharding import stage_dtype
 from .data import split_batch
-from .expert_groups import grouped_forward, grouped_vjp, takes_groups
+from .expert_groups import grouped_forward, grouped_vjp, takes_groups, trainable_arrays
 
 # Positions per piece of the head and loss: 512 x 128,167 float32 logits are 262 MB, and their
 # gradient as much again, where a 2048-token sequence at once held four times that.
@@ -82,15 +82,14 @@ def layer_vjp(
     of its output; in parts where its padded experts go a group at a time (`expert_groups.py`)."""
     if takes_groups(layer, x):
         return grouped_vjp(layer, x, mask, cotangent)
-    flat = tree_flatten(layer.trainable_parameters())
-    names, params = [name for name, _ in flat], [p for _, p in flat]
+    params, put, tree = trainable_arrays(layer)
 
     def forward(x: mx.array, *params: mx.array) -> mx.array:
-        layer.update(tree_unflatten(list(zip(names, params, strict=True))))
+        put(params)
         return layer(x, mask)[0]
 
     _, (dx, *dparams) = mx.vjp(forward, [x, *params], [cotangent])
-    return tree_unflatten(list(zip(names, dparams, strict=True))), dx
+    return tree(dparams), dx
 
 
 def layerwise_loss_and_grad(
