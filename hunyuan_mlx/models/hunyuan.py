@@ -185,6 +185,11 @@ class HunYuanMoEV1Moe(nn.Module):
         else:
             indices, weights = self.route(x)
         y = routed_experts(self.fast_paths, self.experts, x, indices, weights, self.training)
+        return self.with_shared(y, x)
+
+    def with_shared(self, y: mx.array, x: mx.array) -> mx.array:
+        """The routed experts' output `y` plus the shared expert's on `x`; in tensor mode summed
+        over the ranks."""
         if "shared_mlp" in self:
             y = y + self.shared_mlp(x)
         if self.sharding_group is not None:

@@ -95,11 +95,8 @@ def output_part(
 ) -> mx.array:
     """The layer's output from the residual `h`, its norm `n`, the routing weights and the
     groups' outputs `outs` (as `HunYuanMoEV1Moe.__call__` with the residual)."""
-    y = weighted_sum(forward.grid.unpad(outs), weights)
-    if "shared_mlp" in moe:
-        mx.random.seed(forward.keys[-1])
-        y = y + moe.shared_mlp(n)
-    return h + y
+    mx.random.seed(forward.keys[-1])  # the shared expert's draws
+    return h + moe.with_shared(weighted_sum(forward.grid.unpad(outs), weights), n)
 
 
 def grouped_forward(layer: nn.Module, x: mx.array, mask: Any) -> tuple[mx.array, GroupedForward]:
