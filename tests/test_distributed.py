@@ -56,7 +56,6 @@ GENERATE = "python -m hunyuan_mlx.generate: error: "
 SERVER = "python -m hunyuan_mlx.server: error: "
 
 pytestmark = pytest.mark.skipif(not LAUNCH.is_file(), reason=f"no mlx.launch at {LAUNCH}")
-openai = pytest.importorskip("openai")
 
 
 def launch(ranks: int, *command: str) -> subprocess.CompletedProcess:
@@ -174,6 +173,7 @@ def test_logits_and_greedy_text_equal_the_single_process_ones(
 def test_the_server_under_mlx_launch_answers_as_one_process(release_model, tmp_path, ranks, flags):
     """Rank 0 serves, every rank computes: the same replies as a single-process server, also
     after a request that a stop string cancels mid-generation (the ranks must stop together)."""
+    openai = pytest.importorskip("openai")
     if release_model is None:
         pytest.skip(f"the server needs the release's tokenizer files at {SHARED}")
     launcher = [str(LAUNCH), "-n", str(ranks), "--backend", "ring", "--"]
