@@ -1,8 +1,8 @@
 """hunyuan-mlx: Tencent's HunYuan MoE V1 (Hunyuan-A13B) on MLX.
 
 `models/` is the model, `tokenizer/` the release's tokenizer, `converter` the checkpoint
-converter, `generation/` the generation loop and chat, `tuner/` fine-tuning; `convert`,
-`generate`, `chat`, `lora` and `fuse` are the commands (`hunyuan-mlx <command>`).
+converter, `generation/` the generation loop and chat, `serve/` the HTTP server, `tuner/`
+fine-tuning; `cli/` holds the commands (`hunyuan-mlx <command>`).
 """
 
 from . import models

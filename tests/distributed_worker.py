@@ -19,8 +19,8 @@ from mlx_lm.generate import maybe_quantize_kv_cache
 from mlx_lm.models.cache import make_prompt_cache
 
 from hunyuan_mlx import load_model
+from hunyuan_mlx.cli.generate import main as generate_main
 from hunyuan_mlx.distributed import init_group
-from hunyuan_mlx.generate import main as generate_main
 from hunyuan_mlx.models import FastPaths
 from hunyuan_mlx.models.fast_paths import set_fast_paths
 

@@ -10,7 +10,7 @@ import pytest
 # The fixtures register under their names, `loaded` and `tiny_release`.
 from helpers import EOS
 
-from hunyuan_mlx.chat import repl
+from hunyuan_mlx.cli.chat import repl
 from hunyuan_mlx.generation.session import ChatSession
 from hunyuan_mlx.generation.settings import GenerationSettings
 
@@ -163,7 +163,7 @@ def test_real_terminal_line_editing_and_history():
     pytest.importorskip("readline")
     script = (
         "import types\n"
-        "from hunyuan_mlx.chat import enable_line_editing, repl\n"
+        "from hunyuan_mlx.cli.chat import enable_line_editing, repl\n"
         "class Echo:\n"
         "    def send(self, text):\n"
         "        return iter([types.SimpleNamespace(text=f'[{text}]')])\n"

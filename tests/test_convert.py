@@ -33,7 +33,7 @@ from safetensors.numpy import save_file
 
 from hunyuan_mlx import converter as module
 from hunyuan_mlx import load_model
-from hunyuan_mlx.convert import build_parser, main
+from hunyuan_mlx.cli.convert import build_parser, main
 from hunyuan_mlx.converter import convert, parse_size
 from hunyuan_mlx.files import INDEX_FILE
 from hunyuan_mlx.models.experts import QuantizedGatheredLinear
@@ -515,8 +515,8 @@ def test_interrupt_removes_the_partial_output(untied, tmp_path, monkeypatch):
 PROG_ERROR = "python -m hunyuan_mlx.convert: error: "
 
 
-# The command's module (the package's `convert` attribute is the function).
-cli_module = importlib.import_module("hunyuan_mlx.convert")
+# The command's module, whose `convert` the interrupt test replaces.
+convert_command = importlib.import_module("hunyuan_mlx.cli.convert")
 
 
 def exit_status(argv: list[str]) -> int:
@@ -537,7 +537,7 @@ def test_cli_interrupt_exits_130(untied, tmp_path, monkeypatch, capsys):
     def interrupted(*args, **kwargs):
         raise KeyboardInterrupt
 
-    monkeypatch.setattr(cli_module, "convert", interrupted)
+    monkeypatch.setattr(convert_command, "convert", interrupted)
     assert exit_status(["--hf-path", str(untied[0]), "--mlx-path", str(tmp_path / "o")]) == 130
     assert capsys.readouterr().err.strip() == PROG_ERROR + "interrupted"
 
@@ -581,7 +581,7 @@ import sys, time
 import hunyuan_mlx.converter as converter
 write = converter._write_tensor
 converter._write_tensor = lambda *a: (time.sleep(0.05), write(*a))
-from hunyuan_mlx.convert import main
+from hunyuan_mlx.cli.convert import main
 main(sys.argv[1:])
 """
 
@@ -684,16 +684,6 @@ def test_converted_tokenizer_reads_in_transformers(tiny_release, tmp_path):
     ours = HunYuanTokenizer.from_pretrained(out)
     for text in ("Why is the sky blue?", "车系：奥迪q5l；宝马x5", "<think>\n</think>\n<answer>x"):
         assert theirs.encode(text, add_special_tokens=False) == ours.encode(text)
-
-
-def test_package_convert_stays_callable_after_the_command_is_imported(untied, tmp_path):
-    """`hunyuan_mlx.convert(...)` (README) works even once the command module was imported,
-    which binds that name in the package."""
-    import hunyuan_mlx
-
-    assert cli_module is hunyuan_mlx.convert  # this file imported the command module
-    summary = hunyuan_mlx.convert(untied[0], tmp_path / "out", dtype="float32")
-    assert summary.mlx_path == tmp_path / "out" and (tmp_path / "out" / "config.json").is_file()
 
 
 def test_mlx_lm_quant_predicate_is_an_alias(untied, tmp_path, capsys):

@@ -32,9 +32,9 @@ from helpers import (
 )
 
 from hunyuan_mlx import load_model
+from hunyuan_mlx.cli.generate import main as generate_main
 from hunyuan_mlx.converter import convert
 from hunyuan_mlx.distributed import make_plan
-from hunyuan_mlx.generate import main as generate_main
 from hunyuan_mlx.models import HunYuanMoEV1Config
 from hunyuan_mlx.models.sharding import shard_tensor
 from hunyuan_mlx.tuner.adapters import (

@@ -17,8 +17,8 @@ from helpers import TINY_CONFIG, build_torch_model, save_checkpoint, shared_dir
 from mlx.utils import tree_flatten
 
 from hunyuan_mlx import evaluation
+from hunyuan_mlx.cli.evaluate import PROG, format_table, main
 from hunyuan_mlx.converter import convert
-from hunyuan_mlx.evaluate import PROG, format_table, main
 from hunyuan_mlx.evaluation import (
     Reference,
     data_file,

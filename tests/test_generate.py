@@ -12,9 +12,9 @@ import mlx.core as mx
 import pytest
 from helpers import EOS
 
-from hunyuan_mlx.generate import build_parser, main
+from hunyuan_mlx.cli.generate import build_parser, main
+from hunyuan_mlx.cli.options import settings_from_args
 from hunyuan_mlx.generation.display import DIM, RESET, ThinkingPrinter
-from hunyuan_mlx.generation.options import settings_from_args
 from hunyuan_mlx.generation.settings import GenerationSettings
 from hunyuan_mlx.generation.stream import build_prompt, generate, stream_generate
 
@@ -207,7 +207,7 @@ def test_mlx_lm_habits_verbose_value_and_default_prompt(tiny_release, capsys):
 
 def test_dtype_flag_reaches_the_loader(tiny_release, capsys, monkeypatch):
     """--dtype (default auto: float32 on the CPU backend) is what the model is loaded with."""
-    import hunyuan_mlx.generation.options as options
+    import hunyuan_mlx.cli.options as options
 
     seen = []
     real_load = options.load

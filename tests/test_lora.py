@@ -34,9 +34,9 @@ from mlx_lm.tuner.callbacks import TrainingCallback
 from mlx_lm.tuner.trainer import iterate_batches
 
 from hunyuan_mlx import load, load_model
+from hunyuan_mlx.cli.fuse import main as fuse_main
+from hunyuan_mlx.cli.lora import main as lora_main
 from hunyuan_mlx.files import read_jsonl
-from hunyuan_mlx.fuse import main as fuse_main
-from hunyuan_mlx.lora import main as lora_main
 from hunyuan_mlx.models import FastPaths, HunYuanMoEV1Config, HunYuanMoEV1ForCausalLM
 from hunyuan_mlx.models.fast_paths import set_fast_paths, using
 from hunyuan_mlx.models.hf_compat import IGNORE_INDEX
@@ -393,7 +393,7 @@ def test_cli_with_yaml_config_full_vocabulary(tmp_path_factory, full_vocab_model
 
 def test_yaml_takes_mlx_lm_lora_parameters(tmp_path, capsys):
     """mlx-lm's `lora_parameters: {rank, scale, dropout, keys}` block sets our fields."""
-    from hunyuan_mlx.lora import build_parser, config_from_args
+    from hunyuan_mlx.cli.lora import build_parser, config_from_args
 
     config_file = tmp_path / "lora.yaml"
     config_file.write_text(

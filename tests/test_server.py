@@ -13,9 +13,9 @@ from pathlib import Path
 import pytest
 from helpers import serve, server_command
 
+from hunyuan_mlx.cli.server import build_parser
 from hunyuan_mlx.generation.settings import GenerationSettings
 from hunyuan_mlx.serve.app import Service
-from hunyuan_mlx.server import build_parser
 
 openai = pytest.importorskip("openai")
 
@@ -327,7 +327,7 @@ def test_chat_template_args_are_checked_at_startup(capsys):
 
 @pytest.mark.parametrize("port", ["-5", "70000"])
 def test_bad_port_is_refused_before_loading(port):
-    from hunyuan_mlx.server import build_service
+    from hunyuan_mlx.cli.server import build_service
 
     args = build_parser().parse_args(["--model", "/no/such/model", "--port", port])
     with pytest.raises(ValueError, match=f"--port must be in 0..65535, got {port}"):

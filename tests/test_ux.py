@@ -5,7 +5,7 @@ from __future__ import annotations
 import pytest
 from helpers import RELEASE_FILES, load_example, shared_dir
 
-from hunyuan_mlx.generate import main as generate_main
+from hunyuan_mlx.cli.generate import main as generate_main
 
 
 def test_quickstart_saves_a_checkpoint_the_commands_run_on(tmp_path, capsys):

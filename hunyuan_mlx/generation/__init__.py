@@ -1,6 +1,5 @@
 """Generation: settings (`settings`), the chat-template prompt and streaming loop (`stream`),
-multi-turn chat with a kept KV cache (`session`), terminal display (`display`) and the flags the
-commands share (`options`)."""
+multi-turn chat with a kept KV cache (`session`) and terminal display (`display`)."""
 
 from .session import ChatSession
 from .settings import GenerationSettings

@@ -13,12 +13,12 @@ from typing import Any, TextIO
 import mlx.core as mx
 from mlx_lm.models.cache import load_prompt_cache
 
-from ..cli import add_debug_argument
 from ..distributed import shared_seed
+from ..generation.settings import GenerationSettings
 from ..loading import DEFAULT_LOAD_DTYPE, LOAD_DTYPES, load, resolve_model_path
 from ..models import HunYuanMoEV1ForCausalLM
 from ..tokenizer import HunYuanTokenizer
-from .settings import GenerationSettings
+from . import add_debug_argument
 
 TRUE_WORDS, FALSE_WORDS = ("true", "t", "yes", "1"), ("false", "f", "no", "0")
 

@@ -6,20 +6,16 @@ Flag names are mlx_lm.convert's where it has the flag; the work is `hunyuan_mlx.
 from __future__ import annotations
 
 import argparse
-import sys
-import types
-from typing import Any
 
-from .cli import add_debug_argument, add_force_argument, run_main
-from .converter import (
+from ..converter import (
     DEFAULT_MLX_PATH,
     DTYPES,
     Q_MODE_DEFAULTS,
     ConversionOptions,
-    ConversionSummary,
     convert,
 )
-from .quantize import MLX_LM_RECIPES, QUANT_RECIPES
+from ..quantize import MLX_LM_RECIPES, QUANT_RECIPES
+from . import add_debug_argument, add_force_argument, run_main
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -83,16 +79,6 @@ def main(argv: list[str] | None = None) -> None:
     with run_main(parser.prog, args.pop("debug")):
         convert(**args)
 
-
-class _CallableModule(types.ModuleType):
-    """This module, callable as `converter.convert`: importing it binds `hunyuan_mlx.convert` to
-    it, in place of that function, which the package exports under the same name."""
-
-    def __call__(self, *args: Any, **kwargs: Any) -> ConversionSummary:
-        return convert(*args, **kwargs)
-
-
-sys.modules[__name__].__class__ = _CallableModule
 
 if __name__ == "__main__":
     main()

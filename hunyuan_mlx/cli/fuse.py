@@ -4,8 +4,8 @@ from __future__ import annotations
 
 import argparse
 
-from .cli import add_debug_argument, add_force_argument, run_main
-from .tuner.fuse import DEFAULT_ADAPTER_PATH, DEFAULT_SAVE_PATH, fuse
+from ..tuner.fuse import DEFAULT_ADAPTER_PATH, DEFAULT_SAVE_PATH, fuse
+from . import add_debug_argument, add_force_argument, run_main
 
 
 def build_parser() -> argparse.ArgumentParser:

@@ -16,8 +16,7 @@ from typing import Any
 
 import mlx.core as mx
 
-from .cli import add_debug_argument, run_main
-from .evaluation import (
+from ..evaluation import (
     DEFAULT_BATCH_SIZE,
     DEFAULT_NUM_SAMPLES,
     DEFAULT_SEED,
@@ -30,8 +29,9 @@ from .evaluation import (
     read_data,
     sample_windows,
 )
-from .loading import load_model, resolve_model_path
-from .tokenizer import HunYuanTokenizer
+from ..loading import load_model, resolve_model_path
+from ..tokenizer import HunYuanTokenizer
+from . import add_debug_argument, run_main
 
 PROG = "python -m hunyuan_mlx.evaluate"
 GB = 1e9

@@ -12,7 +12,7 @@ import traceback
 from collections.abc import Iterator, Sequence
 from signal import SIGINT
 
-from .interrupts import Interrupted
+from ..interrupts import Interrupted
 
 # Command -> the module whose `main(argv)` runs it (`python -m hunyuan_mlx.<command>` too).
 COMMANDS = {
@@ -77,4 +77,4 @@ def main(argv: Sequence[str] | None = None) -> None:
             print(f"hunyuan-mlx: error: unknown command {argv[0]!r}", file=sys.stderr)
             raise SystemExit(2)
         raise SystemExit(0 if argv else 2)
-    importlib.import_module(f"hunyuan_mlx.{argv[0]}").main(argv[1:])
+    importlib.import_module(f"hunyuan_mlx.cli.{argv[0]}").main(argv[1:])

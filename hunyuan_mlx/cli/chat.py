@@ -9,16 +9,16 @@ from typing import TextIO
 
 from mlx_lm.chat import DEFAULT_MAX_TOKENS as CHAT_MAX_TOKENS
 
-from .cli import run_main
-from .distributed import init_group
-from .generation.display import ThinkingPrinter, print_stream
-from .generation.options import (
+from ..distributed import init_group
+from ..generation.display import ThinkingPrinter, print_stream
+from ..generation.session import ChatSession
+from . import run_main
+from .options import (
     add_common_arguments,
     add_generation_arguments,
     prepare,
     rank_output,
 )
-from .generation.session import ChatSession
 
 BLOCK = '"""'  # a line with only this opens, and closes, a multi-line message
 QUIT_WORDS = ("/exit", "/quit", "q")  # q: as mlx-lm's chat

@@ -18,22 +18,22 @@ from typing import Any
 
 import mlx.core as mx
 
-from .cli import add_debug_argument, run_main
-from .distributed import init_group, shared_seed, together
-from .generation.options import (
-    add_generation_arguments,
-    add_model_arguments,
-    settings_from_args,
-)
-from .loading import load, resolve_model_path
-from .serve.app import DEFAULT_HOST, DEFAULT_MAX_REQUEST_BYTES, DEFAULT_PORT, Server, Service
-from .serve.engine import (
+from ..distributed import init_group, shared_seed, together
+from ..loading import load, resolve_model_path
+from ..serve.app import DEFAULT_HOST, DEFAULT_MAX_REQUEST_BYTES, DEFAULT_PORT, Server, Service
+from ..serve.engine import (
     DEFAULT_DECODE_CONCURRENCY,
     DEFAULT_PROMPT_CONCURRENCY,
     BatchEngine,
     Engine,
 )
-from .serve.prompt_cache import DEFAULT_PROMPT_CACHE_SIZE, PromptCache
+from ..serve.prompt_cache import DEFAULT_PROMPT_CACHE_SIZE, PromptCache
+from . import add_debug_argument, run_main
+from .options import (
+    add_generation_arguments,
+    add_model_arguments,
+    settings_from_args,
+)
 
 SERVER_MAX_TOKENS = 512  # mlx-lm server's --max-tokens default
 MAX_PORT = 65535

@@ -12,10 +12,8 @@ from typing import Any
 
 import yaml
 
-from .cli import add_debug_argument, run_main
-from .generation.options import add_dtype_argument
-from .tuner.adapters import FINE_TUNE_TYPES, LORA_TARGETS
-from .tuner.trainer import (
+from ..tuner.adapters import FINE_TUNE_TYPES, LORA_TARGETS
+from ..tuner.trainer import (
     LR_SCHEDULES,
     METRICS_FILE,
     OPTIMIZERS,
@@ -23,6 +21,8 @@ from .tuner.trainer import (
     LoRAConfig,
     run,
 )
+from . import add_debug_argument, run_main
+from .options import add_dtype_argument
 
 
 def build_parser() -> argparse.ArgumentParser:

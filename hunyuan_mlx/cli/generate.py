@@ -8,10 +8,17 @@ from collections.abc import Sequence
 
 from mlx_lm.generate import DEFAULT_PROMPT
 
-from .cli import run_main
-from .distributed import init_group
-from .generation.display import ThinkingPrinter, print_stream
-from .generation.options import (
+from ..distributed import init_group
+from ..generation.display import ThinkingPrinter, print_stream
+from ..generation.settings import GENERATE_MAX_TOKENS
+from ..generation.stream import (
+    DEFAULT_NUM_DRAFT_TOKENS,
+    build_prompt,
+    require_text,
+    stream_generate,
+)
+from . import run_main
+from .options import (
     add_common_arguments,
     add_generation_arguments,
     eos_ids,
@@ -20,13 +27,6 @@ from .generation.options import (
     prepare,
     rank_output,
     template_config,
-)
-from .generation.settings import GENERATE_MAX_TOKENS
-from .generation.stream import (
-    DEFAULT_NUM_DRAFT_TOKENS,
-    build_prompt,
-    require_text,
-    stream_generate,
 )
 
 
