@@ -142,6 +142,3 @@ def main(argv: Sequence[str] | None = None) -> None:
             verbose=args.verbose and first,
         )
 
-
-if __name__ == "__main__":
-    main()

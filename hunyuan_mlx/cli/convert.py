@@ -79,6 +79,3 @@ def main(argv: list[str] | None = None) -> None:
     with run_main(parser.prog, args.pop("debug")):
         convert(**args)
 
-
-if __name__ == "__main__":
-    main()

@@ -159,6 +159,3 @@ def main(argv: Sequence[str] | None = None) -> None:
         record = run(args)
     print(json.dumps(record) if args.json else format_table(record))
 
-
-if __name__ == "__main__":
-    main()

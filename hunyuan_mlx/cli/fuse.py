@@ -37,6 +37,3 @@ def main(argv: list[str] | None = None) -> None:
         out = fuse(args.model, args.adapter_path, args.save_path, args.dequantize, args.force)
     print(f"Saved the fused model to {out}")
 
-
-if __name__ == "__main__":
-    main()

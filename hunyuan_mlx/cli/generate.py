@@ -119,6 +119,3 @@ def main(argv: Sequence[str] | None = None) -> None:
         printer = ThinkingPrinter(rank_output(group, sys.stdout), hide=args.hide_thinking)
         print_stream(responses, printer, args.verbose and group.rank() == 0)
 
-
-if __name__ == "__main__":
-    main()

@@ -155,6 +155,3 @@ def main(argv: list[str] | None = None) -> None:
     with run_main(parser.prog, args.debug):
         run(config_from_args(args))
 
-
-if __name__ == "__main__":
-    main()

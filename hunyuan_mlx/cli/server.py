@@ -194,6 +194,3 @@ def main(argv: Sequence[str] | None = None) -> None:
             server.server_close()
             service.engine.close()
 
-
-if __name__ == "__main__":
-    main()
