@@ -8,7 +8,6 @@ The model side of the split is `models/sharding.py`; `loading.load_model(group=.
 from __future__ import annotations
 
 import json
-import os
 import re
 import socket
 import traceback
@@ -19,7 +18,7 @@ from typing import Any, TypeVar
 import mlx.core as mx
 import numpy as np
 
-from .cli import DEBUG_ENV
+from .interrupts import debug_from_env
 from .models import HunYuanMoEV1Config
 from .quantize import module_params
 
@@ -135,7 +134,7 @@ def together(group: mx.distributed.Group | None, step: Callable[[], T]) -> T:
     try:
         result = step()
     except Exception as e:  # anything: a rank that stops without telling the others hangs them
-        if os.environ.get(DEBUG_ENV, "") not in ("", "0"):
+        if debug_from_env():
             traceback.print_exc()
         message = str(e) if isinstance(e, (OSError, ValueError)) else f"{type(e).__name__}: {e}"
     failures = gather_messages(group, f"{socket.gethostname()}\n{message}" if message else "")

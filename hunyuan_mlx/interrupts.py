@@ -1,16 +1,24 @@
 """Interrupts that leave nothing half-done: SIGTERM and SIGHUP (a closed terminal) handled as
-Ctrl-C is, either at once (`signals_as_interrupts`) or at the next safe point (`deferred`)."""
+Ctrl-C is, either at once (`signals_as_interrupts`) or at the next safe point (`deferred`); and
+`DEBUG_ENV`, which asks every failure report (a command's, a rank's) for its traceback."""
 
 from __future__ import annotations
 
 import contextlib
+import os
 import signal
 import threading
 from collections.abc import Callable, Iterator
 from types import FrameType
 
+DEBUG_ENV = "HUNYUAN_MLX_DEBUG"  # set to 1 for tracebacks instead of one-line errors
 # SIGHUP does not exist on Windows.
 SIGNALS = tuple(s for s in (signal.SIGINT, signal.SIGTERM, getattr(signal, "SIGHUP", None)) if s)
+
+
+def debug_from_env() -> bool:
+    """Whether `DEBUG_ENV` asks for tracebacks (set, and not to 0)."""
+    return os.environ.get(DEBUG_ENV, "") not in ("", "0")
 
 
 class Interrupted(KeyboardInterrupt):
