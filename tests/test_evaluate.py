@@ -17,7 +17,7 @@ from helpers import TINY_CONFIG, build_torch_model, save_checkpoint, shared_dir
 from mlx.utils import tree_flatten
 
 from hunyuan_mlx import evaluation
-from hunyuan_mlx.cli.evaluate import PROG, format_table, main
+from hunyuan_mlx.cli.evaluate import format_table, main
 from hunyuan_mlx.converter import convert
 from hunyuan_mlx.evaluation import (
     Reference,
@@ -247,7 +247,7 @@ def cli_error(capsys, argv: list[str]) -> str:
     captured = capsys.readouterr()
     assert captured.out == ""
     lines = captured.err.strip().splitlines()
-    assert len(lines) == 1 and lines[0].startswith(f"{PROG}: error: ")
+    assert len(lines) == 1 and lines[0].startswith("python -m hunyuan_mlx.evaluate: error: ")
     return lines[0]
 
 

@@ -1,11 +1,59 @@
-"""A new user's first steps: the quickstart's kept checkpoint that the commands run on."""
+"""A new user's first steps: the `hunyuan-mlx` command's help and version, and the quickstart's
+kept checkpoint that the commands run on."""
 
 from __future__ import annotations
+
+import importlib
+import sys
 
 import pytest
 from helpers import RELEASE_FILES, load_example, shared_dir
 
+import hunyuan_mlx
+from hunyuan_mlx import cli
 from hunyuan_mlx.cli.generate import main as generate_main
+
+
+def dispatch(argv: list[str]) -> int:
+    """The exit status of `hunyuan-mlx ARGV` run in this process."""
+    with pytest.raises(SystemExit) as exit_info:
+        cli.main(argv)
+    return exit_info.value.code
+
+
+@pytest.mark.parametrize("command", list(cli.COMMANDS))
+def test_command_usage_reads_as_the_user_typed_it(command, capsys, monkeypatch):
+    """`hunyuan-mlx CMD --help` and its errors say `hunyuan-mlx CMD`; the console script
+    `hunyuan-mlx-CMD` says its own name; called from Python, `python -m hunyuan_mlx.CMD`."""
+    assert dispatch([command, "--help"]) == 0
+    assert capsys.readouterr().out.startswith(f"usage: hunyuan-mlx {command} [-h]")
+    assert dispatch([command, "--no-such-flag"]) == 2
+    assert f"\nhunyuan-mlx {command}: error: " in capsys.readouterr().err
+    main = importlib.import_module(f"hunyuan_mlx.cli.{command}").main
+    for argv0, prog in [
+        (f"/venv/bin/hunyuan-mlx-{command}", f"hunyuan-mlx-{command}"),
+        ("pytest", f"python -m hunyuan_mlx.{command}"),
+    ]:
+        monkeypatch.setattr(sys, "argv", [argv0])
+        with pytest.raises(SystemExit):
+            main(["--help"])
+        assert capsys.readouterr().out.startswith(f"usage: {prog} [-h]")
+
+
+def test_version(capsys):
+    cli.main(["--version"])
+    assert capsys.readouterr().out == f"hunyuan-mlx {hunyuan_mlx.__version__}\n"
+
+
+def test_help_lists_the_commands_and_where_their_flags_are(capsys):
+    """`hunyuan-mlx --help` exits 0; no command exits 2; an unknown one is named."""
+    assert dispatch(["--help"]) == 0
+    shown = capsys.readouterr().err
+    assert "Run `hunyuan-mlx <command> --help` for a command's flags." in shown
+    assert all(f"\n  {command} " in shown for command in cli.COMMANDS)
+    assert dispatch([]) == 2
+    assert dispatch(["genrate"]) == 2
+    assert "hunyuan-mlx: error: unknown command 'genrate'" in capsys.readouterr().err
 
 
 def test_quickstart_saves_a_checkpoint_the_commands_run_on(tmp_path, capsys):

@@ -1,20 +1,22 @@
-"""`hunyuan-mlx <command>` (also `python -m hunyuan_mlx <command>`), and `run_main`, the error
-handling every command's `main` shares."""
+"""The commands: `hunyuan-mlx <command>` (also `python -m hunyuan_mlx <command>`) dispatches to
+`cli/<command>.py`, whose `main(argv, prog)` every entry point calls; `run_main` is the error
+handling they share, `options` the flags several of them take."""
 
 from __future__ import annotations
 
 import argparse
 import contextlib
 import importlib
-import os
 import sys
 import traceback
 from collections.abc import Iterator, Sequence
+from pathlib import Path
 from signal import SIGINT
 
-from ..interrupts import Interrupted
+from .. import __version__
+from ..interrupts import DEBUG_ENV, Interrupted, debug_from_env
 
-# Command -> the module whose `main(argv)` runs it (`python -m hunyuan_mlx.<command>` too).
+# Command -> what it does; `hunyuan_mlx.cli.<command>.main` runs it.
 COMMANDS = {
     "convert": "Convert a Hugging Face checkpoint to MLX (optionally quantized)",
     "generate": "Generate one answer",
@@ -24,7 +26,6 @@ COMMANDS = {
     "server": "Serve an OpenAI-compatible HTTP API",
     "evaluate": "Perplexity, and divergence from a reference model",
 }
-DEBUG_ENV = "HUNYUAN_MLX_DEBUG"  # set to 1 for tracebacks instead of one-line errors
 # What a user's input can cause (a bad path, value, file or flag combination, MLX refusing it).
 USER_ERRORS = (OSError, ValueError, RuntimeError)
 
@@ -50,7 +51,7 @@ def run_main(prog: str, debug: bool = False) -> Iterator[None]:
     """Errors a user can cause become `prog: error: message` on stderr and exit status 1, as
     argparse reports a bad flag; Ctrl-C exits with 130, SIGTERM and SIGHUP (when raised as
     `Interrupted`) with 128 + their number. `debug` keeps the traceback."""
-    debug = debug or os.environ.get(DEBUG_ENV, "") not in ("", "0")
+    debug = debug or debug_from_env()
     try:
         yield
     except USER_ERRORS as e:
@@ -66,15 +67,31 @@ def run_main(prog: str, debug: bool = False) -> Iterator[None]:
         raise SystemExit(e.exit_status if isinstance(e, Interrupted) else 128 + SIGINT) from None
 
 
+def command_prog(command: str) -> str:
+    """`command` as the user ran it, for usage lines and errors: its console script
+    (`hunyuan-mlx-<command>`) when run as one, else `python -m hunyuan_mlx.<command>`; the
+    dispatcher passes `hunyuan-mlx <command>` itself."""
+    script = f"hunyuan-mlx-{command}"
+    return script if Path(sys.argv[0]).name == script else f"python -m hunyuan_mlx.{command}"
+
+
 def main(argv: Sequence[str] | None = None) -> None:
     """Run `hunyuan-mlx <command> [flags]`: the command's own `main` with the flags."""
     argv = list(sys.argv[1:] if argv is None else argv)
+    if argv and argv[0] == "--version":
+        print(f"hunyuan-mlx {__version__}")
+        return
     if not argv or argv[0] in ("-h", "--help") or argv[0] not in COMMANDS:
         width = max(map(len, COMMANDS))
         lines = "\n".join(f"  {name:<{width}}  {what}" for name, what in COMMANDS.items())
-        print(f"usage: hunyuan-mlx <command> [flags]\n\ncommands:\n{lines}", file=sys.stderr)
+        print(
+            f"usage: hunyuan-mlx <command> [flags]\n       hunyuan-mlx --version\n\n"
+            f"commands:\n{lines}\n\nRun `hunyuan-mlx <command> --help` for a command's flags.",
+            file=sys.stderr,
+        )
         if argv and argv[0] not in ("-h", "--help"):
             print(f"hunyuan-mlx: error: unknown command {argv[0]!r}", file=sys.stderr)
             raise SystemExit(2)
         raise SystemExit(0 if argv else 2)
-    importlib.import_module(f"hunyuan_mlx.cli.{argv[0]}").main(argv[1:])
+    command = importlib.import_module(f"hunyuan_mlx.cli.{argv[0]}")
+    command.main(argv[1:], prog=f"hunyuan-mlx {argv[0]}")

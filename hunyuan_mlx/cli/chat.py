@@ -12,7 +12,7 @@ from mlx_lm.chat import DEFAULT_MAX_TOKENS as CHAT_MAX_TOKENS
 from ..distributed import init_group
 from ..generation.display import ThinkingPrinter, print_stream
 from ..generation.session import ChatSession
-from . import run_main
+from . import command_prog, run_main
 from .options import (
     add_common_arguments,
     add_generation_arguments,
@@ -114,19 +114,20 @@ def repl(
             print(f"Cache: {session.reused} prompt tokens reused", file=sys.stderr)
 
 
-def build_parser() -> argparse.ArgumentParser:
-    """The `python -m hunyuan_mlx.chat` flags (mlx-lm's names)."""
+def build_parser(prog: str | None = None) -> argparse.ArgumentParser:
+    """The chat command's flags (mlx-lm's names)."""
     parser = argparse.ArgumentParser(
-        prog="python -m hunyuan_mlx.chat", description="Chat with a HunYuan model"
+        prog=prog or command_prog("chat"),
+        description="Chat with a HunYuan model",
     )
     add_common_arguments(parser)
     add_generation_arguments(parser, max_tokens=CHAT_MAX_TOKENS)
     return parser
 
 
-def main(argv: Sequence[str] | None = None) -> None:
+def main(argv: Sequence[str] | None = None, prog: str | None = None) -> None:
     """CLI entry point: a chat on stdin/stdout."""
-    parser = build_parser()
+    parser = build_parser(prog)
     args = parser.parse_args(argv)
     with run_main(parser.prog, args.debug):
         group = init_group()  # size 1 unless run by mlx.launch, which gives every rank stdin

@@ -15,14 +15,14 @@ from ..converter import (
     convert,
 )
 from ..quantize import MLX_LM_RECIPES, QUANT_RECIPES
-from . import add_debug_argument, add_force_argument, run_main
+from . import add_debug_argument, add_force_argument, command_prog, run_main
 
 
-def build_parser() -> argparse.ArgumentParser:
+def build_parser(prog: str | None = None) -> argparse.ArgumentParser:
     """The command line, with mlx_lm.convert's flag names where it has the flag."""
     d = ConversionOptions()
     parser = argparse.ArgumentParser(
-        prog="python -m hunyuan_mlx.convert",
+        prog=prog or command_prog("convert"),
         description="Convert a HunYuan MoE V1 checkpoint to MLX (streaming, optionally quantized).",
     )
     parser.add_argument(
@@ -72,9 +72,9 @@ def build_parser() -> argparse.ArgumentParser:
     return parser
 
 
-def main(argv: list[str] | None = None) -> None:
+def main(argv: list[str] | None = None, prog: str | None = None) -> None:
     """CLI entry point: convert, then print the summary."""
-    parser = build_parser()
+    parser = build_parser(prog)
     args = vars(parser.parse_args(argv))
     with run_main(parser.prog, args.pop("debug")):
         convert(**args)

@@ -31,16 +31,16 @@ from ..evaluation import (
 )
 from ..loading import load_model, resolve_model_path
 from ..tokenizer import HunYuanTokenizer
-from . import add_debug_argument, run_main
+from . import add_debug_argument, command_prog, run_main
 
-PROG = "python -m hunyuan_mlx.evaluate"
 GB = 1e9
 
 
-def build_parser() -> argparse.ArgumentParser:
+def build_parser(prog: str | None = None) -> argparse.ArgumentParser:
     """The command's flags; names and meanings follow mlx_lm.perplexity."""
     parser = argparse.ArgumentParser(
-        prog=PROG, description="Perplexity of a HunYuan model and its divergence from a reference"
+        prog=prog or command_prog("evaluate"),
+        description="Perplexity of a HunYuan model and its divergence from a reference",
     )
     parser.add_argument("--model", required=True, help="Checkpoint directory or Hub repo id")
     parser.add_argument(
@@ -152,10 +152,11 @@ def format_table(record: dict[str, Any]) -> str:
     return "\n".join(lines)
 
 
-def main(argv: Sequence[str] | None = None) -> None:
+def main(argv: Sequence[str] | None = None, prog: str | None = None) -> None:
     """CLI entry point: results on stdout; a user's error is one line on stderr and exit 1."""
-    args = build_parser().parse_args(argv)
-    with run_main(PROG, args.debug):
+    parser = build_parser(prog)
+    args = parser.parse_args(argv)
+    with run_main(parser.prog, args.debug):
         record = run(args)
     print(json.dumps(record) if args.json else format_table(record))
 

@@ -5,12 +5,14 @@ from __future__ import annotations
 import argparse
 
 from ..tuner.fuse import DEFAULT_ADAPTER_PATH, DEFAULT_SAVE_PATH, fuse
-from . import add_debug_argument, add_force_argument, run_main
+from . import add_debug_argument, add_force_argument, command_prog, run_main
 
 
-def build_parser() -> argparse.ArgumentParser:
+def build_parser(prog: str | None = None) -> argparse.ArgumentParser:
+    """The fuse command's flags (mlx_lm.fuse's names)."""
     parser = argparse.ArgumentParser(
-        prog="python -m hunyuan_mlx.fuse", description="Fuse trained adapters into a HunYuan model."
+        prog=prog or command_prog("fuse"),
+        description="Fuse trained adapters into a HunYuan model.",
     )
     parser.add_argument("--model", required=True, help="Local model directory or Hub repo id.")
     parser.add_argument(
@@ -29,9 +31,9 @@ def build_parser() -> argparse.ArgumentParser:
     return parser
 
 
-def main(argv: list[str] | None = None) -> None:
+def main(argv: list[str] | None = None, prog: str | None = None) -> None:
     """CLI entry point: fuse and save."""
-    parser = build_parser()
+    parser = build_parser(prog)
     args = parser.parse_args(argv)
     with run_main(parser.prog, args.debug):
         out = fuse(args.model, args.adapter_path, args.save_path, args.dequantize, args.force)

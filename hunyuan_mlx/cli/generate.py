@@ -17,7 +17,7 @@ from ..generation.stream import (
     require_text,
     stream_generate,
 )
-from . import run_main
+from . import command_prog, run_main
 from .options import (
     add_common_arguments,
     add_generation_arguments,
@@ -30,10 +30,11 @@ from .options import (
 )
 
 
-def build_parser() -> argparse.ArgumentParser:
-    """The `python -m hunyuan_mlx.generate` flags (mlx-lm's names)."""
+def build_parser(prog: str | None = None) -> argparse.ArgumentParser:
+    """The generate command's flags (mlx-lm's names)."""
     parser = argparse.ArgumentParser(
-        prog="python -m hunyuan_mlx.generate", description="Generate text with a HunYuan model"
+        prog=prog or command_prog("generate"),
+        description="Generate text with a HunYuan model",
     )
     add_common_arguments(parser)
     parser.add_argument(
@@ -79,9 +80,9 @@ def build_parser() -> argparse.ArgumentParser:
     return parser
 
 
-def main(argv: Sequence[str] | None = None) -> None:
+def main(argv: Sequence[str] | None = None, prog: str | None = None) -> None:
     """CLI entry point: stream one answer to stdout."""
-    parser = build_parser()
+    parser = build_parser(prog)
     args = parser.parse_args(argv)
     with run_main(parser.prog, args.debug):
         # Checked before loading, which can take minutes.

@@ -21,15 +21,15 @@ from ..tuner.trainer import (
     LoRAConfig,
     run,
 )
-from . import add_debug_argument, run_main
+from . import add_debug_argument, command_prog, run_main
 from .options import add_dtype_argument
 
 
-def build_parser() -> argparse.ArgumentParser:
+def build_parser(prog: str | None = None) -> argparse.ArgumentParser:
     """CLI flags for every `LoRAConfig` field; unset flags stay None so YAML values can apply."""
     d = LoRAConfig()
     p = argparse.ArgumentParser(
-        prog="python -m hunyuan_mlx.lora",
+        prog=prog or command_prog("lora"),
         description="LoRA, DoRA or full fine-tuning of HunYuan MoE V1.",
     )
     p.add_argument("--model", help="Local model directory or Hub repo id.")
@@ -148,9 +148,9 @@ def config_from_args(args: argparse.Namespace) -> LoRAConfig:
     return LoRAConfig(**merged)
 
 
-def main(argv: list[str] | None = None) -> None:
+def main(argv: list[str] | None = None, prog: str | None = None) -> None:
     """CLI entry point: train and/or test as the flags and YAML config say."""
-    parser = build_parser()
+    parser = build_parser(prog)
     args = parser.parse_args(argv)
     with run_main(parser.prog, args.debug):
         run(config_from_args(args))

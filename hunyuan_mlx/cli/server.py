@@ -28,7 +28,7 @@ from ..serve.engine import (
     Engine,
 )
 from ..serve.prompt_cache import DEFAULT_PROMPT_CACHE_SIZE, PromptCache
-from . import add_debug_argument, run_main
+from . import add_debug_argument, command_prog, run_main
 from .options import (
     add_generation_arguments,
     add_model_arguments,
@@ -47,10 +47,11 @@ def json_object(text: str) -> dict[str, Any]:
     return value
 
 
-def build_parser() -> argparse.ArgumentParser:
-    """The `python -m hunyuan_mlx.server` flags (mlx-lm server's names and defaults)."""
+def build_parser(prog: str | None = None) -> argparse.ArgumentParser:
+    """The server command's flags (mlx-lm server's names and defaults)."""
     parser = argparse.ArgumentParser(
-        prog="python -m hunyuan_mlx.server", description="OpenAI-compatible HunYuan server"
+        prog=prog or command_prog("server"),
+        description="OpenAI-compatible HunYuan server",
     )
     add_model_arguments(parser)
     parser.add_argument(
@@ -169,9 +170,9 @@ def build_service(args: argparse.Namespace, group: mx.distributed.Group | None =
     )
 
 
-def main(argv: Sequence[str] | None = None) -> None:
+def main(argv: Sequence[str] | None = None, prog: str | None = None) -> None:
     """CLI entry point: serve until interrupted."""
-    parser = build_parser()
+    parser = build_parser(prog)
     args = parser.parse_args(argv)
     logging.basicConfig(
         level=getattr(logging, args.log_level), format="%(asctime)s - %(levelname)s - %(message)s"
