@@ -26,7 +26,8 @@ import mlx.core as mx
 from mlx.utils import tree_flatten
 
 import hunyuan_mlx
-from hunyuan_mlx.cli import add_debug_argument, run_main
+from hunyuan_mlx.cli import run_main
+from hunyuan_mlx.cli.options import add_debug_argument
 
 RELEASE = Path(__file__).resolve().parents[1].parent / "shared" / "hunyuan-a13b"
 TOKENIZER_FILES = ("hy.tiktoken", "tokenizer_config.json", "generation_config.json")

@@ -18,7 +18,8 @@ from typing import Any
 from tqdm import tqdm
 
 from hunyuan_mlx import load
-from hunyuan_mlx.cli import add_debug_argument, run_main
+from hunyuan_mlx.cli import run_main
+from hunyuan_mlx.cli.options import add_debug_argument
 from hunyuan_mlx.files import read_jsonl
 
 NAME_SEPARATOR = "；"

@@ -4,7 +4,6 @@ handling they share, `options` the flags several of them take."""
 
 from __future__ import annotations
 
-import argparse
 import contextlib
 import importlib
 import sys
@@ -14,7 +13,7 @@ from pathlib import Path
 from signal import SIGINT
 
 from .. import __version__
-from ..interrupts import DEBUG_ENV, Interrupted, debug_from_env
+from ..interrupts import Interrupted, debug_from_env
 
 # Command -> what it does; `hunyuan_mlx.cli.<command>.main` runs it.
 COMMANDS = {
@@ -28,22 +27,6 @@ COMMANDS = {
 }
 # What a user's input can cause (a bad path, value, file or flag combination, MLX refusing it).
 USER_ERRORS = (OSError, ValueError, RuntimeError)
-
-
-def add_force_argument(parser: argparse.ArgumentParser) -> None:
-    """`--force`: replace a non-empty output folder (the commands that write one)."""
-    parser.add_argument(
-        "--force", action="store_true", help="Replace an existing non-empty output directory."
-    )
-
-
-def add_debug_argument(parser: argparse.ArgumentParser) -> None:
-    """`--debug`: show the traceback of an error instead of its one line."""
-    parser.add_argument(
-        "--debug",
-        action="store_true",
-        help=f"Print the traceback of an error (also: {DEBUG_ENV}=1)",
-    )
 
 
 @contextlib.contextmanager

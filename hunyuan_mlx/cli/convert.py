@@ -15,7 +15,8 @@ from ..converter import (
     convert,
 )
 from ..quantize import MLX_LM_RECIPES, QUANT_RECIPES
-from . import add_debug_argument, add_force_argument, command_prog, run_main
+from . import command_prog, run_main
+from .options import add_debug_argument, add_force_argument
 
 
 def build_parser(prog: str | None = None) -> argparse.ArgumentParser:

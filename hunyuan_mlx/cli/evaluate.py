@@ -31,7 +31,8 @@ from ..evaluation import (
 )
 from ..loading import load_model, resolve_model_path
 from ..tokenizer import HunYuanTokenizer
-from . import add_debug_argument, command_prog, run_main
+from . import command_prog, run_main
+from .options import add_debug_argument
 
 GB = 1e9
 

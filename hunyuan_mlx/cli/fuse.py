@@ -5,7 +5,8 @@ from __future__ import annotations
 import argparse
 
 from ..tuner.fuse import DEFAULT_ADAPTER_PATH, DEFAULT_SAVE_PATH, fuse
-from . import add_debug_argument, add_force_argument, command_prog, run_main
+from . import command_prog, run_main
+from .options import add_debug_argument, add_force_argument
 
 
 def build_parser(prog: str | None = None) -> argparse.ArgumentParser:

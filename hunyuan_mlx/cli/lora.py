@@ -21,8 +21,8 @@ from ..tuner.trainer import (
     LoRAConfig,
     run,
 )
-from . import add_debug_argument, command_prog, run_main
-from .options import add_dtype_argument
+from . import command_prog, run_main
+from .options import add_debug_argument, add_dtype_argument
 
 
 def build_parser(prog: str | None = None) -> argparse.ArgumentParser:

@@ -1,4 +1,5 @@
-"""The flags `generate`, `chat` and the server share, and what they load from parsed flags."""
+"""The flags several commands share (`--debug`, `--force`; the model, prompt and sampling flags
+of `generate`, `chat` and the server), and what those commands load from parsed flags."""
 
 from __future__ import annotations
 
@@ -15,12 +16,28 @@ from mlx_lm.models.cache import load_prompt_cache
 
 from ..distributed import shared_seed
 from ..generation.settings import GenerationSettings
+from ..interrupts import DEBUG_ENV
 from ..loading import DEFAULT_LOAD_DTYPE, LOAD_DTYPES, load, resolve_model_path
 from ..models import HunYuanMoEV1ForCausalLM
 from ..tokenizer import HunYuanTokenizer
-from . import add_debug_argument
 
 TRUE_WORDS, FALSE_WORDS = ("true", "t", "yes", "1"), ("false", "f", "no", "0")
+
+
+def add_force_argument(parser: argparse.ArgumentParser) -> None:
+    """`--force`: replace a non-empty output folder (the commands that write one)."""
+    parser.add_argument(
+        "--force", action="store_true", help="Replace an existing non-empty output directory."
+    )
+
+
+def add_debug_argument(parser: argparse.ArgumentParser) -> None:
+    """`--debug`: show the traceback of an error instead of its one line."""
+    parser.add_argument(
+        "--debug",
+        action="store_true",
+        help=f"Print the traceback of an error (also: {DEBUG_ENV}=1)",
+    )
 
 
 def parse_bool(text: str) -> bool:

@@ -28,8 +28,9 @@ from ..serve.engine import (
     Engine,
 )
 from ..serve.prompt_cache import DEFAULT_PROMPT_CACHE_SIZE, PromptCache
-from . import add_debug_argument, command_prog, run_main
+from . import command_prog, run_main
 from .options import (
+    add_debug_argument,
     add_generation_arguments,
     add_model_arguments,
     settings_from_args,
