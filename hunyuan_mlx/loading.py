@@ -14,7 +14,7 @@ from .files import check_tensors, load_safetensors, weight_files
 from .models import HunYuanMoEV1Config, HunYuanMoEV1ForCausalLM
 from .models.sharding import keep_stage, shard_tensor
 from .quantize import apply_quantization, is_router
-from .tokenizer import TIKTOKEN_FILE, TOKENIZER_JSON_FILE, HunYuanTokenizer
+from .tokenizer import HunYuanTokenizer
 from .tuner.adapters import load_adapters
 
 # What a model needs from a Hub repo: configs, weights and tokenizer files, nothing else.
@@ -27,7 +27,8 @@ DEFAULT_LOAD_DTYPE = "auto"
 
 
 def resolve_model_path(path_or_repo: str | Path) -> Path:
-    """A local directory as is; otherwise a Hub repo id, downloaded (only the needed files)."""
+    """A local directory as is; otherwise a Hub repo id, downloaded (only the needed files).
+    A folder it returned resolves to itself, so callers pass the result on, never the id."""
     path = Path(path_or_repo).expanduser()
     if path.exists():
         if not path.is_dir():
@@ -160,17 +161,21 @@ def load(
     dtype: str = DEFAULT_LOAD_DTYPE,
     group: mx.distributed.Group | None = None,
     pipeline: bool = False,
-) -> tuple[HunYuanMoEV1ForCausalLM, HunYuanTokenizer | None]:
+) -> tuple[HunYuanMoEV1ForCausalLM, HunYuanTokenizer]:
     """The model (with adapters, if given; floating parameters as `dtype` says; this rank's share
-    with a `group`, see `load_model`) and its tokenizer (None when it has no vocabulary)."""
+    with a `group`, see `load_model`) and its tokenizer. The folder is resolved once; one without
+    a tokenizer vocabulary (hy.tiktoken or tokenizer.json) is refused, on every rank, after the
+    checks of config and weights but before any weight is read."""
     model_path = resolve_model_path(path_or_repo)
     model = load_model(
         model_path,
-        lazy=lazy,
+        lazy=True,
         adapter_path=adapter_path,
         dtype=dtype,
         group=group,
         pipeline=pipeline,
     )
-    has_vocab = any((model_path / f).is_file() for f in (TIKTOKEN_FILE, TOKENIZER_JSON_FILE))
-    return model, HunYuanTokenizer.from_pretrained(model_path) if has_vocab else None
+    tokenizer = together(group, lambda: HunYuanTokenizer.from_pretrained(model_path))
+    if not lazy:
+        together(group, lambda: evaluate(model, group))
+    return model, tokenizer

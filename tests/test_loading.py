@@ -12,7 +12,7 @@ from helpers import as_mlx_lm_layout, build_torch_model, rewrite_as_release_conf
 from mlx.utils import tree_flatten
 from safetensors.torch import save_file
 
-from hunyuan_mlx import HunYuanMoEV1Config, load_model
+from hunyuan_mlx import HunYuanMoEV1Config, load, load_model
 from hunyuan_mlx.models.weights import sanitize
 
 IDS = np.random.default_rng(0).integers(0, 96, (1, 24))
@@ -166,6 +166,17 @@ def test_missing_directory_and_weights(tmp_path):
     HunYuanMoEV1Config(num_hidden_layers=1).save_pretrained(tmp_path)
     with pytest.raises(FileNotFoundError, match="No safetensors weights"):
         load_model(tmp_path)
+
+
+def test_load_without_a_tokenizer_names_the_folder_and_the_files(tiny_checkpoint, monkeypatch):
+    """`load` returns a tokenizer or raises, before any weight is read; `load_model` needs none."""
+    path, _ = tiny_checkpoint
+    assert not (path / "hy.tiktoken").exists() and not (path / "tokenizer.json").exists()
+    monkeypatch.setattr("hunyuan_mlx.loading.evaluate", lambda *a: pytest.fail("weights read"))
+    with pytest.raises(FileNotFoundError) as error:
+        load(path)
+    assert str(path) in str(error.value)
+    assert "hy.tiktoken" in str(error.value) and "tokenizer.json" in str(error.value)
 
 
 def test_lazy_load_reads_weights_on_first_use(tiny_checkpoint):

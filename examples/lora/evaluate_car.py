@@ -122,8 +122,6 @@ def main(argv: list[str] | None = None) -> dict[str, float]:
     with run_main(parser.prog, args.debug):
         records = read_test_set(args.data, args.limit)
         model, tokenizer = load(args.model, adapter_path=args.adapter_path)
-        if tokenizer is None:
-            raise ValueError(f"{args.model} has no tokenizer files")
         predictions, scores = evaluate(model, tokenizer, records, args.system, args.max_tokens)
         if args.output:
             with open(args.output, "w", encoding="utf-8") as f:

@@ -171,8 +171,6 @@ def prepare(
         group=group,
         pipeline=args.pipeline,
     )
-    if tokenizer is None:
-        raise FileNotFoundError(f"No tokenizer (hy.tiktoken or tokenizer.json) in {model_path}")
     seed = shared_seed(group, args.seed)
     if seed is not None:
         mx.random.seed(seed)
@@ -222,7 +220,7 @@ def load_draft(
         draft, draft_tokenizer = load(path, dtype=dtype)
     except (OSError, ValueError) as e:
         raise ValueError(f"--draft-model {path}: {e} ({need})") from e
-    if draft_tokenizer is None or draft_tokenizer.token_bytes != tokenizer.token_bytes:
+    if draft_tokenizer.token_bytes != tokenizer.token_bytes:
         raise ValueError(f"--draft-model {path}: its tokenizer differs from the model's ({need})")
     return draft
 

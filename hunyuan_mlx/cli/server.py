@@ -140,8 +140,6 @@ def build_service(args: argparse.Namespace, group: mx.distributed.Group | None =
     model, tokenizer = load(
         model_path, adapter_path=args.adapter_path, group=group, pipeline=args.pipeline
     )
-    if tokenizer is None:
-        raise FileNotFoundError(f"No tokenizer (hy.tiktoken or tokenizer.json) in {model_path}")
     cache = PromptCache(args.prompt_cache_size, args.prompt_cache_bytes)
     seed = shared_seed(group, args.seed)
     # mlx-lm's batch generator batches plain KV caches only.

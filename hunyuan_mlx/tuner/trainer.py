@@ -453,8 +453,6 @@ def run(config: LoRAConfig, callback: TrainingCallback | None = None) -> None:
     if not (config.train or config.test):
         raise ValueError("Pass --train and/or --test")
     model, tokenizer = load(config.model, dtype=config.dtype)
-    if tokenizer is None:
-        raise ValueError(f"{config.model} has no tokenizer files")
     data = load_data_dir(config.data, tokenizer, config.max_seq_length, config.mask_prompt)
     if config.train:
         if not data.get("train"):
