@@ -9,7 +9,6 @@ import importlib
 import sys
 import traceback
 from collections.abc import Iterator, Sequence
-from pathlib import Path
 from signal import SIGINT
 
 from .. import __version__
@@ -48,14 +47,6 @@ def run_main(prog: str, debug: bool = False) -> Iterator[None]:
         by = f" ({e})" if isinstance(e, Interrupted) and e.signum != SIGINT else ""
         print(f"\n{prog}: error: interrupted{by}", file=sys.stderr)
         raise SystemExit(e.exit_status if isinstance(e, Interrupted) else 128 + SIGINT) from None
-
-
-def command_prog(command: str) -> str:
-    """`command` as the user ran it, for usage lines and errors: its console script
-    (`hunyuan-mlx-<command>`) when run as one, else `python -m hunyuan_mlx.<command>`; the
-    dispatcher passes `hunyuan-mlx <command>` itself."""
-    script = f"hunyuan-mlx-{command}"
-    return script if Path(sys.argv[0]).name == script else f"python -m hunyuan_mlx.{command}"
 
 
 def main(argv: Sequence[str] | None = None) -> None:

@@ -12,10 +12,11 @@ from mlx_lm.chat import DEFAULT_MAX_TOKENS as CHAT_MAX_TOKENS
 from ..distributed import init_group
 from ..generation.display import ThinkingPrinter, print_stream
 from ..generation.session import ChatSession
-from . import command_prog, run_main
+from . import run_main
 from .options import (
     add_common_arguments,
     add_generation_arguments,
+    command_parser,
     prepare,
     rank_output,
 )
@@ -116,10 +117,7 @@ def repl(
 
 def build_parser(prog: str | None = None) -> argparse.ArgumentParser:
     """The chat command's flags (mlx-lm's names)."""
-    parser = argparse.ArgumentParser(
-        prog=prog or command_prog("chat"),
-        description="Chat with a HunYuan model",
-    )
+    parser = command_parser("chat", prog, "Chat with a HunYuan model")
     add_common_arguments(parser)
     add_generation_arguments(parser, max_tokens=CHAT_MAX_TOKENS)
     return parser

@@ -15,16 +15,17 @@ from ..converter import (
     convert,
 )
 from ..quantize import MLX_LM_RECIPES, QUANT_RECIPES
-from . import command_prog, run_main
-from .options import add_debug_argument, add_force_argument
+from . import run_main
+from .options import add_debug_argument, add_force_argument, command_parser
 
 
 def build_parser(prog: str | None = None) -> argparse.ArgumentParser:
     """The command line, with mlx_lm.convert's flag names where it has the flag."""
     d = ConversionOptions()
-    parser = argparse.ArgumentParser(
-        prog=prog or command_prog("convert"),
-        description="Convert a HunYuan MoE V1 checkpoint to MLX (streaming, optionally quantized).",
+    parser = command_parser(
+        "convert",
+        prog,
+        "Convert a HunYuan MoE V1 checkpoint to MLX (streaming, optionally quantized).",
     )
     parser.add_argument(
         "--hf-path", "--model", required=True, help="Source: local directory or Hub repo id."

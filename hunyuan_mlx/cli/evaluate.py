@@ -31,17 +31,16 @@ from ..evaluation import (
 )
 from ..loading import load_model, resolve_model_path
 from ..tokenizer import HunYuanTokenizer
-from . import command_prog, run_main
-from .options import add_debug_argument
+from . import run_main
+from .options import add_debug_argument, command_parser
 
 GB = 1e9
 
 
 def build_parser(prog: str | None = None) -> argparse.ArgumentParser:
     """The command's flags; names and meanings follow mlx_lm.perplexity."""
-    parser = argparse.ArgumentParser(
-        prog=prog or command_prog("evaluate"),
-        description="Perplexity of a HunYuan model and its divergence from a reference",
+    parser = command_parser(
+        "evaluate", prog, "Perplexity of a HunYuan model and its divergence from a reference"
     )
     parser.add_argument("--model", required=True, help="Checkpoint directory or Hub repo id")
     parser.add_argument(

@@ -5,16 +5,13 @@ from __future__ import annotations
 import argparse
 
 from ..tuner.fuse import DEFAULT_ADAPTER_PATH, DEFAULT_SAVE_PATH, fuse
-from . import command_prog, run_main
-from .options import add_debug_argument, add_force_argument
+from . import run_main
+from .options import add_debug_argument, add_force_argument, command_parser
 
 
 def build_parser(prog: str | None = None) -> argparse.ArgumentParser:
     """The fuse command's flags (mlx_lm.fuse's names)."""
-    parser = argparse.ArgumentParser(
-        prog=prog or command_prog("fuse"),
-        description="Fuse trained adapters into a HunYuan model.",
-    )
+    parser = command_parser("fuse", prog, "Fuse trained adapters into a HunYuan model.")
     parser.add_argument("--model", required=True, help="Local model directory or Hub repo id.")
     parser.add_argument(
         "--adapter-path",

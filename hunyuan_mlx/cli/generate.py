@@ -17,10 +17,11 @@ from ..generation.stream import (
     require_text,
     stream_generate,
 )
-from . import command_prog, run_main
+from . import run_main
 from .options import (
     add_common_arguments,
     add_generation_arguments,
+    command_parser,
     eos_ids,
     load_cache_file,
     load_draft,
@@ -32,10 +33,7 @@ from .options import (
 
 def build_parser(prog: str | None = None) -> argparse.ArgumentParser:
     """The generate command's flags (mlx-lm's names)."""
-    parser = argparse.ArgumentParser(
-        prog=prog or command_prog("generate"),
-        description="Generate text with a HunYuan model",
-    )
+    parser = command_parser("generate", prog, "Generate text with a HunYuan model")
     add_common_arguments(parser)
     parser.add_argument(
         "--prompt",

@@ -21,17 +21,14 @@ from ..tuner.trainer import (
     LoRAConfig,
     run,
 )
-from . import command_prog, run_main
-from .options import add_debug_argument, add_dtype_argument
+from . import run_main
+from .options import add_debug_argument, add_dtype_argument, command_parser
 
 
 def build_parser(prog: str | None = None) -> argparse.ArgumentParser:
     """CLI flags for every `LoRAConfig` field; unset flags stay None so YAML values can apply."""
     d = LoRAConfig()
-    p = argparse.ArgumentParser(
-        prog=prog or command_prog("lora"),
-        description="LoRA, DoRA or full fine-tuning of HunYuan MoE V1.",
-    )
+    p = command_parser("lora", prog, "LoRA, DoRA or full fine-tuning of HunYuan MoE V1.")
     p.add_argument("--model", help="Local model directory or Hub repo id.")
     p.add_argument("--train", action="store_true", default=None, help="Train.")
     p.add_argument("--test", action="store_true", default=None, help="Report the test loss.")

@@ -7,6 +7,7 @@ import argparse
 import dataclasses
 import json
 import os
+import sys
 from collections.abc import Sequence
 from pathlib import Path
 from typing import Any, TextIO
@@ -22,6 +23,19 @@ from ..models import HunYuanMoEV1ForCausalLM
 from ..tokenizer import HunYuanTokenizer
 
 TRUE_WORDS, FALSE_WORDS = ("true", "t", "yes", "1"), ("false", "f", "no", "0")
+
+
+def command_prog(command: str) -> str:
+    """`command` as the user ran it, for usage lines and errors: its console script
+    (`hunyuan-mlx-<command>`) when run as one, else `python -m hunyuan_mlx.<command>`; the
+    dispatcher passes `hunyuan-mlx <command>` itself."""
+    script = f"hunyuan-mlx-{command}"
+    return script if Path(sys.argv[0]).name == script else f"python -m hunyuan_mlx.{command}"
+
+
+def command_parser(command: str, prog: str | None, description: str) -> argparse.ArgumentParser:
+    """The parser of `command`, its usage and errors under `prog` (default: `command_prog`)."""
+    return argparse.ArgumentParser(prog=prog or command_prog(command), description=description)
 
 
 def add_force_argument(parser: argparse.ArgumentParser) -> None:

@@ -28,11 +28,12 @@ from ..serve.engine import (
     Engine,
 )
 from ..serve.prompt_cache import DEFAULT_PROMPT_CACHE_SIZE, PromptCache
-from . import command_prog, run_main
+from . import run_main
 from .options import (
     add_debug_argument,
     add_generation_arguments,
     add_model_arguments,
+    command_parser,
     settings_from_args,
 )
 
@@ -50,10 +51,7 @@ def json_object(text: str) -> dict[str, Any]:
 
 def build_parser(prog: str | None = None) -> argparse.ArgumentParser:
     """The server command's flags (mlx-lm server's names and defaults)."""
-    parser = argparse.ArgumentParser(
-        prog=prog or command_prog("server"),
-        description="OpenAI-compatible HunYuan server",
-    )
+    parser = command_parser("server", prog, "OpenAI-compatible HunYuan server")
     add_model_arguments(parser)
     parser.add_argument(
         "--host", default=DEFAULT_HOST, help="Host for the HTTP server (default: %(default)s)"
