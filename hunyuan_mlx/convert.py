@@ -11,15 +11,8 @@ import types
 from typing import Any
 
 from .cli import add_debug_argument, add_force_argument, run_main
-from .converter import (
-    DEFAULT_MLX_PATH,
-    DTYPES,
-    Q_MODE_DEFAULTS,
-    ConversionOptions,
-    ConversionSummary,
-    convert,
-)
-from .quantize import MLX_LM_RECIPES, QUANT_RECIPES
+from .converter import DEFAULT_MLX_PATH, DTYPES, ConversionOptions, ConversionSummary, convert
+from .models.quantization import MLX_LM_RECIPES, Q_MODE_DEFAULTS, QUANT_RECIPES
 
 
 def build_parser() -> argparse.ArgumentParser:

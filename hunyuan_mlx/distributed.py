@@ -21,7 +21,7 @@ import numpy as np
 
 from .cli import DEBUG_ENV
 from .models import HunYuanMoEV1Config
-from .quantize import module_params
+from .models.quantization import module_params
 
 T = TypeVar("T")
 LAYER_NAME = re.compile(r"(?:^|\.)layers\.(\d+)\.")
