@@ -547,18 +547,24 @@ def finish_conversion(plan: ConversionPlan, out: _Written, directory: Path) -> l
 
 
 def write_model_card(plan: ConversionPlan, out: _Written, directory: Path) -> None:
-    """A README.md saying what the folder is, how it was made and how to run it."""
+    """A README.md saying what the folder is, how it was made and how to run it, with mlx-lm's
+    metadata (its `create_model_card` is not used: it fetches the source's card from the Hub)."""
+    from huggingface_hub import ModelCard, ModelCardData
+
+    downloaded = plan.source.path != Path(plan.source_name).expanduser()
+    metadata = ModelCardData(
+        base_model=plan.source_name if downloaded else None,  # a Hub repo id, not a local path
+        library_name="mlx",
+        pipeline_tag="text-generation",
+        tags=["mlx", "hunyuan"],
+    )
     precision = "unquantized"
     if out.quantization is not None:
         q = out.quantization
         precision = f"{q['bits']}-bit {q['mode']}, group size {q['group_size']}"
         if plan.quant_recipe != "uniform":
             precision += f", recipe {plan.quant_recipe}"
-    card = f"""---
-library_name: mlx
-tags: [mlx, hunyuan]
----
-# {plan.mlx_path.name}
+    text = f"""# {plan.mlx_path.name}
 
 Hunyuan MoE V1 in MLX format ({precision}), converted from `{plan.source_name}` by hunyuan-mlx
 (`python -m hunyuan_mlx.convert`). With hunyuan-mlx installed:
@@ -567,7 +573,7 @@ Hunyuan MoE V1 in MLX format ({precision}), converted from `{plan.source_name}` 
 python -m hunyuan_mlx.generate --model PATH_TO_THIS_FOLDER --prompt "Hello"
 ```
 """
-    (directory / "README.md").write_text(card, encoding="utf-8")
+    ModelCard(f"---\n{metadata.to_yaml()}\n---\n{text}").save(directory / "README.md")
 
 
 def convert(
@@ -611,7 +617,11 @@ def convert(
 
 
 def upload(mlx_path: Path, upload_repo: str) -> None:
-    """Create (if needed) the Hub model repo `upload_repo` and upload the converted folder."""
+    """Create (if needed) the Hub model repo `upload_repo` and upload the converted folder.
+
+    Not mlx-lm's `upload_to_hub`: it replaces the card's text with mlx-lm's own instructions,
+    which leave out that this model needs hunyuan-mlx installed.
+    """
     from huggingface_hub import create_repo, upload_folder
 
     try:

@@ -655,6 +655,22 @@ def test_upload_failure_is_one_line_and_keeps_the_output(untied, tmp_path, monke
     assert "library_name: mlx" in card and str(untied[0]) in card
 
 
+def test_model_card_names_a_hub_source_as_base_model(untied, tmp_path, monkeypatch):
+    """The card's metadata (read back by huggingface_hub) has mlx-lm's keys; a Hub repo id
+    source is its base_model, a local folder is not."""
+    import huggingface_hub
+    from huggingface_hub import ModelCard
+
+    monkeypatch.setattr(huggingface_hub, "snapshot_download", lambda *a, **k: str(untied[0]))
+    convert("tencent/Hunyuan-A13B-Instruct", tmp_path / "hub", quantize=True)
+    convert(untied[0], tmp_path / "local")
+    hub, local = (ModelCard.load(tmp_path / name / "README.md") for name in ("hub", "local"))
+    assert hub.data.base_model == "tencent/Hunyuan-A13B-Instruct" and local.data.base_model is None
+    assert hub.data.library_name == "mlx" and hub.data.pipeline_tag == "text-generation"
+    assert "4-bit affine, group size 64" in hub.text and "hunyuan_mlx.generate" in hub.text
+    assert str(untied[0]) in local.text and "(unquantized)" in local.text
+
+
 def test_converted_config_reads_in_transformers(tmp_path):
     """transformers 5 reads the config.json we write (RoPE keys it requires kept) and, with the
     source weights, builds the model whose logits ours equal."""
