@@ -20,7 +20,7 @@ from mlx.utils import tree_flatten, tree_unflatten
 
 from hunyuan_mlx.models import FastPaths, HunYuanMoEV1Config, HunYuanMoEV1ForCausalLM
 from hunyuan_mlx.models.fast_paths import using
-from hunyuan_mlx.quantize import apply_quantization
+from hunyuan_mlx.models.quantization import apply_quantization
 
 # A copy of the release config.json (../shared does not travel to the GPU machine).
 DEFAULT_CONFIG = Path(__file__).resolve().parent / "hunyuan_a13b_config.json"

@@ -27,7 +27,7 @@ import mlx.nn as nn
 import mlx.optimizers as optim
 
 from benchmarks.a13b import EMBED_SCALE, median_ms, random_quantized
-from hunyuan_mlx.quantize import QUANT_RECIPES
+from hunyuan_mlx.models.quantization import QUANT_RECIPES
 
 # Hunyuan-A13B's architecture (../shared/hunyuan-a13b/config.json), as both models read it.
 A13B: dict[str, Any] = {
@@ -108,7 +108,7 @@ def build(
     if impl != "mlx_lm":
         from hunyuan_mlx import HunYuanMoEV1Config, HunYuanMoEV1ForCausalLM
         from hunyuan_mlx.models.fast_paths import FastPaths, set_fast_paths
-        from hunyuan_mlx.quantize import apply_quantization, is_router, recipe_params
+        from hunyuan_mlx.models.quantization import apply_quantization, is_router, recipe_params
         from hunyuan_mlx.tuner.adapters import prepare_model
         from hunyuan_mlx.tuner.trainer import checkpoint_layers
 

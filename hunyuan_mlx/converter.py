@@ -39,29 +39,27 @@ from .files import (
 from .loading import resolve_model_path
 from .mlx_lm_model import add_model_file
 from .models import HunYuanMoEV1Config, HunYuanMoEV1ForCausalLM
-from .models.weights import sanitize
-from .quantize import (
+from .models.quantization import (
+    DEFAULT_Q_MODE,
     DEFAULT_QUANT_RECIPE,
+    check_quant_params,
     dequantize,
+    is_packed,
     is_quantizable,
+    is_routed_expert,
     is_router,
     module_params,
+    quant_params,
+    quantize_in_blocks,
     recipe_params,
 )
+from .models.weights import sanitize
 from .tokenizer import TIKTOKEN_FILE, TOKENIZER_JSON_FILE, write_tokenizer_json
 
 DTYPES = ("bfloat16", "float16", "float32")
 DEFAULT_DTYPE = "bfloat16"
 DEFAULT_MLX_PATH = "mlx_model"
 DEFAULT_MAX_SHARD_SIZE = "5GB"
-# Quantization mode -> its default (group_size, bits), as mlx-lm.
-Q_MODE_DEFAULTS: dict[str, tuple[int, int]] = {
-    "affine": (64, 4),
-    "mxfp4": (32, 4),
-    "nvfp4": (16, 4),
-    "mxfp8": (32, 8),
-}
-DEFAULT_Q_MODE = "affine"
 # Files copied beside the weights so the output loads on its own; no code files.
 COPIED_FILES = (
     "tokenizer_config.json",
@@ -74,9 +72,14 @@ COPIED_FILES = (
 # tokenizer_config.json keys that point at the release's own tokenizer code (HYTokenizer).
 REMOTE_CODE_KEYS = ("auto_map", "tokenizer_class")
 SHARD_NAME = "model-{:05d}-of-{:05d}.safetensors"
+# Safetensors dtype names and the MLX types they read as. Tensors must be floats, but for the
+# packed arrays of a quantized module (`is_packed`).
 FLOAT_DTYPES = {"F32": mx.float32, "F16": mx.float16, "BF16": mx.bfloat16}
-# Packed quantized weights are uint32; the scales of the mx* / nv* modes are uint8.
-PACKED_DTYPES = {"U32": mx.uint32, "U8": mx.uint8}
+SAFETENSORS_DTYPES = {
+    **FLOAT_DTYPES,
+    **{"U8": mx.uint8, "U16": mx.uint16, "U32": mx.uint32, "U64": mx.uint64},
+    **{"I8": mx.int8, "I16": mx.int16, "I32": mx.int32, "I64": mx.int64, "BOOL": mx.bool_},
+}
 SIZE_UNITS = {
     "": 1,
     "B": 1,
@@ -87,7 +90,6 @@ SIZE_UNITS = {
     "MIB": 2**20,
     "GIB": 2**30,
 }
-QUANTIZE_BLOCK_ELEMENTS = 2**24  # weights quantized per evaluation (64 MB of float32)
 # Bytes a safetensors header spends per tensor beyond its name, with room to spare.
 HEADER_BYTES_PER_TENSOR = 128
 HEADER_BYTES_BASE = 64
@@ -135,48 +137,6 @@ def parse_size(size: str | int) -> int:
     if value <= 0:
         raise ValueError(f"Size must be positive, got {size!r}")
     return value
-
-
-def quant_params(bits: int | None, group_size: int | None, mode: str) -> dict[str, Any]:
-    """The global quantization parameters, mode defaults filled in, checked against MLX."""
-    if mode not in Q_MODE_DEFAULTS:
-        raise ValueError(f"Unknown quantization mode {mode!r}; choose from {list(Q_MODE_DEFAULTS)}")
-    default_group_size, default_bits = Q_MODE_DEFAULTS[mode]
-    params = {
-        "group_size": default_group_size if group_size is None else group_size,
-        "bits": default_bits if bits is None else bits,
-        "mode": mode,
-    }
-    check_quant_params(params)
-    return params
-
-
-def quantize_in_blocks(array: mx.array, params: dict[str, Any]) -> tuple[mx.array, ...]:
-    """`mx.quantize`, evaluated a block of rows at a time: groups lie within rows, so the result
-    is the same, but MLX's float32 working copy is one block, not (say) a layer's experts."""
-    mx.eval(array)
-    rows = array.reshape(-1, array.shape[-1])
-    step = max(1, QUANTIZE_BLOCK_ELEMENTS // array.shape[-1])
-    blocks = []
-    for start in range(0, rows.shape[0], step):
-        block = mx.quantize(rows[start : start + step], **params)
-        mx.eval(*block)
-        blocks.append(block)
-    del rows
-    packed = tuple(mx.concatenate(parts).reshape(*array.shape[:-1], -1) for parts in zip(*blocks))
-    mx.eval(*packed)
-    return packed
-
-
-def check_quant_params(params: dict[str, Any]) -> None:
-    """Raise a ValueError if MLX cannot quantize with these bits, group size and mode."""
-    try:
-        mx.eval(mx.quantize(mx.zeros((1, 2 * 128)), **params))
-    except (ValueError, RuntimeError) as e:
-        raise ValueError(
-            f"MLX cannot quantize with bits={params['bits']}, group_size={params['group_size']}, "
-            f"mode={params['mode']!r}: {e}"
-        ) from None
 
 
 def format_size(size: int) -> str:
@@ -304,10 +264,9 @@ def _read_source(path: Path) -> _Source:
             tensors[name] = _Tensor(file, entry["dtype"], tuple(entry["shape"]))
     for name, tensor in tensors.items():
         module = name.rsplit(".", 1)[0]
-        packed = (name.endswith(".weight") and tensor.dtype == "U32") or (
-            name.endswith(".scales") and tensor.dtype == "U8"
-        )
-        if tensor.dtype not in FLOAT_DTYPES and not (packed and f"{module}.scales" in tensors):
+        dtype = SAFETENSORS_DTYPES.get(tensor.dtype)
+        packed = dtype is not None and is_packed(name, dtype) and f"{module}.scales" in tensors
+        if tensor.dtype not in FLOAT_DTYPES and not packed:
             raise ValueError(
                 f"Tensor {name} in {tensor.file} has dtype {tensor.dtype}, which is not supported "
                 f"(expected one of {', '.join(FLOAT_DTYPES)})"
@@ -368,7 +327,8 @@ def _check_mapping(source: _Source, expected: dict[str, tuple[int, ...]]) -> Non
     origin: dict[str, str] = {}
     for names in source.groups.values():
         placeholders = {
-            n: mx.zeros(source.tensors[n].shape, _dtype_of(source.tensors[n].dtype)) for n in names
+            n: mx.zeros(source.tensors[n].shape, SAFETENSORS_DTYPES[source.tensors[n].dtype])
+            for n in names
         }
         files = ", ".join(sorted({source.tensors[n].file.name for n in names}))
         for name, array in _map_group(source, names, placeholders).items():
@@ -394,10 +354,6 @@ def _per_expert_shape(name: str, expected: dict[str, tuple[int, ...]]) -> tuple[
     return stacked and (stacked[1] // 2, stacked[2])
 
 
-def _dtype_of(safetensors_dtype: str) -> mx.Dtype:
-    return {**FLOAT_DTYPES, **PACKED_DTYPES}[safetensors_dtype]
-
-
 def _component(name: str) -> str:
     """The part of the model a tensor belongs to, for the summary."""
     if "embed_tokens" in name:
@@ -410,7 +366,7 @@ def _component(name: str) -> str:
         return "router"
     if "shared_mlp" in name:
         return "shared expert"
-    if ".mlp.experts." in name:
+    if is_routed_expert(name):
         return "routed experts"
     return "attention"
 
@@ -591,18 +547,24 @@ def finish_conversion(plan: ConversionPlan, out: _Written, directory: Path) -> l
 
 
 def write_model_card(plan: ConversionPlan, out: _Written, directory: Path) -> None:
-    """A README.md saying what the folder is, how it was made and how to run it."""
+    """A README.md saying what the folder is, how it was made and how to run it, with mlx-lm's
+    metadata (its `create_model_card` is not used: it fetches the source's card from the Hub)."""
+    from huggingface_hub import ModelCard, ModelCardData
+
+    downloaded = plan.source.path != Path(plan.source_name).expanduser()
+    metadata = ModelCardData(
+        base_model=plan.source_name if downloaded else None,  # a Hub repo id, not a local path
+        library_name="mlx",
+        pipeline_tag="text-generation",
+        tags=["mlx", "hunyuan"],
+    )
     precision = "unquantized"
     if out.quantization is not None:
         q = out.quantization
         precision = f"{q['bits']}-bit {q['mode']}, group size {q['group_size']}"
         if plan.quant_recipe != "uniform":
             precision += f", recipe {plan.quant_recipe}"
-    card = f"""---
-library_name: mlx
-tags: [mlx, hunyuan]
----
-# {plan.mlx_path.name}
+    text = f"""# {plan.mlx_path.name}
 
 Hunyuan MoE V1 in MLX format ({precision}), converted from `{plan.source_name}` by hunyuan-mlx
 (`python -m hunyuan_mlx.convert`). With hunyuan-mlx installed:
@@ -611,7 +573,7 @@ Hunyuan MoE V1 in MLX format ({precision}), converted from `{plan.source_name}` 
 python -m hunyuan_mlx.generate --model PATH_TO_THIS_FOLDER --prompt "Hello"
 ```
 """
-    (directory / "README.md").write_text(card, encoding="utf-8")
+    ModelCard(f"---\n{metadata.to_yaml()}\n---\n{text}").save(directory / "README.md")
 
 
 def convert(
@@ -655,7 +617,11 @@ def convert(
 
 
 def upload(mlx_path: Path, upload_repo: str) -> None:
-    """Create (if needed) the Hub model repo `upload_repo` and upload the converted folder."""
+    """Create (if needed) the Hub model repo `upload_repo` and upload the converted folder.
+
+    Not mlx-lm's `upload_to_hub`: it replaces the card's text with mlx-lm's own instructions,
+    which leave out that this model needs hunyuan-mlx installed.
+    """
     from huggingface_hub import create_repo, upload_folder
 
     try:

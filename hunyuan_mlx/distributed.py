@@ -20,7 +20,7 @@ import numpy as np
 
 from .interrupts import debug_from_env
 from .models import HunYuanMoEV1Config
-from .quantize import module_params
+from .models.quantization import module_params
 
 T = TypeVar("T")
 LAYER_NAME = re.compile(r"(?:^|\.)layers\.(\d+)\.")

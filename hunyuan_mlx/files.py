@@ -19,17 +19,12 @@ import mlx.core as mx
 
 from .interrupts import signals_as_interrupts
 
+# The one JSON reader lives with the model config, since models/ imports nothing above it.
+from .models.config import read_json
+
 INDEX_FILE = "model.safetensors.index.json"
 NAMES_SHOWN = 5  # how many missing / unexpected tensor names an error lists
 PARTIAL_SUFFIX = ".tmp"  # of the hidden folder an output is written into before its rename
-
-
-def read_json(path: str | Path) -> Any:
-    """The parsed JSON file; invalid JSON is a ValueError naming the file."""
-    try:
-        return json.loads(Path(path).read_text(encoding="utf-8"))
-    except json.JSONDecodeError as e:
-        raise ValueError(f"{path} is not valid JSON: {e}") from None
 
 
 def read_jsonl(path: str | Path) -> list[tuple[int, dict[str, Any]]]:
@@ -74,6 +69,10 @@ def check_safetensors(file: Path) -> dict[str, Any]:
     """Read a safetensors header and check the file holds every byte it declares.
 
     A truncated download otherwise only fails, obscurely, when the tensor is first used.
+    Not `safetensors.safe_open`: its one exception type reports a short file only in its message
+    ("incomplete metadata, file not fully covered"; "MetadataIncompleteBuffer" before 0.5), so it
+    can neither tell truncation from corruption nor say how many bytes are missing. Reading the
+    header is all that is needed here; `mx.load` reads the tensors.
     """
     size = file.stat().st_size
     with open(file, "rb") as f:

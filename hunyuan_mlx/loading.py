@@ -12,8 +12,8 @@ from tqdm import tqdm
 from .distributed import make_plan, together
 from .files import check_tensors, load_safetensors, weight_files
 from .models import HunYuanMoEV1Config, HunYuanMoEV1ForCausalLM
+from .models.quantization import apply_quantization, is_router
 from .models.sharding import keep_stage, shard_tensor
-from .quantize import apply_quantization, is_router
 from .tokenizer import HunYuanTokenizer
 from .tuner.adapters import load_adapters
 

@@ -37,6 +37,7 @@ from hunyuan_mlx.cli.convert import build_parser, main
 from hunyuan_mlx.converter import convert, parse_size
 from hunyuan_mlx.files import INDEX_FILE
 from hunyuan_mlx.models.experts import QuantizedGatheredLinear
+from hunyuan_mlx.models.quantization import Q_MODE_DEFAULTS
 from hunyuan_mlx.tokenizer import HunYuanTokenizer
 
 REPO = Path(__file__).resolve().parents[1]
@@ -280,7 +281,7 @@ def test_group_size_that_does_not_divide_a_width_leaves_that_module(converted):
     assert "scales" in model.model.layers[0].mlp.experts.gate_up_proj
 
 
-@pytest.mark.parametrize("mode", ["mxfp4", "nvfp4", "mxfp8"])
+@pytest.mark.parametrize("mode", [m for m in Q_MODE_DEFAULTS if m != "affine"])
 def test_non_affine_modes_load(untied, converted, mode):
     out = converted(quantize=True, q_mode=mode)
     assert json.loads((out / "config.json").read_text())["quantization"]["mode"] == mode
@@ -653,6 +654,22 @@ def test_upload_failure_is_one_line_and_keeps_the_output(untied, tmp_path, monke
     assert f"the converted model is in {dst}" in err
     card = (dst / "README.md").read_text()
     assert "library_name: mlx" in card and str(untied[0]) in card
+
+
+def test_model_card_names_a_hub_source_as_base_model(untied, tmp_path, monkeypatch):
+    """The card's metadata (read back by huggingface_hub) has mlx-lm's keys; a Hub repo id
+    source is its base_model, a local folder is not."""
+    import huggingface_hub
+    from huggingface_hub import ModelCard
+
+    monkeypatch.setattr(huggingface_hub, "snapshot_download", lambda *a, **k: str(untied[0]))
+    convert("tencent/Hunyuan-A13B-Instruct", tmp_path / "hub", quantize=True)
+    convert(untied[0], tmp_path / "local")
+    hub, local = (ModelCard.load(tmp_path / name / "README.md") for name in ("hub", "local"))
+    assert hub.data.base_model == "tencent/Hunyuan-A13B-Instruct" and local.data.base_model is None
+    assert hub.data.library_name == "mlx" and hub.data.pipeline_tag == "text-generation"
+    assert "4-bit affine, group size 64" in hub.text and "hunyuan_mlx.generate" in hub.text
+    assert str(untied[0]) in local.text and "(unquantized)" in local.text
 
 
 def test_converted_config_reads_in_transformers(tmp_path):

@@ -17,7 +17,7 @@ from hunyuan_mlx import load_model
 from hunyuan_mlx.models import FastPaths, HunYuanMoEV1Config, HunYuanMoEV1ForCausalLM
 from hunyuan_mlx.models import fast_paths as fp
 from hunyuan_mlx.models.experts import GatheredGLU
-from hunyuan_mlx.quantize import apply_quantization
+from hunyuan_mlx.models.quantization import apply_quantization
 from hunyuan_mlx.tuner import layerwise
 from hunyuan_mlx.tuner.adapters import prepare_model
 from hunyuan_mlx.tuner.layerwise import layerwise_loss_and_grad

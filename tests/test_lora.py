@@ -40,7 +40,7 @@ from hunyuan_mlx.files import read_jsonl
 from hunyuan_mlx.models import FastPaths, HunYuanMoEV1Config, HunYuanMoEV1ForCausalLM
 from hunyuan_mlx.models.fast_paths import set_fast_paths, using
 from hunyuan_mlx.models.hf_compat import IGNORE_INDEX
-from hunyuan_mlx.quantize import apply_quantization
+from hunyuan_mlx.models.quantization import apply_quantization
 from hunyuan_mlx.tokenizer import HunYuanTokenizer
 from hunyuan_mlx.tuner.adapters import LoRAGatheredLinear, load_adapters, prepare_model
 from hunyuan_mlx.tuner.data import load_examples

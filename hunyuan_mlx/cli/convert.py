@@ -10,11 +10,10 @@ import argparse
 from ..converter import (
     DEFAULT_MLX_PATH,
     DTYPES,
-    Q_MODE_DEFAULTS,
     ConversionOptions,
     convert,
 )
-from ..quantize import MLX_LM_RECIPES, QUANT_RECIPES
+from ..models.quantization import MLX_LM_RECIPES, Q_MODE_DEFAULTS, QUANT_RECIPES
 from . import run_main
 from .options import add_debug_argument, add_force_argument, command_parser
 

@@ -14,8 +14,6 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from ..files import read_json
-
 MODEL_TYPE = "hunyuan_v1_moe"
 ROPE_TYPES = ("default", "linear", "dynamic")
 CLASSIFICATION_PROBLEM_TYPES = (
@@ -23,6 +21,14 @@ CLASSIFICATION_PROBLEM_TYPES = (
     "single_label_classification",
     "multi_label_classification",
 )
+
+
+def read_json(path: str | Path) -> Any:
+    """The parsed JSON file; invalid JSON is a ValueError naming the file."""
+    try:
+        return json.loads(Path(path).read_text(encoding="utf-8"))
+    except json.JSONDecodeError as e:
+        raise ValueError(f"{path} is not valid JSON: {e}") from None
 
 
 @dataclass
@@ -66,7 +72,7 @@ class HunYuanMoEV1Config:
     # Sequence classification.
     num_labels: int = 2
     problem_type: str | None = None
-    # MLX quantization of a converted checkpoint (see hunyuan_mlx.quantize); None when unquantized.
+    # MLX quantization of a converted checkpoint (quantization.py); None when unquantized.
     quantization: dict[str, Any] | None = None
     model_type: str = MODEL_TYPE
     # Keys of the source config.json that this project does not use, kept for saving back.

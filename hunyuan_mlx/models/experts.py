@@ -16,7 +16,7 @@ import mlx.core as mx
 import mlx.nn as nn
 import numpy as np
 
-from ..quantize import dequantize
+from .quantization import DEFAULT_Q_MODE, dequantize
 
 Rows = mx.array | None  # which of x's rows each gathered product reads (None: broadcast)
 
@@ -146,7 +146,7 @@ class GatheredLinear(nn.Module):
         return x @ self.dense_weight(experts).swapaxes(-1, -2)
 
     def to_quantized(
-        self, group_size: int | None = None, bits: int | None = None, mode: str = "affine"
+        self, group_size: int | None = None, bits: int | None = None, mode: str = DEFAULT_Q_MODE
     ) -> QuantizedGatheredLinear:
         """Called by `nn.quantize`: the same experts, quantized."""
         return QuantizedGatheredLinear(self.weight, group_size, bits, mode)
@@ -160,7 +160,7 @@ class QuantizedGatheredLinear(nn.Module):
         weight: mx.array,
         group_size: int | None = None,
         bits: int | None = None,
-        mode: str = "affine",
+        mode: str = DEFAULT_Q_MODE,
     ):
         """Quantize (E, out, in) `weight`; None group size or bits take the mode's defaults."""
         super().__init__()

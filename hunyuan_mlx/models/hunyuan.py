@@ -15,11 +15,11 @@ import mlx.nn as nn
 from mlx_lm.models.base import create_attention_mask, scaled_dot_product_attention
 from mlx_lm.models.cache import KVCache
 
-from ..quantize import ROUTER_DTYPE
 from . import hf_compat
 from .config import HunYuanMoEV1Config
 from .experts import GatheredGLU
 from .fast_paths import FastPaths, compiled_decode_step, routed_experts, set_fast_paths
+from .quantization import ROUTER_DTYPE
 from .rope import HunYuanMoEV1RotaryEmbedding
 from .sharding import stage_dtype, stage_input, stage_output
 from .weights import sanitize

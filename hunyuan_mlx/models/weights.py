@@ -14,8 +14,8 @@ from __future__ import annotations
 
 import mlx.core as mx
 
-from ..quantize import ROUTER_DTYPE
 from .config import HunYuanMoEV1Config
+from .quantization import ROUTER_DTYPE
 
 QUANT_SUFFIXES = ("weight", "scales", "biases")
 
