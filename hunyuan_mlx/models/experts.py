@@ -365,25 +365,24 @@ class GatheredGLU(nn.Module):
         projections = (self.gate_up_proj, self.down_proj)
         if not all(hasattr(p, "batched") for p in projections):
             return "gathered"
-        if self.pads(dtype) and rows >= policy.padded_min_rows:
+        start = self.padded_from(dtype)
+        if start is not None and rows >= start:
             return "padded"
         unquantized = all(type(p) is GatheredLinear for p in projections)
         if policy.avoid_sorted_gather_mm and rows >= SORT_THRESHOLD and unquantized:
             return "padded"
         return "gathered"
 
-    def pads(self, dtype: mx.Dtype) -> bool:
-        """Whether rows in `dtype` take the padded kernel once there are enough of them."""
+    def padded_from(self, dtype: mx.Dtype) -> int | None:
+        """Routed rows from which calls in `dtype` take the padded kernel; None: never."""
         policy = self.fast_paths
-        return policy.padded_min_rows is not None and (
-            policy.padded_float32 or dtype != mx.float32
-        )
+        return policy.padded_min_rows if policy.padded_float32 or dtype != mx.float32 else None
 
     def reads_routing_counts(self, dtype: mx.Dtype) -> bool:
         """Whether a call in `dtype` may take the padded kernel, which reads the routing counts
         on the host mid-graph: a function that runs these experts should then not be
         `mx.compile`d (they would fall back to the gathered kernel)."""
-        return self.pads(dtype) or self.fast_paths.avoid_sorted_gather_mm
+        return self.padded_from(dtype) is not None or self.fast_paths.avoid_sorted_gather_mm
 
     @property
     def expert_group(self) -> int:

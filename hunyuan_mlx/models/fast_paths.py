@@ -123,20 +123,27 @@ def compiled_decode_step(layer: nn.Module, x: mx.array, cache: Any) -> tuple[mx.
     adapters) are picked up; a changed structure traces anew. They are kept on the layer under a
     leading underscore, which keeps them out of its parameters.
     """
-    attn = layer.self_attn
     if layer._decode_fns is None:
         layer._decode_fns = (
-            # Input norm, projections, RoPE and QK-norm: everything before the cache.
-            mx.compile(
-                lambda x, offset: attn.project(layer.input_layernorm(x), offset), inputs=[layer]
-            ),
-            # Output projection and residual, then the feed-forward half.
-            mx.compile(lambda x, out: layer.mlp_block(x + attn.output(out)), inputs=[layer]),
+            mx.compile(lambda x, offset: _decode_pre(layer, x, offset), inputs=[layer]),
+            mx.compile(lambda x, out: _decode_post(layer, x, out), inputs=[layer]),
         )
     pre, post = layer._decode_fns
     queries, keys, values, shared_kv = pre(x, mx.array(cache.offset))
     keys, values = cache.update_and_fetch(keys, values)
+    attn = layer.self_attn
     out = scaled_dot_product_attention(
         queries, keys, values, cache=cache, scale=attn.scale, mask=None
     )
     return post(x, out), shared_kv
+
+
+def _decode_pre(layer: nn.Module, x: mx.array, offset: mx.array) -> tuple[mx.array, ...]:
+    """Input norm, projections, RoPE and QK-norm: the attention half before the cache."""
+    return layer.self_attn.project(layer.input_layernorm(x), offset)
+
+
+def _decode_post(layer: nn.Module, x: mx.array, attn_out: mx.array) -> mx.array:
+    """Output projection and residual (the attention half after attention), then the
+    feed-forward half."""
+    return layer.mlp_block(x + layer.self_attn.output(attn_out))

@@ -101,18 +101,28 @@ class HunYuanMoEV1Attention(nn.Module):
         shared_kv: KV | None = None,
         position_ids: mx.array | None = None,
     ) -> tuple[mx.array, mx.array, mx.array, KV]:
-        """Queries, keys and values (B, heads, L, head_dim) of `x`: projections (keys and values
-        given under CLA), RoPE, then QK-norm; and the unrotated key/value projections."""
+        """Queries, keys and values (B, heads, L, head_dim) of `x` (keys and values from
+        `shared_kv` under CLA), and the unrotated key/value projections."""
         if shared_kv is None:
             shared_kv = (self.k_proj(x), self.v_proj(x))
-        queries = split_heads(self.q_proj(x), self.num_heads)
+        return *self.heads(self.q_proj(x), shared_kv, offset, position_ids), shared_kv
+
+    def heads(
+        self,
+        queries: mx.array,
+        shared_kv: KV,
+        offset: int | mx.array,
+        position_ids: mx.array | None = None,
+    ) -> tuple[mx.array, mx.array, mx.array]:
+        """Projections (B, L, heads * head_dim) -> (B, heads, L, head_dim): RoPE, then QK-norm."""
+        queries = split_heads(queries, self.num_heads)
         keys, values = (split_heads(t, self.num_key_value_heads) for t in shared_kv)
         queries = self.rotary_emb(queries, offset, position_ids)
         keys = self.rotary_emb(keys, offset, position_ids)
         if "query_layernorm" in self:
             queries = self.query_layernorm(queries)
             keys = self.key_layernorm(keys)
-        return queries, keys, values, shared_kv
+        return queries, keys, values
 
     def output(self, attn_out: mx.array) -> mx.array:
         """Attention output (B, heads, L, head_dim) -> the projected (B, L, hidden)."""
