@@ -89,13 +89,15 @@ class GroupedForward:
 
 def grouped_forward(layer: nn.Module, x: mx.array, mask: Any) -> tuple[mx.array, GroupedForward]:
     """`layer(x, mask)[0]`, each expert group evaluated before the next is built."""
-    experts = layer.mlp.experts
+    moe, experts = layer.mlp, layer.mlp.experts
     keys = [random_key()]
     h = layer.attention_block(x, mask)[0]
-    forward = []
+    forward = None
 
     def run_groups(n: mx.array, indices: mx.array, weights: mx.array) -> mx.array:
-        grid = PaddedGrid.plan(indices, experts.gate_up_proj.dims[0])
+        """The routed experts a group at a time, each evaluated before the next is built."""
+        nonlocal forward
+        grid = PaddedGrid.plan(indices, moe.num_experts)
         groups = grid.groups(experts.expert_group)
         rows = grid.rows(n)
         outs = []
@@ -104,12 +106,12 @@ def grouped_forward(layer: nn.Module, x: mx.array, mask: Any) -> tuple[mx.array,
             outs.append(padded_glu(experts, rows[part], group))
             mx.eval(outs[-1])
         keys.append(random_key())
-        forward.append(GroupedForward(grid, groups, rows, outs, keys))
-        return forward[0].experts(outs)(n, indices, weights)
+        forward = GroupedForward(grid, groups, rows, outs, keys)
+        return forward.experts(outs)(n, indices, weights)
 
     out = layer.mlp_block(h, run_groups)
     mx.eval(out)
-    return out, forward[0]
+    return out, forward
 
 
 def grouped_vjp(
