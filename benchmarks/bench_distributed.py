@@ -59,7 +59,6 @@ from benchmarks.a13b import (
 )
 from hunyuan_mlx.distributed import init_group, make_plan
 from hunyuan_mlx.models import HunYuanMoEV1Config
-from hunyuan_mlx.models.sharding import keep_stage, shard_tensor
 
 # --tiny: 2 layers of a quarter-width A13B (8 heads, 2 KV heads, hidden 1024), 16 experts,
 # a 4096-token vocabulary; prompts and decode short enough for a 2-core CPU.
@@ -159,9 +158,9 @@ def main() -> None:
             return
         plan = make_plan(HunYuanMoEV1Config.from_dict(cfg), group, args.pipeline)
         if plan.mode == "tensor":
-            shard_tensor(model, group)
+            model.shard(group)
         else:
-            keep_stage(model, group, plan.first_layer, plan.end_layer)
+            model.model.pipeline(group)
 
     t = time.perf_counter()
     mx.random.seed(args.seed)  # the same on every rank: one consistent model

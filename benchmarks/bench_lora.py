@@ -252,7 +252,7 @@ def profile(seq_length: int, args: argparse.Namespace) -> list[dict[str, Any]]:
     """Forward and forward+backward time of each part of one tuned layer of ours (gradients of
     its adapters and of its input, as in training), the loss on the 128K head, and the
     optimizer update of every tuned layer's adapters: where a training step's time goes."""
-    from hunyuan_mlx.models.fast_paths import FastPaths, routed_experts, using
+    from hunyuan_mlx.models.fast_paths import FastPaths, using
     from hunyuan_mlx.models.hf_compat import masked_cross_entropy
 
     mx.random.seed(0)
@@ -272,12 +272,8 @@ def profile(seq_length: int, args: argparse.Namespace) -> list[dict[str, Any]]:
     parts: dict[str, Callable[[mx.array], mx.array]] = {
         "attention": lambda h: layer.self_attn(layer.input_layernorm(h), "causal")[0],
         "router": lambda h: moe.route(h)[1],
-        "routed_experts_gathered": lambda h: routed_experts(
-            plain, moe.experts, h, indices, weights, training=True
-        ),
-        "routed_experts_padded": lambda h: routed_experts(
-            padded, moe.experts, h, indices, weights, training=True
-        ),
+        "routed_experts_gathered": lambda h: using_plain(lambda: moe.experts(h, indices, weights)),
+        "routed_experts_padded": lambda h: moe.experts(h, indices, weights),
         "shared_expert": lambda h: moe.shared_mlp(h),
         "decoder_layer_padded": lambda h: layer(h, "causal")[0],
         "decoder_layer_gathered": lambda h: using_plain(lambda: layer(h, "causal")[0]),

@@ -21,6 +21,7 @@ import numpy as np
 from .interrupts import debug_from_env
 from .models import HunYuanMoEV1Config
 from .models.quantization import module_params
+from .models.sharding import pipeline_stage
 
 T = TypeVar("T")
 LAYER_NAME = re.compile(r"(?:^|\.)layers\.(\d+)\.")
@@ -101,24 +102,6 @@ def tensor_problem(config: HunYuanMoEV1Config, size: int) -> str | None:
                     f"{group_size} quantized weights"
                 )
     return None
-
-
-def pipeline_stage(config: HunYuanMoEV1Config, size: int, rank: int) -> tuple[int, int]:
-    """Layers [first, end) of `rank`: contiguous runs, the first ranks one longer when `size`
-    does not divide the layer count. With cross-layer attention a stage must start a K/V group."""
-    layers = config.num_hidden_layers
-    if size > layers:
-        raise ValueError(f"Pipeline mode needs a layer per rank: {layers} layers, {size} ranks")
-    base, extra = divmod(layers, size)
-    starts = [r * base + min(r, extra) for r in range(size + 1)]
-    for r, start in enumerate(starts[1:-1], 1):
-        if not config.layer_has_kv_proj(start):
-            raise ValueError(
-                f"Pipeline mode would start rank {r} at layer {start}, inside a group of "
-                f"{config.cla_share_factor} layers sharing keys and values (CLA): use a rank "
-                "count that splits the layers at group boundaries"
-            )
-    return starts[rank], starts[rank + 1]
 
 
 def together(group: mx.distributed.Group | None, step: Callable[[], T]) -> T:

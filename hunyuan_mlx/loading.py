@@ -13,7 +13,6 @@ from .distributed import make_plan, together
 from .files import check_tensors, load_safetensors, weight_files
 from .models import HunYuanMoEV1Config, HunYuanMoEV1ForCausalLM
 from .models.quantization import apply_quantization, is_router
-from .models.sharding import keep_stage, shard_tensor
 from .tokenizer import HunYuanTokenizer
 from .tuner.adapters import load_adapters
 
@@ -139,9 +138,9 @@ def assemble(
     if adapter_path is not None:
         load_adapters(model, adapter_path)
     if plan is not None and plan.mode == "tensor":
-        shard_tensor(model, group)
+        model.shard(group)
     elif plan is not None:
-        keep_stage(model, group, plan.first_layer, plan.end_layer)
+        model.model.pipeline(group)
     model.eval()
     return model
 

@@ -36,7 +36,6 @@ from hunyuan_mlx.cli.generate import main as generate_main
 from hunyuan_mlx.converter import convert
 from hunyuan_mlx.distributed import make_plan
 from hunyuan_mlx.models import HunYuanMoEV1Config
-from hunyuan_mlx.models.sharding import shard_tensor
 from hunyuan_mlx.tuner.adapters import (
     ADAPTER_FILE,
     adapter_weights,
@@ -273,7 +272,7 @@ def test_dora_on_a_column_split_projection_is_refused_in_tensor_mode(models):
             return 2
 
     with pytest.raises(ValueError, match="DoRA adapters on layer 2.s self_attn.o_proj.*--pipeline"):
-        shard_tensor(model, Rank1Of2())
+        model.shard(Rank1Of2())
 
 
 def test_pipeline_outside_mlx_launch_is_one_error(models, capsys):

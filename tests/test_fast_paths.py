@@ -15,6 +15,7 @@ from mlx.utils import tree_flatten, tree_unflatten
 
 from hunyuan_mlx import load_model
 from hunyuan_mlx.models import FastPaths, HunYuanMoEV1Config, HunYuanMoEV1ForCausalLM
+from hunyuan_mlx.models import experts as ex
 from hunyuan_mlx.models import fast_paths as fp
 from hunyuan_mlx.models.experts import GatheredGLU
 from hunyuan_mlx.models.quantization import apply_quantization
@@ -41,14 +42,14 @@ def always_fast(monkeypatch):
 def spy(monkeypatch):
     """Records, per experts call, whether the padded path produced the result."""
     taken = []
-    original = fp.padded_experts
+    original = ex.padded_experts
 
     def padded(*args, **kwargs):
         out = original(*args, **kwargs)
         taken.append(out is not None)
         return out
 
-    monkeypatch.setattr(fp, "padded_experts", padded)
+    monkeypatch.setattr(ex, "padded_experts", padded)
     return taken
 
 
@@ -66,10 +67,10 @@ def grouped(monkeypatch):
     return calls
 
 
-def experts_call(glu: GatheredGLU, policy: FastPaths | None = None):
-    """`glu` called as the MoE block calls it, under `policy` (default: this backend's)."""
-    policy = policy or FastPaths.default()
-    return lambda x, indices, weights: fp.routed_experts(policy, glu, x, indices, weights)
+def experts_call(glu: GatheredGLU, policy: FastPaths | None = None) -> GatheredGLU:
+    """`glu`, to be called as the MoE block calls it, under `policy` (default: this backend's)."""
+    fp.set_fast_paths(glu, policy or FastPaths.default())
+    return glu
 
 
 def tiny_model(quantized: bool, seed: int = 0) -> HunYuanMoEV1ForCausalLM:
@@ -125,13 +126,13 @@ def skewed_routing(tokens: int) -> tuple[mx.array, mx.array]:
 
 def test_padded_blocks_cover_every_row_once_within_three_times_the_rows():
     counts = [0, 3, 200, 0, 9, 1, 40, 0]  # one expert far busier than the others
-    capacity, blocks = fp.padded_blocks(counts)
+    capacity, blocks = ex.padded_blocks(counts)
     assert capacity % 8 == 0 and len(blocks) * capacity <= 3 * sum(counts)
     covered = [row for _, first, size in blocks for row in range(first, first + size)]
     assert covered == list(range(sum(counts)))
     per_expert = {e: sum(size for x, _, size in blocks if x == e) for e in range(len(counts))}
     assert list(per_expert.values()) == counts
-    assert fp.padded_blocks([4, 4, 5]) == (8, [(0, 0, 4), (1, 4, 4), (2, 8, 5)])  # one block each
+    assert ex.padded_blocks([4, 4, 5]) == (8, [(0, 0, 4), (1, 4, 4), (2, 8, 5)])  # one block each
 
 
 @pytest.mark.parametrize("group", [3, 32])
@@ -227,9 +228,11 @@ def test_foreign_wrapper_takes_the_gathered_path(always_fast, spy):
     x = mx.random.normal((1, 20, 128))
     indices, weights = routing(20)
     plain = experts_call(glu, PLAIN)(x, indices, weights)
+    assert experts_call(glu).kernel(indices.size, x.dtype) == "padded"
     glu.down_proj = Wrapper(glu.down_proj)
+    assert glu.kernel(indices.size, x.dtype) == "gathered"
     assert max_diff(experts_call(glu)(x, indices, weights), plain) == 0.0
-    assert spy == [False]
+    assert spy == []  # not tried
 
 
 @pytest.mark.parametrize("checkpointed", [False, True])
@@ -334,21 +337,25 @@ def test_training_steps_on_padded_experts_follow_the_plain_loss_curve(always_fas
 
 def test_cpu_pads_half_precision_rows_only():
     """On the CPU the float32 gathered experts are the faster ones; CUDA pads either dtype."""
-    glu = GatheredGLU(128, 64, 16)
-    cpu, cuda = FastPaths.default(on="cpu"), FastPaths.default(on="cuda")
-    assert cpu.takes_padded(glu, 512, mx.bfloat16) and not cpu.takes_padded(glu, 512, mx.float32)
-    assert not cpu.takes_padded(glu, 32, mx.bfloat16)  # too few rows
-    assert cuda.takes_padded(glu, 512, mx.float32) and cuda.takes_padded(glu, 512, mx.bfloat16)
-    assert cpu.reads_routing_counts(mx.bfloat16) and not cpu.reads_routing_counts(mx.float32)
+    glu = experts_call(GatheredGLU(128, 64, 16), FastPaths.default(on="cpu"))
+    assert glu.kernel(512, mx.bfloat16) == "padded" and glu.kernel(512, mx.float32) == "gathered"
+    assert glu.kernel(32, mx.bfloat16) == "gathered"  # too few rows
+    assert glu.reads_routing_counts(mx.bfloat16) and not glu.reads_routing_counts(mx.float32)
+    experts_call(glu, FastPaths.default(on="cuda"))
+    assert glu.kernel(512, mx.float32) == glu.kernel(512, mx.bfloat16) == "padded"
 
 
 def test_fast_paths_context_restores_state():
     model = tiny_model(quantized=False)
     before = model.fast_paths
     assert before == FastPaths.default() != PLAIN
+
+    def held() -> set[FastPaths]:
+        return {model.model.fast_paths} | {layer.mlp.experts.fast_paths for layer in model.layers}
+
     with fp.using(model, PLAIN):
-        assert {layer.mlp.fast_paths for layer in model.layers} == {PLAIN}
-    assert {layer.mlp.fast_paths for layer in model.layers} == {before}
+        assert held() == {PLAIN}
+    assert held() == {before}
 
 
 def test_padded_bf16_at_least_as_accurate_as_gathered(always_fast):

@@ -1,21 +1,30 @@
 """Gathered experts: `num_experts` linears stored as one stacked array, applied per routed row.
 
-`GatheredGLU` applies each token's k SwiGLU experts with one gathered matmul per projection
-(`mx.gather_mm`, or `mx.gather_qmm` once quantized) instead of a loop over experts, so no token is
-ever dropped. This is the plain path, the one the transformers parity tests pin; the inference
-fast paths (`fast_paths.py`) are held equal to it. Routing lives in the MoE block (`hunyuan.py`).
+`GatheredGLU` applies each token's k SwiGLU experts with one of two kernels, which it picks itself
+(`GatheredGLU.kernel`, from the model's `FastPaths` policy), so that the MoE block just calls it:
+
+- **gathered** (the plain path, the one the transformers parity tests pin): one gathered matmul
+  per projection (`mx.gather_mm`, or `mx.gather_qmm` once quantized) instead of a loop over
+  experts, so no token is ever dropped;
+- **padded** (long prefill chunks and training): the routed rows laid out in a padded grid of
+  blocks, one expert's each, run as one batched matmul per projection on weights dequantized a
+  group of experts at a time; tests hold it equal to the gathered kernel.
+
+Routing lives in the MoE block (`hunyuan.py`).
 """
 
 from __future__ import annotations
 
 import math
 from collections.abc import Callable
+from dataclasses import dataclass
 from functools import cache
 
 import mlx.core as mx
 import mlx.nn as nn
 import numpy as np
 
+from .fast_paths import FastPaths
 from .quantization import DEFAULT_Q_MODE, dequantize
 
 Rows = mx.array | None  # which of x's rows each gathered product reads (None: broadcast)
@@ -215,6 +224,121 @@ class QuantizedGatheredLinear(nn.Module):
 GATHERED_LINEARS = (GatheredLinear, QuantizedGatheredLinear)
 
 
+def padded_blocks(counts: list[int]) -> tuple[int, list[tuple[int, int, int]]]:
+    """The padded grid for each expert's routed row count: its capacity (a multiple of 8, for
+    fewer distinct matmul shapes) and its blocks, (expert, first row, rows) over the rows sorted
+    by expert.
+
+    The capacity is the busiest expert's count, capped at twice the used experts' mean: a busier
+    expert takes several blocks, so the grid stays within 3x the rows however skewed the routing
+    (with one capacity for all, one expert taking every token made it `used` times the rows).
+    """
+    used = [count for count in counts if count]
+    capacity = min(max(used), math.ceil(2 * sum(used) / len(used)))
+    capacity = -(-capacity // 8) * 8
+    blocks, start = [], 0
+    for expert, count in enumerate(counts):
+        for first in range(0, count, capacity):
+            blocks.append((expert, start + first, min(capacity, count - first)))
+        start += count
+    return capacity, blocks
+
+
+@dataclass(frozen=True)
+class PaddedGrid:
+    """Where one call's routed rows sit in the padded grid: blocks of `capacity` rows, each
+    block one expert's (`padded_blocks`); padding cells repeat a real token and are never read
+    back."""
+
+    num_experts: int
+    block_experts: list[int]
+    tokens: mx.array  # (blocks, capacity): the token each cell computes
+    cells: mx.array  # (rows,): each routed row's cell, rows in (token, choice) order
+    shape: tuple[int, ...]  # the routing's (..., k)
+
+    @classmethod
+    def plan(cls, indices: mx.array, num_experts: int) -> PaddedGrid | None:
+        """The grid for routing `indices` (..., k). The counts are read on the host, one
+        synchronisation, so no token is ever dropped; None inside `mx.compile`, where the host
+        cannot read them (`vjp` and `checkpoint` can)."""
+        k = indices.shape[-1]
+        flat = mx.stop_gradient(indices).flatten().astype(mx.int32)
+        try:
+            counts = mx.zeros((num_experts,), dtype=mx.int32).at[flat].add(1).tolist()
+        except ValueError:  # "eval during function transformations": MLX's only sign of tracing
+            return None
+        capacity, blocks = padded_blocks(counts)
+        # Sorted row p of expert e sits in cell p + base[e]: e's first block times the capacity,
+        # less e's first sorted row (its blocks are consecutive and full but the last).
+        base = [0] * num_experts
+        for b, (expert, first, _) in reversed(list(enumerate(blocks))):
+            base[expert] = b * capacity - first
+        order = mx.argsort(flat)  # sorted row -> row
+        cells = mx.array(base, dtype=mx.int32)[flat] + mx.argsort(order).astype(mx.int32)
+        firsts = mx.array([first for _, first, _ in blocks], dtype=mx.int32)
+        sizes = mx.array([size for _, _, size in blocks], dtype=mx.int32)
+        c = mx.arange(capacity, dtype=mx.int32)
+        # Each cell's token; padding cells repeat their block's first row.
+        tokens = (order // k)[firsts[:, None] + mx.where(c < sizes[:, None], c, 0)]
+        block_experts = [expert for expert, _, _ in blocks]
+        return cls(num_experts, block_experts, tokens, cells, tuple(indices.shape))
+
+    def rows(self, x: mx.array) -> mx.array:
+        """The grid's input rows (blocks, capacity, D) from tokens `x` (..., D)."""
+        return x.reshape(-1, x.shape[-1])[self.tokens]
+
+    def groups(self, size: int) -> list[tuple[slice, list[int] | None]]:
+        """The grid's blocks `size` at a time: their slice, and their experts (None: all, in
+        order, which every projection reads without a copy)."""
+        out = []
+        for a in range(0, len(self.block_experts), size):
+            experts = self.block_experts[a : a + size]
+            every = experts == list(range(self.num_experts))
+            out.append((slice(a, a + size), None if every else experts))
+        return out
+
+    def unpad(self, outs: list[mx.array]) -> mx.array:
+        """Each routed row's output (..., k, D) from the groups' outputs, in grid order."""
+        out = outs[0] if len(outs) == 1 else mx.concatenate(outs)
+        out = out.reshape(-1, out.shape[-1])[self.cells]
+        return out.reshape(*self.shape, out.shape[-1])
+
+
+def padded_glu(experts: GatheredGLU, rows: mx.array, group: list[int] | None) -> mx.array:
+    """The experts on one group's padded rows (n, capacity, D): block j through `group[j]`."""
+    h = experts.gate_up_proj.batched(rows, group)
+    gate, up = mx.split(h, [experts.intermediate_size], axis=-1)
+    return experts.down_proj.batched(nn.silu(gate) * up, group)
+
+
+def padded_experts(
+    experts: GatheredGLU,
+    x: mx.array,
+    indices: mx.array,
+    expert_group: int,
+    run_each_group: bool = False,
+) -> mx.array | None:
+    """Each row's expert output (..., k, D), as batched matmuls over (blocks, capacity, D),
+    `expert_group` blocks at a time. None inside `mx.compile` (`PaddedGrid.plan`).
+
+    `run_each_group` evaluates each group before the next is built: a GPU frees a kernel's inputs
+    only once it has run, so unsynchronised groups piled up their dense weights (an A13B layer's
+    padded forward at 2048 tokens on an H100 held 3.7 GB in groups of 32 and 4.5 in groups of 8
+    built as one graph, 0.8 GB in groups of 8 run one at a time). Only outside `mx.grad`, which
+    would keep what it evaluates for the backward.
+    """
+    grid = PaddedGrid.plan(indices, experts.gate_up_proj.dims[0])
+    if grid is None:
+        return None
+    rows = grid.rows(x)
+    outs = []
+    for part, group in grid.groups(expert_group):
+        outs.append(padded_glu(experts, rows[part], group))
+        if run_each_group:
+            mx.eval(outs[-1])
+    return grid.unpad(outs)
+
+
 class GatheredGLU(nn.Module):
     """Stacked SwiGLU experts: `down(silu(gate(x)) * up(x))` with gate and up fused in one matmul.
 
@@ -226,11 +350,67 @@ class GatheredGLU(nn.Module):
         self.intermediate_size = intermediate_size
         self.gate_up_proj = GatheredLinear(hidden_size, 2 * intermediate_size, num_experts)
         self.down_proj = GatheredLinear(intermediate_size, hidden_size, num_experts)
+        # The policy the kernel is chosen by; the model gives its own (`set_fast_paths`).
+        self.fast_paths = FastPaths.off()
+
+    def kernel(self, rows: int, dtype: mx.Dtype) -> str:
+        """"padded" or "gathered": the kernel a call on `rows` routed rows in `dtype` runs.
+
+        Padded where the policy pads `dtype` from `rows` on, or keeps unquantized experts off
+        MLX's broken sorted `gather_mm` (which sorts from `SORT_THRESHOLD` rows); never where a
+        projection lacks the padded product `batched` (LoRA adapters add theirs): a foreign
+        wrapper sees its own call. Inside `mx.compile` a padded call runs gathered.
+        """
+        policy = self.fast_paths
+        projections = (self.gate_up_proj, self.down_proj)
+        if not all(hasattr(p, "batched") for p in projections):
+            return "gathered"
+        start = self.padded_from(dtype)
+        if start is not None and rows >= start:
+            return "padded"
+        unquantized = all(type(p) is GatheredLinear for p in projections)
+        if policy.avoid_sorted_gather_mm and rows >= SORT_THRESHOLD and unquantized:
+            return "padded"
+        return "gathered"
+
+    def padded_from(self, dtype: mx.Dtype) -> int | None:
+        """Routed rows from which calls in `dtype` take the padded kernel; None: never."""
+        policy = self.fast_paths
+        return policy.padded_min_rows if policy.padded_float32 or dtype != mx.float32 else None
+
+    def reads_routing_counts(self, dtype: mx.Dtype) -> bool:
+        """Whether a call in `dtype` may take the padded kernel, which reads the routing counts
+        on the host mid-graph: a function that runs these experts should then not be
+        `mx.compile`d (they would fall back to the gathered kernel)."""
+        return self.padded_from(dtype) is not None or self.fast_paths.avoid_sorted_gather_mm
+
+    @property
+    def expert_group(self) -> int:
+        """Experts whose dense weights a padded call holds at once (fewer in training)."""
+        if self.training:
+            return self.fast_paths.padded_training_expert_group
+        return self.fast_paths.padded_expert_group
 
     def __call__(self, x: mx.array, indices: mx.array, weights: mx.array) -> mx.array:
         """x (..., D), expert ids and weights (..., k) -> the weighted sum of the chosen experts'
-        outputs, (..., D)."""
+        outputs, (..., D).
+
+        In inference the padded kernel runs each expert group before building the next (see
+        `padded_experts`); in training the call may be differentiated, and an evaluation under
+        `mx.grad` would keep every group's dense weights for the backward, so the trainer runs
+        the groups itself (`tuner/expert_groups.py`).
+        """
         indices = mx.stop_gradient(indices)
+        if self.kernel(indices.size, x.dtype) == "padded":
+            out = padded_experts(
+                self, x, indices, self.expert_group, run_each_group=not self.training
+            )
+            if out is not None:
+                return weighted_sum(out, weights)
+        return self.gathered(x, indices, weights)
+
+    def gathered(self, x: mx.array, indices: mx.array, weights: mx.array) -> mx.array:
+        """The gathered kernel (the plain path), arguments as `__call__`'s."""
         rows = indices.size
         if rows >= SORT_THRESHOLD:
             x_rows, row_indices, inverse_order = gather_sort(mx.expand_dims(x, (-2, -3)), indices)

@@ -8,6 +8,7 @@ in `fast_paths.py`, switched by the `FastPaths` policy the model holds.
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from typing import Any
 
 import mlx.core as mx
@@ -18,14 +19,21 @@ from mlx_lm.models.cache import KVCache
 from . import hf_compat
 from .config import HunYuanMoEV1Config
 from .experts import GatheredGLU
-from .fast_paths import FastPaths, compiled_decode_step, routed_experts, set_fast_paths
+from .fast_paths import FastPaths, compiled_decode_step, set_fast_paths
 from .quantization import ROUTER_DTYPE
 from .rope import HunYuanMoEV1RotaryEmbedding
-from .sharding import stage_dtype, stage_input, stage_output
+from .sharding import (
+    pipeline_stage,
+    shard_tensor,
+    stage_dtype,
+    stage_input,
+    stage_output,
+)
 from .weights import sanitize
 
 Mask = mx.array | str | None  # a boolean/additive array, "causal", or None
 KV = tuple[mx.array, mx.array]  # a layer's key and value projections, shared under CLA
+Experts = Callable[[mx.array, mx.array, mx.array], mx.array]  # (x, indices, weights) -> output
 
 
 def split_heads(x: mx.array, num_heads: int) -> mx.array:
@@ -77,16 +85,27 @@ class HunYuanMoEV1Attention(nn.Module):
         position_ids: mx.array | None = None,
     ) -> tuple[mx.array, KV]:
         """Returns the output and the (unrotated) key/value projections for CLA sharing."""
-        if shared_kv is None:
-            shared_kv = (self.k_proj(x), self.v_proj(x))
         offset = cache.offset if cache is not None else 0
-        queries, keys, values = self.heads(self.q_proj(x), shared_kv, offset, position_ids)
+        queries, keys, values, shared_kv = self.project(x, offset, shared_kv, position_ids)
         if cache is not None:
             keys, values = cache.update_and_fetch(keys, values)
         out = scaled_dot_product_attention(
             queries, keys, values, cache=cache, scale=self.scale, mask=mask
         )
         return self.output(out), shared_kv
+
+    def project(
+        self,
+        x: mx.array,
+        offset: int | mx.array,
+        shared_kv: KV | None = None,
+        position_ids: mx.array | None = None,
+    ) -> tuple[mx.array, mx.array, mx.array, KV]:
+        """Queries, keys and values (B, heads, L, head_dim) of `x` (keys and values from
+        `shared_kv` under CLA), and the unrotated key/value projections."""
+        if shared_kv is None:
+            shared_kv = (self.k_proj(x), self.v_proj(x))
+        return *self.heads(self.q_proj(x), shared_kv, offset, position_ids), shared_kv
 
     def heads(
         self,
@@ -141,7 +160,6 @@ class HunYuanMoEV1Gate(nn.Module):
 class HunYuanMoEV1Moe(nn.Module):
     """Routed experts plus the shared MLP. One expert makes it a dense MLP with no router."""
 
-    fast_paths = FastPaths.off()  # the model gives every block its policy
     # Tensor mode (sharding.py): this rank holds a slice of every expert, the output is summed.
     sharding_group: mx.distributed.Group | None = None
 
@@ -177,19 +195,17 @@ class HunYuanMoEV1Moe(nn.Module):
         probs = mx.softmax(logits, axis=-1, precise=True)
         return indices, mx.take_along_axis(probs, indices, axis=-1)
 
-    def __call__(self, x: mx.array) -> mx.array:
+    def __call__(self, x: mx.array, experts: Experts | None = None) -> mx.array:
+        """The routed experts' output plus the shared expert's; in tensor mode summed over the
+        ranks. `experts` stands in for `self.experts` (the grouped trainer's, given its groups'
+        outputs)."""
         if self.num_experts == 1:
             # Softmax over one expert is 1: every token goes to expert 0 with weight 1.
             indices = mx.zeros((*x.shape[:-1], 1), dtype=mx.uint32)
             weights = mx.ones(indices.shape, dtype=mx.float32)
         else:
             indices, weights = self.route(x)
-        y = routed_experts(self.fast_paths, self.experts, x, indices, weights, self.training)
-        return self.with_shared(y, x)
-
-    def with_shared(self, y: mx.array, x: mx.array) -> mx.array:
-        """The routed experts' output `y` plus the shared expert's on `x`; in tensor mode summed
-        over the ranks."""
+        y = (experts or self.experts)(x, indices, weights)
         if "shared_mlp" in self:
             y = y + self.shared_mlp(x)
         if self.sharding_group is not None:
@@ -211,15 +227,45 @@ class HunYuanMoEV1DecoderLayer(nn.Module):
         position_ids: mx.array | None = None,
     ) -> tuple[mx.array, KV]:
         """Returns the output and the attention's key/value projections for CLA sharing."""
+        h, shared_kv = self.attention_block(x, mask, cache, shared_kv, position_ids)
+        return self.mlp_block(h), shared_kv
+
+    def attention_block(
+        self, x: mx.array, mask: Mask, cache: Any = None, shared_kv: KV | None = None,
+        position_ids: mx.array | None = None,
+    ) -> tuple[mx.array, KV]:
+        """The first half: input norm, self-attention and the residual; also the attention's
+        key/value projections."""
         r, shared_kv = self.self_attn(self.input_layernorm(x), mask, cache, shared_kv, position_ids)
-        h = x + r
-        return h + self.mlp(self.post_attention_layernorm(h)), shared_kv
+        return x + r, shared_kv
+
+    def mlp_block(self, h: mx.array, experts: Experts | None = None) -> mx.array:
+        """The second half: post-attention norm, the MoE block (`experts` as its) and the
+        residual."""
+        return h + self.mlp(self.post_attention_layernorm(h), experts)
+
+    def compiles_decode(
+        self, x: mx.array, mask: Mask, cache: Any, shared_kv: KV | None,
+        position_ids: mx.array | None,
+    ) -> bool:
+        """Whether the call `self(x, mask, cache, shared_kv, position_ids)` can run as
+        `compiled_decode_step`: one token with a cache, causal, no shared K/V, no explicit
+        positions, a rotation that does not depend on the length, in eval mode."""
+        return (
+            x.shape[1] == 1
+            and mask is None
+            and cache is not None
+            and shared_kv is None
+            and position_ids is None
+            and not self.training
+            and "k_proj" in self.self_attn
+            and self.self_attn.rotary_emb.dynamic_factor is None
+        )
 
 
 class HunYuanMoEV1Model(nn.Module):
     """Embedding, decoder layers and final norm: the hidden states before the head."""
 
-    fast_paths = FastPaths.off()
     # Pipeline mode (sharding.py): `layers` are this stage's, numbered from `first_layer`.
     first_layer = 0
     pipeline_group: mx.distributed.Group | None = None
@@ -227,6 +273,8 @@ class HunYuanMoEV1Model(nn.Module):
     def __init__(self, config: HunYuanMoEV1Config):
         super().__init__()
         self.config = config
+        # Whether single-token steps compile; the model gives its policy (`set_fast_paths`).
+        self.fast_paths = FastPaths.off()
         self.embed_tokens = nn.Embedding(config.vocab_size, config.hidden_size)
         self.layers = [HunYuanMoEV1DecoderLayer(config, i) for i in range(config.num_hidden_layers)]
         self.norm = nn.RMSNorm(config.hidden_size, eps=config.rms_norm_eps)
@@ -254,16 +302,13 @@ class HunYuanMoEV1Model(nn.Module):
                 hidden_states.append(h)
             if self.config.layer_has_kv_proj(self.first_layer + j):
                 shared_kv = None
-            call = dict(
-                mask=mask,
-                cache=cache[j] if cache else None,
-                shared_kv=shared_kv,
-                position_ids=position_ids,
-            )
-            if self.fast_paths.takes_compiled_decode(layer, h, **call):
-                h, shared_kv = compiled_decode_step(layer, h, call["cache"])
+            layer_cache = cache[j] if cache else None
+            if self.fast_paths.compiled_decode and layer.compiles_decode(
+                h, mask, layer_cache, shared_kv, position_ids
+            ):
+                h, shared_kv = compiled_decode_step(layer, h, layer_cache)
             else:
-                h, shared_kv = layer(h, **call)
+                h, shared_kv = layer(h, mask, layer_cache, shared_kv, position_ids)
         if self.pipeline_group is not None:
             h = stage_output(h, self.pipeline_group, boundary)
         return self.norm(h)
@@ -271,13 +316,20 @@ class HunYuanMoEV1Model(nn.Module):
     def make_cache(self) -> list[KVCache]:
         return [KVCache() for _ in self.layers]
 
+    def pipeline(self, group: mx.distributed.Group) -> None:
+        """Pipeline mode, in place (mlx-lm's protocol): keep this rank's run of layers
+        (`sharding.pipeline_stage`), dropping the others before anything of theirs is evaluated;
+        the embedding and final norm stay."""
+        first, end = pipeline_stage(self.config, group.size(), group.rank())
+        self.layers = self.layers[first:end]
+        self.first_layer = first
+        self.pipeline_group = group
+
     forward = hf_compat.base_model_forward
 
 
 class HunYuanMoEV1PreTrainedModel(nn.Module):
     """What every head shares: the config, the decoder and its fast-path policy."""
-
-    fast_paths = FastPaths.off()
 
     def __init__(self, config: HunYuanMoEV1Config, fast_paths: FastPaths | None = None):
         """`fast_paths` defaults to every fast path measured on this backend."""
@@ -286,8 +338,22 @@ class HunYuanMoEV1PreTrainedModel(nn.Module):
         self.model = HunYuanMoEV1Model(config)
         set_fast_paths(self, fast_paths or FastPaths.default())
 
+    @property
+    def fast_paths(self) -> FastPaths:
+        """The model's policy (`fast_paths.set_fast_paths` gives it to the modules that use it)."""
+        return self.model.fast_paths
+
+    @fast_paths.setter
+    def fast_paths(self, policy: FastPaths) -> None:
+        self.model.fast_paths = policy
+
     def sanitize(self, weights: dict[str, mx.array]) -> dict[str, mx.array]:
         return sanitize(weights, self.config)
+
+    def shard(self, group: mx.distributed.Group) -> None:
+        """Tensor mode, in place (mlx-lm's protocol): this rank's heads and expert slices
+        (`sharding.shard_tensor`)."""
+        shard_tensor(self, group)
 
     @property
     def layers(self) -> list[HunYuanMoEV1DecoderLayer]:

@@ -1,12 +1,14 @@
 """Splitting a loaded (still unevaluated) model over the ranks of an `mx.distributed` group.
 
+The model's `shard(group)` and its decoder's `pipeline(group)` (mlx-lm's protocol) run them.
+
 - **Tensor mode** (`shard_tensor`): each rank keeps 1/N of the query and key-value heads, 1/N of
   every routed expert's intermediate dimension (all 64 experts on every rank, as mlx-lm's
   `qwen3_moe.py` / `deepseek_v3.py` `shard()`) and of the shared expert's. The router, norms and
   embedding stay whole. Each block's output is a partial sum that one `all_sum` completes: one
   for attention (`HunYuanMoEV1Attention.sharding_group`), one for the MoE block, routed and
   shared experts together (`HunYuanMoEV1Moe.sharding_group`).
-- **Pipeline mode** (`keep_stage`): each rank keeps a contiguous run of layers; hidden states go
+- **Pipeline mode** (`pipeline_stage`): each rank keeps a contiguous run of layers; hidden states go
   from stage to stage through `all_sum`s to which only the sender adds (`stage_input`,
   `stage_output`): every backend has `all_sum`, MLX 0.32.4's CUDA one has no `recv`.
 
@@ -20,6 +22,8 @@ from __future__ import annotations
 import mlx.core as mx
 import mlx.nn as nn
 from mlx.nn.layers.distributed import shard_inplace
+
+from .config import HunYuanMoEV1Config
 
 Axis = int | tuple[int, int] | None  # shard_inplace's answer: axis, (axis, segments), or whole
 
@@ -95,13 +99,22 @@ def shard_tensor(model: nn.Module, group: mx.distributed.Group) -> None:
         moe.sharding_group = group
 
 
-def keep_stage(model: nn.Module, group: mx.distributed.Group, first: int, end: int) -> None:
-    """Pipeline mode, in place: keep layers [first, end) of the decoder (dropping the others
-    before anything of theirs is evaluated); the embedding, final norm and head stay."""
-    decoder = model.model
-    decoder.layers = decoder.layers[first:end]
-    decoder.first_layer = first
-    decoder.pipeline_group = group
+def pipeline_stage(config: HunYuanMoEV1Config, size: int, rank: int) -> tuple[int, int]:
+    """Layers [first, end) of `rank`: contiguous runs, the first ranks one longer when `size`
+    does not divide the layer count. With cross-layer attention a stage must start a K/V group."""
+    layers = config.num_hidden_layers
+    if size > layers:
+        raise ValueError(f"Pipeline mode needs a layer per rank: {layers} layers, {size} ranks")
+    base, extra = divmod(layers, size)
+    starts = [r * base + min(r, extra) for r in range(size + 1)]
+    for r, start in enumerate(starts[1:-1], 1):
+        if not config.layer_has_kv_proj(start):
+            raise ValueError(
+                f"Pipeline mode would start rank {r} at layer {start}, inside a group of "
+                f"{config.cla_share_factor} layers sharing keys and values (CLA): use a rank "
+                "count that splits the layers at group boundaries"
+            )
+    return starts[rank], starts[rank + 1]
 
 
 def _hand_off(h: mx.array, group: mx.distributed.Group) -> mx.array:

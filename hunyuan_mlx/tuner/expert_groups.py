@@ -6,8 +6,9 @@ held every group's dense weights at once (an A13B layer's vjp peaked 20 GB above
 evaluates there for the backward. So the layer's vjp is taken in three parts, each evaluated
 outside any transformation, with the groups' outputs as inputs in between:
 
-1. around the groups: attention, router, shared expert and residuals (`attention_part`,
-   `output_part`), the groups' outputs given; its vjp gives the cotangent of each group's output;
+1. around the groups: the layer's two halves (`attention_block`, `mlp_block`) with the groups'
+   outputs given in place of the routed experts; its vjp gives the cotangent of each group's
+   output;
 2. each group's own vjp (`padded_glu`), one at a time: its rows' cotangent, its adapters' gradient;
 3. the rows' vjp (attention and the norm up to `PaddedGrid.rows`): the rest of the input's.
 
@@ -26,8 +27,7 @@ import mlx.core as mx
 import mlx.nn as nn
 from mlx.utils import tree_flatten, tree_unflatten
 
-from ..models.experts import weighted_sum
-from ..models.fast_paths import PaddedGrid, padded_glu, takes_padded_groups
+from ..models.experts import PaddedGrid, padded_glu, weighted_sum
 
 
 def random_key() -> int:
@@ -54,15 +54,14 @@ def trainable_arrays(
 
 
 def takes_groups(layer: nn.Module, x: mx.array) -> bool:
-    """Whether `layer(x, mask)` runs its routed experts on the padded path, which this module can
-    split (a router, one rank, projections with `batched` products)."""
+    """Whether `layer(x, mask)` runs its routed experts on the padded kernel, which this module
+    can split (a router, one rank)."""
     moe = layer.mlp
     rows = math.prod(x.shape[:-1]) * moe.top_k
     return (
         moe.num_experts > 1
         and moe.sharding_group is None
-        and takes_padded_groups(moe.experts)
-        and moe.fast_paths.takes_padded(moe.experts, rows, x.dtype)
+        and moe.experts.kernel(rows, x.dtype) == "padded"
     )
 
 
@@ -77,45 +76,40 @@ class GroupedForward:
     outs: list[mx.array]
     keys: list[int]
 
+    def experts(self, outs: list[mx.array]) -> Callable[..., mx.array]:
+        """The routed experts' stand-in in the MoE block (`mlp_block(h, experts)`), given the
+        groups' outputs `outs`."""
 
-def attention_part(layer: nn.Module, x: mx.array, mask: Any) -> tuple[mx.array, mx.array]:
-    """The residual after attention and its norm, the MoE block's input (as
-    `HunYuanMoEV1DecoderLayer.__call__`)."""
-    h = x + layer.self_attn(layer.input_layernorm(x), mask)[0]
-    return h, layer.post_attention_layernorm(h)
+        def given(x: mx.array, indices: mx.array, weights: mx.array) -> mx.array:
+            mx.random.seed(self.keys[-1])  # the shared expert's draws follow
+            return weighted_sum(self.grid.unpad(outs), weights)
 
-
-def output_part(
-    moe: nn.Module,
-    h: mx.array,
-    n: mx.array,
-    weights: mx.array,
-    forward: GroupedForward,
-    outs: list[mx.array],
-) -> mx.array:
-    """The layer's output from the residual `h`, its norm `n`, the routing weights and the
-    groups' outputs `outs` (as `HunYuanMoEV1Moe.__call__` with the residual)."""
-    mx.random.seed(forward.keys[-1])  # the shared expert's draws
-    return h + moe.with_shared(weighted_sum(forward.grid.unpad(outs), weights), n)
+        return given
 
 
 def grouped_forward(layer: nn.Module, x: mx.array, mask: Any) -> tuple[mx.array, GroupedForward]:
     """`layer(x, mask)[0]`, each expert group evaluated before the next is built."""
-    moe = layer.mlp
+    moe, experts = layer.mlp, layer.mlp.experts
     keys = [random_key()]
-    h, n = attention_part(layer, x, mask)
-    indices, weights = moe.route(n)
-    grid = PaddedGrid.plan(indices, moe.num_experts)
-    groups = grid.groups(moe.fast_paths.padded_training_expert_group)
-    rows = grid.rows(n)
-    outs = []
-    for part, group in groups:
+    h = layer.attention_block(x, mask)[0]
+    forward = None
+
+    def run_groups(n: mx.array, indices: mx.array, weights: mx.array) -> mx.array:
+        """The routed experts a group at a time, each evaluated before the next is built."""
+        nonlocal forward
+        grid = PaddedGrid.plan(indices, moe.num_experts)
+        groups = grid.groups(experts.expert_group)
+        rows = grid.rows(n)
+        outs = []
+        for part, group in groups:
+            keys.append(random_key())
+            outs.append(padded_glu(experts, rows[part], group))
+            mx.eval(outs[-1])
         keys.append(random_key())
-        outs.append(padded_glu(moe.experts, rows[part], group))
-        mx.eval(outs[-1])
-    keys.append(random_key())
-    forward = GroupedForward(grid, groups, rows, outs, keys)
-    out = output_part(moe, h, n, weights, forward, outs)
+        forward = GroupedForward(grid, groups, rows, outs, keys)
+        return forward.experts(outs)(n, indices, weights)
+
+    out = layer.mlp_block(h, run_groups)
     mx.eval(out)
     return out, forward
 
@@ -135,9 +129,8 @@ def grouped_vjp(
     def around(x: mx.array, *rest: mx.array) -> mx.array:
         taking(rest[len(groups) :])
         mx.random.seed(forward.keys[0])
-        h, n = attention_part(layer, x, mask)
-        _, weights = moe.route(n)
-        return output_part(moe, h, n, weights, forward, list(rest[: len(groups)]))
+        h = layer.attention_block(x, mask)[0]
+        return layer.mlp_block(h, forward.experts(list(rest[: len(groups)])))
 
     dx, *rest = vjp(around, [x, *forward.outs], cotangent)
     out_cotangents, grads = rest[: len(groups)], rest[len(groups) :]
@@ -162,7 +155,7 @@ def grouped_vjp(
     def rows_of(x: mx.array, *params: mx.array) -> mx.array:
         taking(params)
         mx.random.seed(forward.keys[0])
-        return forward.grid.rows(attention_part(layer, x, mask)[1])
+        return forward.grid.rows(layer.post_attention_layernorm(layer.attention_block(x, mask)[0]))
 
     dx_rows, *dparams = vjp(rows_of, [x], mx.concatenate(row_cotangents))
     grads = [a + b for a, b in zip(grads, dparams, strict=True)]

@@ -1,6 +1,6 @@
 """The training loss and its gradients computed a decoder layer at a time.
 
-The padded experts (`models/fast_paths.py`) read each layer's routing counts on the host. Inside
+The padded experts (`models/experts.py`) read each layer's routing counts on the host. Inside
 one `value_and_grad` over the whole model, MLX keeps everything such a read evaluates for the
 backward, so every layer's dequantized experts (4.8 GB of bf16 at A13B shape) would stay alive:
 A13B QLoRA ran out of an H100's 80 GB at 512 tokens. Here the forward runs outside any
@@ -18,6 +18,7 @@ import mlx.nn as nn
 from mlx.utils import tree_flatten
 from mlx_lm.models.base import create_attention_mask
 
+from ..models.experts import GatheredGLU
 from ..models.hf_compat import masked_cross_entropy
 from ..models.sharding import stage_dtype
 from .data import split_batch
@@ -29,16 +30,16 @@ LOSS_CHUNK = 512
 
 
 def takes_layerwise(model: nn.Module) -> bool:
-    """Whether `model` trains a layer at a time: its fast paths read routing counts on the host
-    for its hidden states' dtype, nothing but its decoder layers is trained, and no layer reads
-    another's keys and values (cross-layer attention shares them, so the layers' gradients would
-    not separate)."""
-    fast_paths = getattr(model, "fast_paths", None)  # None: another model (mlx-lm's)
-    if fast_paths is None:
+    """Whether `model` trains a layer at a time: its experts may read routing counts on the host
+    for its hidden states' dtype (`GatheredGLU.reads_routing_counts`), nothing but its decoder
+    layers is trained, and no layer reads another's keys and values (cross-layer attention shares
+    them, so the layers' gradients would not separate)."""
+    experts = [m for m in model.modules() if isinstance(m, GatheredGLU)]  # none in mlx-lm's
+    if not experts:
         return False
     decoder = model.model
     hidden = stage_dtype(decoder.embed_tokens(mx.zeros((1, 1), dtype=mx.int32)), decoder.norm)
-    if not fast_paths.reads_routing_counts(hidden):
+    if not any(e.reads_routing_counts(hidden) for e in experts):
         return False
     trained = {name.split(".")[1] for name, _ in tree_flatten(model.trainable_parameters())}
     return trained <= {"layers"} and not model.config.use_cla
