@@ -31,7 +31,7 @@ from helpers import (
     server_command,
 )
 
-from hunyuan_mlx import load_model
+from hunyuan_mlx import distributed, load_model
 from hunyuan_mlx.converter import convert
 from hunyuan_mlx.distributed import make_plan
 from hunyuan_mlx.generate import main as generate_main
@@ -258,6 +258,39 @@ def test_a_rank_missing_its_shard_stops_every_rank_with_one_line(models, tmp_pat
     # Rank 0 (layers 0-1) has what it needs; rank 1 (layer 2) names the missing file.
     assert line.startswith(f"{GENERATE}rank 1 (") and last_layer in line, line
     assert "rank 0" not in line
+
+
+class TwoRanks:
+    """Rank 0 of a group of 2, for `together` without a launch (its gather is replaced)."""
+
+    def size(self) -> int:
+        return 2
+
+    def rank(self) -> int:
+        return 0
+
+
+@pytest.mark.parametrize("error", [ValueError(), TimeoutError(), KeyError("w")])
+def test_a_failed_step_is_an_error_even_without_text_or_when_its_gather_loses_it(
+    monkeypatch, error
+):
+    """A step that raises never leaves rank 0 going on with no result (a ValueError without text
+    once went through as None, to fail later as "'NoneType' object has no attribute 'model'")."""
+    sent = []
+
+    def gather(group, message):
+        sent.append(message)
+        return []  # as if no rank had failed: the gather lost every message
+
+    def step():
+        raise error
+
+    monkeypatch.setattr(distributed, "gather_messages", gather)
+    with pytest.raises(RuntimeError, match=f"rank 0 .*{type(error).__name__}"):
+        distributed.together(TwoRanks(), step)
+    assert sent[0].endswith(f"\n{distributed.error_line(error)}")
+    assert distributed.error_line(ValueError()) == "ValueError"
+    assert distributed.error_line(ValueError("bad flag")) == "bad flag"
 
 
 def test_dora_on_a_column_split_projection_is_refused_in_tensor_mode(models):
