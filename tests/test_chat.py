@@ -8,8 +8,6 @@ import mlx.core as mx
 import pytest
 
 # The fixtures register under their names, `loaded` and `tiny_release`.
-from helpers import EOS
-
 from hunyuan_mlx.chat import repl
 from hunyuan_mlx.generation.session import ChatSession
 from hunyuan_mlx.generation.settings import GenerationSettings
@@ -46,7 +44,7 @@ def fresh_reply(session: ChatSession, history: list[dict[str, str]], text: str) 
 
 def test_second_turn_prefills_only_the_new_tokens(loaded):
     model, tok = loaded
-    answer = tok.encode("<answer>\nHello there.\n</answer>") + [EOS]
+    answer = tok.encode("<answer>\nHello there.\n</answer><|eos|>")
     session = ChatSession(model, tok, GenerationSettings(max_tokens=32), enable_thinking=False)
     session.logits_processors = [ScriptedReply(answer)]
     first = reply_of(session, "Hi!")

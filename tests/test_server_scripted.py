@@ -15,7 +15,6 @@ from types import SimpleNamespace
 import mlx.core as mx
 import mlx.nn as nn
 import pytest
-from helpers import shared_dir
 from mlx_lm.models.cache import KVCache
 
 from hunyuan_mlx.generation.settings import GenerationSettings
@@ -89,8 +88,8 @@ class ScriptedModel(nn.Module):
 
 
 @pytest.fixture(scope="module")
-def tokenizer() -> HunYuanTokenizer:
-    return HunYuanTokenizer.from_pretrained(shared_dir())
+def tokenizer(tokenizer_dir) -> HunYuanTokenizer:
+    return HunYuanTokenizer.from_pretrained(tokenizer_dir)
 
 
 @pytest.fixture(scope="module", params=[Engine, BatchEngine], ids=["queue", "batch"])
