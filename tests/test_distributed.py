@@ -12,6 +12,7 @@ import contextlib
 import json
 import os
 import shutil
+import socket
 import subprocess
 import sys
 from pathlib import Path
@@ -58,11 +59,28 @@ SERVER = "python -m hunyuan_mlx.server: error: "
 pytestmark = pytest.mark.skipif(not LAUNCH.is_file(), reason=f"no mlx.launch at {LAUNCH}")
 
 
+def ring(ranks: int) -> list[str]:
+    """`mlx.launch` of `ranks` ring ranks on localhost, listening on free ports: by default every
+    launch listens on 32323 and up, so two at once (two suites on one machine) join each other's
+    rings and compute with the other's ranks (wrong logits, or a rank left with no model)."""
+    while True:
+        with socket.socket() as probe:
+            probe.bind(("127.0.0.1", 0))
+            start = probe.getsockname()[1]
+        try:
+            with contextlib.ExitStack() as ports:
+                for port in range(start, start + ranks):
+                    ports.enter_context(socket.socket()).bind(("127.0.0.1", port))
+        except OSError:  # one of the next ports is taken (or past 65535): draw again
+            continue
+        return [str(LAUNCH), "-n", str(ranks), "--backend", "ring", "--starting-port", str(start)]
+
+
 def launch(ranks: int, *command: str) -> subprocess.CompletedProcess:
     """`command` on `ranks` ranks of the ring backend on localhost, importing this checkout."""
     env = {**os.environ, "PYTHONPATH": os.pathsep.join([str(ROOT), str(ROOT / "tests")])}
     return subprocess.run(
-        [str(LAUNCH), "-n", str(ranks), "--backend", "ring", "--", sys.executable, *command],
+        [*ring(ranks), "--", sys.executable, *command],
         capture_output=True,
         text=True,
         env=env,
@@ -169,7 +187,7 @@ def test_the_server_under_mlx_launch_answers_as_one_process(release_model, tmp_p
     """Rank 0 serves, every rank computes: the same replies as a single-process server, also
     after a request that a stop string cancels mid-generation (the ranks must stop together)."""
     openai = pytest.importorskip("openai")
-    launcher = [str(LAUNCH), "-n", str(ranks), "--backend", "ring", "--"]
+    launcher = [*ring(ranks), "--"]
     server = contextlib.contextmanager(serve)
     replies = []
     with (
