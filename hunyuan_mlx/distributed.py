@@ -119,18 +119,30 @@ def together(group: mx.distributed.Group | None, step: Callable[[], T]) -> T:
     except Exception as e:  # anything: a rank that stops without telling the others hangs them
         if debug_from_env():
             traceback.print_exc()
-        message = str(e) if isinstance(e, (OSError, ValueError)) else f"{type(e).__name__}: {e}"
-    failures = gather_messages(group, f"{socket.gethostname()}\n{message}" if message else "")
-    if not failures:
+        message = error_line(e)
+    host = socket.gethostname()
+    failures = gather_messages(group, f"{host}\n{message}" if message else "")
+    if not failures and not message:
         return result
     if group.rank() != 0:
         raise SystemExit(1)
+    # A rank whose step failed never goes on with no result, even if the gather lost its message.
+    failures = failures or [(0, host, message)]
     causes = {cause for _, _, cause in failures}
     if len(failures) == group.size() and len(causes) == 1:  # e.g. the rank count: say it once
         raise RuntimeError(causes.pop())
     raise RuntimeError(
         "; ".join(f"rank {rank} ({host}): {cause}" for rank, host, cause in failures)
     )
+
+
+def error_line(e: Exception) -> str:
+    """`e` as one line that is never empty: OSError and ValueError by their text (they name the
+    file or flag), anything else, or an exception without text, also by its type."""
+    text = str(e)
+    if text and isinstance(e, (OSError, ValueError)):
+        return text
+    return f"{type(e).__name__}: {text}" if text else type(e).__name__
 
 
 def gather_messages(group: mx.distributed.Group, message: str) -> list[tuple[int, str, str]]:

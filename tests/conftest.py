@@ -12,7 +12,8 @@ from helpers import (
     RELEASE_VOCAB_GENERATE,
     build_torch_model,
     save_checkpoint,
-    shared_dir,
+    tokenizer_files,
+    vocab_size,
 )
 
 from hunyuan_mlx import load
@@ -27,14 +28,20 @@ def tiny_checkpoint(tmp_path_factory) -> tuple[Path, Any]:
 
 
 @pytest.fixture(scope="session")
-def tiny_release(tmp_path_factory) -> Path:
-    """A tiny random model with the real 128,167-token vocabulary and the release's tokenizer
-    and generation config."""
-    shared = shared_dir()
+def tokenizer_dir(tmp_path_factory) -> Path:
+    """The release's tokenizer files, or without them the tiny fixture's (`tokenizer_files`)."""
+    return tokenizer_files(tmp_path_factory.mktemp("tokenizer"))
+
+
+@pytest.fixture(scope="session")
+def tiny_release(tmp_path_factory, tokenizer_dir) -> Path:
+    """A tiny random model with the release's tokenizer and generation config (the real
+    128,167-token vocabulary where present, else the tiny fixture's)."""
     path = tmp_path_factory.mktemp("tiny_release")
-    save_checkpoint(build_torch_model(**RELEASE_VOCAB_GENERATE), path)
+    vocab = vocab_size(tokenizer_dir)
+    save_checkpoint(build_torch_model(**RELEASE_VOCAB_GENERATE, vocab_size=vocab), path)
     for name in RELEASE_FILES:
-        shutil.copyfile(shared / name, path / name)
+        shutil.copyfile(tokenizer_dir / name, path / name)
     return path
 
 

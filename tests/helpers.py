@@ -19,8 +19,11 @@ from typing import Any
 import pytest
 
 ROOT = Path(__file__).resolve().parents[1]
-SHARED = ROOT.parent / "shared" / "hunyuan-a13b"
-SERVER_STARTUP_SECONDS = 60
+# HUNYUAN_MLX_SHARED points elsewhere (a missing folder runs the suite as a checkout without it).
+SHARED = Path(os.environ.get("HUNYUAN_MLX_SHARED", ROOT.parent / "shared" / "hunyuan-a13b"))
+TINY_TOKENIZER = ROOT / "tests" / "fixtures" / "tiny-tokenizer"
+# Generous: a loaded 2-core machine (several suites at once) starts a server in tens of seconds.
+SERVER_STARTUP_SECONDS = 180
 
 # Small enough for a 2-core CPU, large enough that routing and GQA are non-trivial.
 TINY_CONFIG: dict[str, Any] = dict(
@@ -41,12 +44,10 @@ TINY_CONFIG: dict[str, Any] = dict(
 
 # The release's tokenizer and generation files, copied beside tiny models that use the real
 # 128,167-token vocabulary.
-EOS = 127960  # <|eos|>, the release's first stop id
 RELEASE_FILES = ("hy.tiktoken", "tokenizer_config.json", "generation_config.json")
-# Tiny models with the real vocabulary: hidden 32 keeps the 128k-row embedding small.
-# For generation: head_dim 32 allows KV-cache quantization.
+# Tiny models with the release's tokenizer (its `vocab_size` of them): hidden 32 keeps the real
+# 128k-row embedding small. For generation: head_dim 32 allows KV-cache quantization.
 RELEASE_VOCAB_GENERATE = dict(
-    vocab_size=128167,
     hidden_size=32,
     intermediate_size=16,
     head_dim=32,
@@ -78,6 +79,22 @@ FAST_PATHS_CONFIG = dict(
     moe_topk=4,
     rope_scaling={"type": "dynamic", "alpha": 1000.0},
 )
+
+
+def tokenizer_files(scratch: Path) -> Path:
+    """The folder of the release's tokenizer files (`RELEASE_FILES`): the real ones where present,
+    else a tiny vocabulary with the release's special tokens and chat format, written into
+    `scratch` (tests/fixtures/tiny-tokenizer), so that the paths using them run anywhere."""
+    if SHARED.is_dir():
+        return SHARED
+    return load_module(TINY_TOKENIZER / "make_tokenizer.py").write_tokenizer(scratch)
+
+
+def vocab_size(path: Path) -> int:
+    """The number of ids of the tokenizer in `path`: a model using it needs as many rows."""
+    from hunyuan_mlx.tokenizer import HunYuanTokenizer
+
+    return HunYuanTokenizer.from_pretrained(path).vocab_size
 
 
 def shared_dir() -> Path:
@@ -139,11 +156,13 @@ def rewrite_as_release_config(path: Path, **extra: Any) -> None:
     (path / "config.json").write_text(json.dumps(config))
 
 
-
-
 def load_example(relative: str) -> ModuleType:
     """A script under examples/ as a module (examples are not a package)."""
-    path = Path(__file__).resolve().parents[1] / "examples" / relative
+    return load_module(ROOT / "examples" / relative)
+
+
+def load_module(path: Path) -> ModuleType:
+    """A script outside any package, as a module."""
     spec = importlib.util.spec_from_file_location(path.stem, path)
     module = importlib.util.module_from_spec(spec)
     spec.loader.exec_module(module)

@@ -15,7 +15,6 @@ from types import SimpleNamespace
 import mlx.core as mx
 import mlx.nn as nn
 import pytest
-from helpers import shared_dir
 from mlx_lm.models.cache import KVCache
 
 from hunyuan_mlx.generation.settings import GenerationSettings
@@ -89,8 +88,8 @@ class ScriptedModel(nn.Module):
 
 
 @pytest.fixture(scope="module")
-def tokenizer() -> HunYuanTokenizer:
-    return HunYuanTokenizer.from_pretrained(shared_dir())
+def tokenizer(tokenizer_dir) -> HunYuanTokenizer:
+    return HunYuanTokenizer.from_pretrained(tokenizer_dir)
 
 
 @pytest.fixture(scope="module", params=[Engine, BatchEngine], ids=["queue", "batch"])
@@ -283,13 +282,19 @@ def test_a_client_that_disconnects_stops_its_generation(served, tokenizer, strea
         )
         if stream:
             assert sock.recv(4096).startswith(b"HTTP/1.1 200")  # the stream has started
-        else:
-            time.sleep(0.3)  # no reply before the end: let generation get under way
+        else:  # no reply before the end: wait until generation is under way
+            started = model.processed
+            deadline = time.monotonic() + 60
+            while model.processed <= started + 2 and time.monotonic() < deadline:
+                time.sleep(0.01)
         before = model.processed
         sock.close()
-        time.sleep(0.5)
-        stopped_at = model.processed
-        time.sleep(0.3)
+        # Polled, not a fixed wait (a loaded machine runs the steps late): until no step runs
+        # for a second, 50 steps' time; a generation that went on would reach 150 tokens.
+        stopped_at, deadline = -1, time.monotonic() + 60
+        while model.processed != stopped_at and time.monotonic() < deadline:
+            stopped_at = model.processed
+            time.sleep(1.0)
         assert model.processed == stopped_at  # nothing more runs for the gone client
         assert stopped_at - before < 100
     finally:
