@@ -318,7 +318,7 @@ def device_name() -> str:
 
 
 def add_model_args(ap: argparse.ArgumentParser) -> None:
-    """The options that shape the random model (shared with profile_decode.py)."""
+    """The options that shape the random model, shared by the benchmarks that build it."""
     ap.add_argument("--config", default=str(DEFAULT_CONFIG))
     ap.add_argument("--layers", type=int, default=0, help="0: the release's 32")
     ap.add_argument("--width-scale", type=float, default=1.0, help="scales hidden, heads, MLPs")

@@ -41,8 +41,8 @@ Window = tuple[list[int], int]
 
 DEFAULT_SEQUENCE_LENGTH = 2048
 # 4096 tokens a forward pass, as mlx_lm.perplexity's 8 x 512. Activations grow with them: a
-# 4096-token prefill of 4-bit Hunyuan-A13B peaked 2.8 GB over its 45.3 GB of weights
-# (benchmarks/results/h100_bench_final3.jsonl).
+# 4096-token prefill of 4-bit Hunyuan-A13B peaked 5.1 GB over its 45.25 GB of weights
+# (BENCHMARKS.md, Generation: 50.32 GB).
 DEFAULT_BATCH_SIZE = 2
 DEFAULT_NUM_SAMPLES = 256  # windows; -1 for all
 DEFAULT_SEED = 123  # mlx_lm.perplexity's

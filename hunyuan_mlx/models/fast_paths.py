@@ -49,8 +49,8 @@ PADDED_EXPERT_GROUP = 32
 # results/2026-11-26_h100_lora_memory_steps.jsonl): 8 keeps the step within weights + 6 GB.
 PADDED_TRAINING_EXPERT_GROUP = 8
 # MLX versions whose CUDA sorted `gather_mm` (unquantized experts) returned NaN or wrong rows at
-# A13B shape and hit an illegal memory access at 320 rows (benchmarks/check_gather_mm.py).
-# Quantized experts (`gather_qmm`) are fine there.
+# A13B shape and hit an illegal memory access at 320 rows (BENCHMARKS.md,
+# results/2026-11-25_h100_check_gather_mm.jsonl). Quantized experts (`gather_qmm`) are fine there.
 SORTED_GATHER_MM_BROKEN_ON_CUDA = ("0.32.4",)
 
 
