@@ -4,6 +4,7 @@ mlx-lm's on shared arrays), and `generate_step`'s loop, timed: what the speed be
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import json
 import math
 import platform
@@ -293,6 +294,18 @@ def generate(model, prompt: mx.array, n_gen: int, prefill_step: int) -> dict:
         "kv_gb": kv_bytes / GB,
         "tokens": tokens,
         "first_logprobs": first_logprobs,
+    }
+
+
+def policies() -> dict[str, FastPaths]:
+    """The policies the speed benchmarks compare, by name: `plain` (fast paths off), `layer`
+    (each layer's compiled decode step, not the whole model's) and `graph` (the default: the
+    whole model's decode step as one compiled graph)."""
+    default = FastPaths.default()
+    return {
+        "plain": FastPaths.off(),
+        "layer": dataclasses.replace(default, decode_graph=False),
+        "graph": default,
     }
 
 

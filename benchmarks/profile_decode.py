@@ -7,10 +7,14 @@ that they can be measured before any layout change is made for real:
 
 - mlxlm: mlx-lm's model on the same weights;
 - plain: this project with its fast paths off;
-- fast: this project as it is (compiled decode step);
-- fast+qkv: q/k/v projections fused into one quantized matmul (concatenated copies, measurement
+- layer: this project with each layer's compiled decode step (`compiled_decode`), not the whole
+  model's;
+- graph: this project as it is (the whole model's step as one compiled graph, `decode_graph`);
+- layer+qkv: q/k/v projections fused into one quantized matmul (concatenated copies, measurement
   only);
-- fast+qkv+shared: and the shared expert's gate/up fused likewise.
+- layer+qkv+shared: and the shared expert's gate/up fused likewise.
+
+Each line names the device and the variant's policy.
 
     python -m benchmarks.profile_decode --prompt 512 --gen 64 --rounds 3
 """
@@ -20,6 +24,7 @@ from __future__ import annotations
 import argparse
 import collections
 import contextlib
+import dataclasses
 import json
 import re
 import statistics
@@ -31,7 +36,6 @@ import mlx.core as mx
 import mlx.nn as nn
 
 from benchmarks import a13b as bg
-from hunyuan_mlx.models import FastPaths
 from hunyuan_mlx.models import fast_paths as fp
 from hunyuan_mlx.models.hunyuan import HunYuanMoEV1MLP
 
@@ -121,11 +125,12 @@ def main():
     ap.add_argument("--prompt", type=int, default=512)
     ap.add_argument("--gen", type=int, default=64)
     ap.add_argument("--rounds", type=int, default=3)
-    ap.add_argument("--variants", default="mlxlm,plain,fast,fast+qkv,fast+qkv+shared")
+    ap.add_argument("--variants", default="mlxlm,plain,layer,graph")
     ap.add_argument("--out", default=None)
     bg.add_model_args(ap)
     args = ap.parse_args()
     sink = open(args.out, "w") if args.out else None
+    device = bg.device_name()
     mx.random.seed(args.seed)
     cfg = bg.release_config(args)
     args._layers = cfg["num_hidden_layers"]
@@ -150,15 +155,19 @@ def main():
             s = layer.mlp.shared_mlp
             s.gate_up_fused = fuse([s.gate_proj, s.up_proj])
 
+    policies = bg.policies()
+
+    def policy_of(name):  # mlx-lm's model ignores ours' policy
+        return policies["plain" if name == "mlxlm" else name.split("+")[0]]
+
     @contextlib.contextmanager
     def variant(name):
         fp._decode_pre = fused_pre if "qkv" in name else original_pre
         MLP.__call__ = fused_shared_call if "shared" in name else original_mlp
         for layer in ours.layers:
             layer._decode_fns = None  # retrace with the patched functions
-        ctx = fp.using(ours, FastPaths.off()) if name == "plain" else contextlib.nullcontext()
         try:
-            with ctx:
+            with fp.using(ours, policy_of(name)):
                 yield
         finally:
             fp._decode_pre, MLP.__call__ = original_pre, original_mlp
@@ -176,8 +185,10 @@ def main():
                 )
             rec = {
                 "kind": "decode",
+                "device": device,
                 "round": rnd,
                 "variant": name,
+                "policy": None if name == "mlxlm" else dataclasses.asdict(policy_of(name)),
                 "tps": tps,
                 "idle_build_ms": idle_ms[0],
                 "idle_encode_ms": idle_ms[1],
@@ -192,13 +203,14 @@ def main():
                 rec["primitive_counts"] = prims
             else:
                 res.setdefault(name, []).append((tps, *idle_ms))
-            rec["tokens_equal_fast"] = toks == ref_tokens.get("fast", toks)
+            rec["tokens_equal_graph"] = toks == ref_tokens.get("graph", toks)
             bg.log(rec, sink)
     for name, vals in res.items():
         tps = [v[0] for v in vals]
         bg.log(
             {
                 "kind": "summary",
+                "device": device,
                 "variant": name,
                 "tps_median": statistics.median(tps),
                 "tps_min": min(tps),
@@ -209,7 +221,7 @@ def main():
             },
             sink,
         )
-    print(json.dumps({"device": bg.device_name(), "versions": bg.versions()}))
+    print(json.dumps({"device": device, "versions": bg.versions()}))
 
 
 if __name__ == "__main__":

@@ -75,6 +75,9 @@ class FastPaths:
     padded_expert_group: int = PADDED_EXPERT_GROUP
     padded_training_expert_group: int = PADDED_TRAINING_EXPERT_GROUP
     compiled_decode: bool = False
+    # The whole model's single-token step as one compiled graph over the KV buffers (decode.py);
+    # where a call cannot take it, `compiled_decode` applies.
+    decode_graph: bool = False
     # Unquantized experts avoid sorted gather_mm (padded instead), for MLX's bug above.
     avoid_sorted_gather_mm: bool = False
 
@@ -88,6 +91,7 @@ class FastPaths:
             padded_min_rows=PADDED_MIN_ROWS.get(on),
             padded_float32=on not in PADDED_HALF_PRECISION_ONLY,
             compiled_decode=True,
+            decode_graph=True,
             avoid_sorted_gather_mm=on == "cuda"
             and mlx_version in SORTED_GATHER_MM_BROKEN_ON_CUDA,
         )
