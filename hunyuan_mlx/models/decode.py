@@ -161,7 +161,8 @@ def decode_graph_step(model: nn.Module, inputs: mx.array, cache: list[Any]) -> m
     if model._decode_graphs is None:
         model._decode_graphs = DecodeGraphs()
     h, buffers = model._decode_graphs.step(model, quantization(cache[0]))(
-        inputs,
+        # One dtype, one trace: mlx-lm's loop feeds the prompt's last id, then sampled uint32s.
+        inputs if inputs.dtype == mx.uint32 else inputs.astype(mx.uint32),
         mx.array(position, dtype=mx.int32),
         mx.array(write, dtype=mx.int32),
         mx.array(valid, dtype=mx.int32),
