@@ -298,14 +298,15 @@ def generate(model, prompt: mx.array, n_gen: int, prefill_step: int) -> dict:
 
 
 def policies() -> dict[str, FastPaths]:
-    """The policies the speed benchmarks compare, by name: `plain` (fast paths off), `layer`
-    (each layer's compiled decode step, not the whole model's) and `graph` (the default: the
-    whole model's decode step as one compiled graph)."""
+    """The policies the speed benchmarks compare, by name: `default` (this backend's),
+    `plain` (fast paths off), and the default with each layer's compiled decode step (`layer`)
+    or with the whole model's decode step as one compiled graph (`graph`)."""
     default = FastPaths.default()
     return {
+        "default": default,
         "plain": FastPaths.off(),
         "layer": dataclasses.replace(default, decode_graph=False),
-        "graph": default,
+        "graph": dataclasses.replace(default, decode_graph=True),
     }
 
 

@@ -11,8 +11,9 @@ interleaved over several rounds:
   decode pipelined with `async_eval`), so both models are driven exactly as `stream_generate`
   drives them;
 - peak memory over prefill and over decode (`mx.get_peak_memory`, weights included);
-- the same for this project's other policies on the same weights: `ours_plain` (fast paths off),
-  `ours_layer` (each layer's compiled decode step instead of the whole model's graph);
+- the same for this project's other policies on the same weights (`a13b.policies`):
+  `ours_plain` (fast paths off), `ours_layer` (each layer's compiled decode step), `ours_graph`
+  (the whole model's decode step as one compiled graph);
 - next-token agreement of this project's timed path with its plain path (fast paths off, when the
   project has any), and, for information only, with mlx-lm (which skips the top-k renormalisation,
   so it is not expected to agree).
@@ -62,7 +63,7 @@ from benchmarks.a13b import (
 from hunyuan_mlx.models.fast_paths import using
 
 # Each of this project's model names and the policy (`a13b.policies`) it runs under.
-OURS = {"ours": "graph", "ours_layer": "layer", "ours_plain": "plain"}
+OURS = {"ours": "default", "ours_layer": "layer", "ours_graph": "graph", "ours_plain": "plain"}
 
 
 def main() -> None:
@@ -223,7 +224,7 @@ def main() -> None:
                 rec[name] = summary(results[(name, n, k)])
             if "ours" in models and "mlxlm" in models:
                 rec["ratio_ours_over_mlxlm"] = rec["ours"]["median"] / rec["mlxlm"]["median"]
-            for other in ("ours_layer", "ours_plain"):
+            for other in ("ours_layer", "ours_graph", "ours_plain"):
                 if "ours" in models and other in models:
                     rec[f"ratio_ours_over_{other[5:]}"] = (
                         rec["ours"]["median"] / rec[other]["median"]
@@ -231,18 +232,18 @@ def main() -> None:
             log(rec, sink)
             table.append(rec)
     log({"kind": "done", "weights_gb": weights_gb, **head}, sink)
-    cols = [m for m in ("ours", "mlxlm", "ours_layer", "ours_plain") if m in models]
+    cols = [m for m in ("ours", "mlxlm", *list(OURS)[1:]) if m in models]
     print(
         "\nprompt metric          "
         + "".join(f"{c + ' med [min..max]':>30s}" for c in cols)
-        + "  ours/mlxlm  ours/layer  ours/plain"
+        + "  ours/mlxlm  ours/layer  ours/graph  ours/plain"
     )
     for rec in table:
         cells = "".join(
             f"{rec[c]['median']:>12.2f} [{rec[c]['min']:.2f}..{rec[c]['max']:.2f}]".rjust(30)
             for c in cols
         )
-        ratios = (rec.get(f"ratio_ours_over_{m}") for m in ("mlxlm", "layer", "plain"))
+        ratios = (rec.get(f"ratio_ours_over_{m}") for m in ("mlxlm", "layer", "graph", "plain"))
         print(
             f"{rec['prompt']:6d} {rec['metric']:16s}{cells}"
             + "".join(f"  {'-' if r is None else f'{r:.2f}':>10s}" for r in ratios)

@@ -9,7 +9,8 @@ that they can be measured before any layout change is made for real:
 - plain: this project with its fast paths off;
 - layer: this project with each layer's compiled decode step (`compiled_decode`), not the whole
   model's;
-- graph: this project as it is (the whole model's step as one compiled graph, `decode_graph`);
+- graph: this project with the whole model's step as one compiled graph (`decode_graph`);
+- default: this project as it is;
 - layer+qkv: q/k/v projections fused into one quantized matmul (concatenated copies, measurement
   only);
 - layer+qkv+shared: and the shared expert's gate/up fused likewise.
@@ -125,7 +126,7 @@ def main():
     ap.add_argument("--prompt", type=int, default=512)
     ap.add_argument("--gen", type=int, default=64)
     ap.add_argument("--rounds", type=int, default=3)
-    ap.add_argument("--variants", default="mlxlm,plain,layer,graph")
+    ap.add_argument("--variants", default="mlxlm,plain,layer,graph,default")
     ap.add_argument("--out", default=None)
     bg.add_model_args(ap)
     args = ap.parse_args()
