@@ -4,6 +4,7 @@ mlx-lm's on shared arrays), and `generate_step`'s loop, timed: what the speed be
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import json
 import math
 import platform
@@ -293,6 +294,19 @@ def generate(model, prompt: mx.array, n_gen: int, prefill_step: int) -> dict:
         "kv_gb": kv_bytes / GB,
         "tokens": tokens,
         "first_logprobs": first_logprobs,
+    }
+
+
+def policies() -> dict[str, FastPaths]:
+    """The policies the speed benchmarks compare, by name: `default` (this backend's),
+    `plain` (fast paths off), and the default with each layer's compiled decode step (`layer`)
+    or with the whole model's decode step as one compiled graph (`graph`)."""
+    default = FastPaths.default()
+    return {
+        "default": default,
+        "plain": FastPaths.off(),
+        "layer": dataclasses.replace(default, decode_graph=False),
+        "graph": dataclasses.replace(default, decode_graph=True),
     }
 
 

@@ -11,6 +11,9 @@ interleaved over several rounds:
   decode pipelined with `async_eval`), so both models are driven exactly as `stream_generate`
   drives them;
 - peak memory over prefill and over decode (`mx.get_peak_memory`, weights included);
+- the same for this project's other policies on the same weights (`a13b.policies`):
+  `ours_plain` (fast paths off), `ours_layer` (each layer's compiled decode step), `ours_graph`
+  (the whole model's decode step as one compiled graph);
 - next-token agreement of this project's timed path with its plain path (fast paths off, when the
   project has any), and, for information only, with mlx-lm (which skips the top-k renormalisation,
   so it is not expected to agree).
@@ -35,7 +38,7 @@ Reduced shape on a CPU:
 from __future__ import annotations
 
 import argparse
-import contextlib
+import dataclasses
 import statistics
 import sys
 import time
@@ -53,9 +56,14 @@ from benchmarks.a13b import (
     generate,
     log,
     plain_paths,
+    policies,
     release_config,
     versions,
 )
+from hunyuan_mlx.models.fast_paths import using
+
+# Each of this project's model names and the policy (`a13b.policies`) it runs under.
+OURS = {"ours": "default", "ours_layer": "layer", "ours_graph": "graph", "ours_plain": "plain"}
 
 
 def main() -> None:
@@ -64,7 +72,7 @@ def main() -> None:
     ap.add_argument("--prompt-lens", default="512,4096")
     ap.add_argument("--gen", type=int, default=64, help="tokens decoded after each prompt")
     ap.add_argument("--rounds", type=int, default=3, help="timed rounds, after one warm-up")
-    ap.add_argument("--models", default="ours,mlxlm", help="of ours, mlxlm, ours_plain")
+    ap.add_argument("--models", default="ours,mlxlm", help="of mlxlm, " + ", ".join(OURS))
     ap.add_argument("--no-agreement", action="store_true")
     ap.add_argument("--out", default=None, help="also write the JSON lines here")
     args = ap.parse_args()
@@ -115,7 +123,7 @@ def main() -> None:
     ours.eval()
     if theirs is not None:
         theirs.eval()
-    by_name = {"ours": ours, "mlxlm": theirs, "ours_plain": ours}
+    named_policies = policies()
 
     prompts = {
         n: mx.random.randint(0, cfg["vocab_size"], (n,), key=mx.random.key(1000 + n)).astype(
@@ -134,12 +142,20 @@ def main() -> None:
             if layout is not None:
                 layout.activate("mlxlm" if name == "mlxlm" else "ours")
             for n in prompt_lens:
-                with plain_paths(ours) if name == "ours_plain" else contextlib.nullcontext():
-                    r = generate(by_name[name], prompts[n], args.gen, args.prefill_step)
+                if name == "mlxlm":
+                    r = generate(theirs, prompts[n], args.gen, args.prefill_step)
+                    policy = None
+                else:
+                    policy = named_policies[OURS[name]]
+                    with using(ours, policy):
+                        r = generate(ours, prompts[n], args.gen, args.prefill_step)
+                    policy = dataclasses.asdict(policy)
                 rec = {k: v for k, v in r.items() if k not in ("tokens", "first_logprobs")}
                 log(
                     {
                         "kind": "run",
+                        "device": head["device"],
+                        "policy": policy,
                         "round": rnd,
                         "warmup": rnd == 0,
                         "model": name,
@@ -203,31 +219,34 @@ def main() -> None:
     table = []
     for n in prompt_lens:
         for k in ("prefill_tps", "decode_tps", "prefill_peak_gb", "decode_peak_gb"):
-            rec = {"kind": "summary", "prompt": n, "metric": k}
+            rec = {"kind": "summary", "device": head["device"], "prompt": n, "metric": k}
             for name in models:
                 rec[name] = summary(results[(name, n, k)])
             if "ours" in models and "mlxlm" in models:
                 rec["ratio_ours_over_mlxlm"] = rec["ours"]["median"] / rec["mlxlm"]["median"]
-            if "ours" in models and "ours_plain" in models:
-                rec["ratio_ours_over_plain"] = rec["ours"]["median"] / rec["ours_plain"]["median"]
+            for other in ("ours_layer", "ours_graph", "ours_plain"):
+                if "ours" in models and other in models:
+                    rec[f"ratio_ours_over_{other[5:]}"] = (
+                        rec["ours"]["median"] / rec[other]["median"]
+                    )
             log(rec, sink)
             table.append(rec)
     log({"kind": "done", "weights_gb": weights_gb, **head}, sink)
-    cols = [m for m in ("ours", "mlxlm", "ours_plain") if m in models]
+    cols = [m for m in ("ours", "mlxlm", *list(OURS)[1:]) if m in models]
     print(
         "\nprompt metric          "
         + "".join(f"{c + ' med [min..max]':>30s}" for c in cols)
-        + "  ours/mlxlm  ours/plain"
+        + "  ours/mlxlm  ours/layer  ours/graph  ours/plain"
     )
     for rec in table:
         cells = "".join(
             f"{rec[c]['median']:>12.2f} [{rec[c]['min']:.2f}..{rec[c]['max']:.2f}]".rjust(30)
             for c in cols
         )
-        r1, r2 = rec.get("ratio_ours_over_mlxlm"), rec.get("ratio_ours_over_plain")
+        ratios = (rec.get(f"ratio_ours_over_{m}") for m in ("mlxlm", "layer", "graph", "plain"))
         print(
             f"{rec['prompt']:6d} {rec['metric']:16s}{cells}"
-            f"  {r1 if r1 is None else f'{r1:10.2f}'}  {r2 if r2 is None else f'{r2:10.2f}'}"
+            + "".join(f"  {'-' if r is None else f'{r:.2f}':>10s}" for r in ratios)
         )
     if sink is not None:
         sink.close()

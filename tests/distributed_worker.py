@@ -29,14 +29,24 @@ PROMPT = [(7 * i + 3) % 90 for i in range(40)]
 DECODE_STEPS = 3
 
 
-def case_logits(case: dict[str, Any], group: mx.distributed.Group | None, pipeline: bool):
-    """Prefill logits (L, vocab), then those of `DECODE_STEPS` greedy steps (steps, vocab)."""
+def case_logits(
+    case: dict[str, Any],
+    group: mx.distributed.Group | None,
+    pipeline: bool,
+    decode_graph: bool = True,
+):
+    """Prefill logits (L, vocab), then those of `DECODE_STEPS` greedy steps (steps, vocab); the
+    steps as the whole model's decode graph (tensor mode: its all_sums inside) unless pipelined
+    or `decode_graph` is off."""
     model = load_model(
         case["model"], adapter_path=case.get("adapters"), group=group, pipeline=pipeline
     )
     # The CPU pads half-precision rows only: these float32 models are made to, so that the
     # padded experts meet the sharded ones.
-    set_fast_paths(model, dataclasses.replace(FastPaths.default(), padded_float32=True))
+    policy = dataclasses.replace(
+        FastPaths.default(), padded_float32=True, decode_graph=decode_graph
+    )
+    set_fast_paths(model, policy)
     cache = make_prompt_cache(model)
     logits = model(mx.array([PROMPT]), cache)[0]
     prefill, steps = logits, []
@@ -46,6 +56,8 @@ def case_logits(case: dict[str, Any], group: mx.distributed.Group | None, pipeli
         token = mx.argmax(logits[-1])
         logits = model(token.reshape(1, 1), cache)[0]
         steps.append(logits[-1])
+    if decode_graph and not pipeline and model.model._decode_graphs is None:
+        raise RuntimeError(f"{case}: the decode steps did not take the decode graph")
     return np.array(prefill), np.array(mx.stack(steps))
 
 

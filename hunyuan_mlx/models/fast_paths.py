@@ -48,6 +48,12 @@ PADDED_EXPERT_GROUP = 32
 # peaked 52.0 GB with 8, 55.6 with 16, 61.7 with 32, at 719 / 903 / 919 tokens/s (BENCHMARKS.md,
 # results/2026-11-26_h100_lora_memory_steps.jsonl): 8 keeps the step within weights + 6 GB.
 PADDED_TRAINING_EXPERT_GROUP = 8
+# Backends where the whole model's decode graph (decode.py) was measured to beat each layer's
+# compiled step. Not CUDA: MLX 0.32.4's CUDA attention has no fused kernel for an array mask, so
+# the graph's masked attention runs as a dozen unfused ops a layer (1,649 nodes a token against
+# 1,357) and decode after 512 tokens on an H100 gave 78 tokens/s against 94 (BENCHMARKS.md,
+# results/2026-12-05_h100_profile_decode_graph.jsonl). Apple GPUs until measured there.
+DECODE_GRAPH_BACKENDS: tuple[str, ...] = ()
 # MLX versions whose CUDA sorted `gather_mm` (unquantized experts) returned NaN or wrong rows at
 # A13B shape and hit an illegal memory access at 320 rows (BENCHMARKS.md,
 # results/2026-11-25_h100_check_gather_mm.jsonl). Quantized experts (`gather_qmm`) are fine there.
@@ -73,6 +79,9 @@ class FastPaths:
     padded_expert_group: int = PADDED_EXPERT_GROUP
     padded_training_expert_group: int = PADDED_TRAINING_EXPERT_GROUP
     compiled_decode: bool = False
+    # The whole model's single-token step as one compiled graph over the KV buffers (decode.py);
+    # where a call cannot take it, `compiled_decode` applies.
+    decode_graph: bool = False
     # Unquantized experts avoid sorted gather_mm (padded instead), for MLX's bug above.
     avoid_sorted_gather_mm: bool = False
 
@@ -86,6 +95,7 @@ class FastPaths:
             padded_min_rows=PADDED_MIN_ROWS.get(on),
             padded_float32=on not in PADDED_HALF_PRECISION_ONLY,
             compiled_decode=True,
+            decode_graph=on in DECODE_GRAPH_BACKENDS,
             avoid_sorted_gather_mm=on == "cuda"
             and mlx_version in SORTED_GATHER_MM_BROKEN_ON_CUDA,
         )

@@ -18,6 +18,7 @@ from mlx_lm.models.cache import KVCache
 
 from . import hf_compat
 from .config import HunYuanMoEV1Config
+from .decode import decode_graph_step, takes_decode_graph
 from .experts import GatheredGLU
 from .fast_paths import FastPaths, compiled_decode_step, set_fast_paths
 from .quantization import ROUTER_DTYPE
@@ -278,6 +279,7 @@ class HunYuanMoEV1Model(nn.Module):
         self.embed_tokens = nn.Embedding(config.vocab_size, config.hidden_size)
         self.layers = [HunYuanMoEV1DecoderLayer(config, i) for i in range(config.num_hidden_layers)]
         self.norm = nn.RMSNorm(config.hidden_size, eps=config.rms_norm_eps)
+        self._decode_graphs = None  # decode.decode_graph_step's, compiled on first use
 
     def __call__(
         self,
@@ -290,6 +292,11 @@ class HunYuanMoEV1Model(nn.Module):
     ) -> mx.array:
         """Token ids (or embeddings) -> final normed hidden states. `mask` defaults to causal;
         a `hidden_states` list receives the embeddings and every layer's output but the last."""
+        if takes_decode_graph(
+            self, inputs, cache, input_embeddings=input_embeddings, mask=mask,
+            position_ids=position_ids, hidden_states=hidden_states,
+        ):
+            return decode_graph_step(self, inputs, cache)
         h = self.embed_tokens(inputs) if input_embeddings is None else input_embeddings
         if mask is None:
             mask = create_attention_mask(h, cache[0] if cache else None)
