@@ -9,7 +9,6 @@ import dataclasses
 import mlx.core as mx
 import pytest
 from helpers import FAST_PATHS_CONFIG
-from hunyuan_mlx.quantize import apply_quantization
 from mlx_lm.generate import generate_step
 from mlx_lm.models.cache import (
     ConcatenateKVCache,
@@ -21,6 +20,7 @@ from mlx_lm.models.cache import (
 
 from hunyuan_mlx.models import FastPaths, HunYuanMoEV1Config, HunYuanMoEV1ForCausalLM, decode
 from hunyuan_mlx.models import fast_paths as fp
+from hunyuan_mlx.models.quantization import apply_quantization
 
 ATOL = 1e-4
 PLAIN = FastPaths.off()
