@@ -59,10 +59,12 @@ def make_plan(config: HunYuanMoEV1Config, group: mx.distributed.Group, pipeline:
         return Plan("pipeline", rank, size, first, end)
     problem = tensor_problem(config, size)
     if problem:
-        fits = [n for n in range(1, size) if not tensor_problem(config, n)]
+        fits = [str(n) for n in range(2, size) if not tensor_problem(config, n)]
+        # "2, 3 or 4 ranks"; where no smaller count of several ranks splits it, only --pipeline.
+        counts = " or ".join(filter(None, [", ".join(fits[:-1]), *fits[-1:]]))
         raise ValueError(
             f"Tensor mode cannot split this model over {size} ranks: {problem}. Use --pipeline "
-            f"(layers split over the ranks), or {', '.join(map(str, fits))} ranks"
+            "(layers split over the ranks)" + (f", or {counts} ranks" if counts else "")
         )
     return Plan("tensor", rank, size, 0, config.num_hidden_layers)
 

@@ -173,7 +173,7 @@ def staged_output(destination: Path, force: bool = False) -> Iterator[Path]:
         else:
             print(
                 f"Note: an earlier run writing {destination} left a partial output: {names} "
-                "(remove it, or pass --force to)",
+                "(remove it, or pass --force to have it removed)",
                 file=sys.stderr,
             )
     destination.parent.mkdir(parents=True, exist_ok=True)

@@ -613,7 +613,11 @@ def test_leftover_of_a_killed_run_is_reported_then_removed_with_force(untied, tm
     leftover.mkdir()
     (leftover / "model-00001.safetensors").write_bytes(b"partial")
     convert(untied[0], dst)
-    assert "Note: an earlier run writing" in capsys.readouterr().err and leftover.is_dir()
+    assert capsys.readouterr().err == (
+        f"Note: an earlier run writing {dst} left a partial output: {leftover} "
+        "(remove it, or pass --force to have it removed)\n"
+    )
+    assert leftover.is_dir()
     convert(untied[0], dst, force=True)
     assert "Removed the partial output" in capsys.readouterr().err
     assert not leftover.exists() and (dst / "config.json").is_file()

@@ -246,8 +246,13 @@ def test_the_plans_split_what_they_say(models):
     assert stages[1].keeps("model.embed_tokens.weight")
     with pytest.raises(ValueError, match="3 layers, 4 ranks"):
         make_plan(config, Group(0, 4), pipeline=True)
-    with pytest.raises(ValueError, match="4 query heads are not a multiple of 3.*--pipeline"):
+    with pytest.raises(ValueError, match="4 query heads are not a multiple of 3.*--pipeline") as e:
         make_plan(config, Group(0, 3), pipeline=False)
+    assert str(e.value).endswith("Use --pipeline (layers split over the ranks), or 2 ranks")
+    one_head = HunYuanMoEV1Config(**{**DIST_CONFIG, "num_key_value_heads": 1})
+    with pytest.raises(ValueError, match="1 key-value heads are not a multiple of 2") as e:
+        make_plan(one_head, Group(0, 2), pipeline=False)
+    assert str(e.value).endswith("Use --pipeline (layers split over the ranks)")
 
 
 def test_a_rank_count_that_does_not_divide_the_heads_is_one_error_before_any_read(tmp_path):
