@@ -5,11 +5,14 @@ handling they share, `options` the flags several of them take."""
 from __future__ import annotations
 
 import contextlib
+import functools
 import importlib
 import sys
 import traceback
+import warnings
 from collections.abc import Iterator, Sequence
 from signal import SIGINT
+from typing import TextIO
 
 from .. import __version__
 from ..interrupts import Interrupted, debug_from_env
@@ -32,10 +35,14 @@ USER_ERRORS = (OSError, ValueError, RuntimeError)
 def run_main(prog: str, debug: bool = False) -> Iterator[None]:
     """Errors a user can cause become `prog: error: message` on stderr and exit status 1, as
     argparse reports a bad flag; Ctrl-C exits with 130, SIGTERM and SIGHUP (when raised as
-    `Interrupted`) with 128 + their number. `debug` keeps the traceback."""
+    `Interrupted`) with 128 + their number. Warnings are one line, `prog: warning: message`.
+    `debug` keeps the traceback, and Python's warnings with their source line."""
     debug = debug or debug_from_env()
     try:
-        yield
+        with warnings.catch_warnings():
+            if not debug:
+                warnings.showwarning = functools.partial(show_warning, prog)
+            yield
     except USER_ERRORS as e:
         if debug:
             traceback.print_exc()
@@ -47,6 +54,20 @@ def run_main(prog: str, debug: bool = False) -> Iterator[None]:
         by = f" ({e})" if isinstance(e, Interrupted) and e.signum != SIGINT else ""
         print(f"\n{prog}: error: interrupted{by}", file=sys.stderr)
         raise SystemExit(e.exit_status if isinstance(e, Interrupted) else 128 + SIGINT) from None
+
+
+def show_warning(
+    prog: str,
+    message: Warning | str,
+    category: type[Warning],
+    filename: str,
+    lineno: int,
+    file: TextIO | None = None,
+    line: str | None = None,
+) -> None:
+    """A warning as one line under the command's name, as its errors are (`warnings.showwarning`'s
+    signature, `prog` first); where the warning was raised is code, not news to a user."""
+    print(f"{prog}: warning: {message}", file=file or sys.stderr)
 
 
 def main(argv: Sequence[str] | None = None) -> None:

@@ -297,9 +297,13 @@ def report(callback: TrainingCallback | None, info: dict[str, Any]) -> None:
 
 
 def validate(model: nn.Module, dataset: list, config: LoRAConfig, num_batches: int) -> float:
-    """Mean loss per answer token over `num_batches` batches (-1: all), as mlx-lm evaluates."""
-    # mlx-lm's batching draws from numpy's global generator: keep the training order unchanged.
+    """Mean loss per answer token over `num_batches` batches (-1: all), as mlx-lm evaluates;
+    the batches are drawn from `config.seed`, the same at every validation of a run and in every
+    run with that seed."""
+    # mlx-lm's batching draws from numpy's global generator: seed it (the first validation comes
+    # before the training batches seed it), then keep the training order unchanged.
     rng_state = np.random.get_state()
+    np.random.seed(config.seed)
     loss = evaluate(
         model, dataset, config.batch_size, num_batches, config.max_seq_length, loss=masked_loss
     )
