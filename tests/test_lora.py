@@ -21,6 +21,7 @@ from pathlib import Path
 import mlx.core as mx
 import numpy as np
 import pytest
+import yaml
 from helpers import (
     RELEASE_FILES,
     RELEASE_VOCAB_TRAIN,
@@ -414,6 +415,40 @@ def test_yaml_takes_mlx_lm_lora_parameters(tmp_path, capsys):
         config_from_args(build_parser().parse_args(["-c", str(config_file)]))
 
 
+@pytest.mark.parametrize(
+    ("text", "error"),
+    [
+        ("iters: 2\nlora_rank: [8\nbatch_size: 2\n", "line 3: not valid YAML: expected ','"),
+        ("- lora_rank\n- 8\n", "expected a mapping of option names to values"),
+        ("iters: 2\nlora_rank: eight\n", "line 2: lora_rank: expected an integer, got 'eight'"),
+        ("lora_parameters:\n  scale: high\n", "line 2: lora_scale: expected a number, got 'high'"),
+        ("lora_targets: [attention, 3]\n", "line 1: lora_targets: expected a list of strings"),
+    ],
+)
+def test_a_bad_yaml_config_is_one_line_naming_file_line_and_key(tmp_path, capsys, text, error):
+    """Issue 25 item 4: no traceback, no message from deep inside the run."""
+    config_file = tmp_path / "lora.yaml"
+    config_file.write_text(text)
+    with pytest.raises(SystemExit) as exit_info:
+        lora_main(["-c", str(config_file)])
+    err = capsys.readouterr().err
+    assert exit_info.value.code == 1 and err.count("\n") == 1, err
+    assert err.startswith(f"python -m hunyuan_mlx.lora: error: {config_file}") and error in err
+
+
+def test_yaml_numbers_read_as_mlx_lm_reads_them(tmp_path):
+    """`1e-4` is a number, as mlx-lm's lora reads it (YAML 1.1 would make it a string)."""
+    from hunyuan_mlx.cli.lora import build_parser, config_from_args
+
+    config_file = tmp_path / "lora.yaml"
+    config_file.write_text("learning_rate: 1e-4\nlr_schedule: {name: cosine_decay, "
+                           "arguments: [1e-5, 100]}\n")  # fmt: skip
+    config = config_from_args(build_parser().parse_args(["-c", str(config_file)]))
+    assert config.learning_rate == 1e-4
+    assert config.lr_schedule == {"name": "cosine_decay", "arguments": [1e-5, 100]}
+    assert yaml.safe_load("a: 1e-4") == {"a": "1e-4"}, "the YAML readers of others changed"
+
+
 def test_grad_checkpoint_dora_and_full(dense_model_dir, car_splits, tmp_path, capsys):
     """Gradient checkpointing (on the plain path; the padded one goes a layer at a time) changes
     no numbers; DoRA and full fine-tuning train and reload. Output that is not a terminal gets a
@@ -642,7 +677,7 @@ def test_optimizer_choice_accumulation_and_metrics_file(dense_model_dir, car_spl
 
 def test_every_number_of_a_run_repeats_with_its_seed(full_vocab_model_dir, tmp_path, capsys):
     """The first validation loss too, whatever numpy's global generator held before the run
-    (issue 25 item 5): one validation batch of four, from examples of different lengths."""
+    (issue 25 item 5): one validation batch out of four, of examples of different lengths."""
     data = tmp_path / "data"
     data.mkdir()
     records = [{"text": "奥迪" * (i + 1)} for i in range(8)]

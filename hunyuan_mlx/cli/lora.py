@@ -7,7 +7,9 @@ field (`hunyuan_mlx.tuner.trainer`).
 from __future__ import annotations
 
 import argparse
-import dataclasses
+import re
+import types
+import typing
 from typing import Any
 
 import yaml
@@ -129,6 +131,92 @@ def flatten_lora_parameters(values: dict[str, Any], source: str) -> dict[str, An
     return values
 
 
+class ConfigLoader(yaml.SafeLoader):
+    """YAML as mlx-lm's lora reads it: `1e-4` is a number (YAML 1.1 wants `1.0e-4`; PyYAML would
+    read a string). A subclass, so that other YAML readers in the process are left as they are."""
+
+
+ConfigLoader.add_implicit_resolver(
+    "tag:yaml.org,2002:float",
+    re.compile(
+        r"""^(?:[-+]?(?:[0-9][0-9_]*)\.[0-9_]*(?:[eE][-+]?[0-9]+)?
+        |[-+]?(?:[0-9][0-9_]*)(?:[eE][-+]?[0-9]+)
+        |\.[0-9_]+(?:[eE][-+][0-9]+)?
+        |[-+]?[0-9][0-9_]*(?::[0-5]?[0-9])+\.[0-9_]*
+        |[-+]?\.(?:inf|Inf|INF)
+        |\.(?:nan|NaN|NAN))$""",
+        re.X,
+    ),
+    list("-+0123456789."),
+)
+TYPE_NAMES = {
+    int: "an integer",
+    float: "a number",
+    str: "a string",
+    bool: "true or false",
+    list: "a list",
+    dict: "a mapping",
+    type(None): "null",
+}
+
+
+def read_config_file(path: str) -> tuple[dict[str, Any], dict[str, int]]:
+    """The YAML config's options, and the line of each (a `lora_parameters` key's under its
+    field's name); a syntax error, or a file that is not a mapping, is one error naming the
+    file and line."""
+    with open(path, encoding="utf-8") as f:
+        text = f.read()
+    try:
+        node = yaml.compose(text, ConfigLoader)
+        values = yaml.load(text, ConfigLoader)
+    except yaml.YAMLError as e:
+        mark = getattr(e, "problem_mark", None)
+        where = f", line {mark.line + 1}" if mark else ""
+        raise ValueError(f"{path}{where}: not valid YAML: {getattr(e, 'problem', e)}") from None
+    if values is None:
+        return {}, {}
+    if not isinstance(values, dict):
+        raise ValueError(
+            f"{path}: expected a mapping of option names to values (`lora_rank: 8`), "
+            f"got {TYPE_NAMES.get(type(values), type(values).__name__)}"
+        )
+    lines = {}
+    for key, value in node.value:
+        lines[key.value] = key.start_mark.line + 1
+        if key.value == "lora_parameters" and isinstance(value, yaml.MappingNode):
+            for inner, _ in value.value:
+                name = LORA_PARAMETER_FIELDS.get(inner.value, inner.value)
+                lines[name] = inner.start_mark.line + 1
+    return values, lines
+
+
+def matches(value: Any, hint: Any) -> bool:
+    """Whether a YAML `value` is of a `LoRAConfig` field's type (an integer is a number too)."""
+    if typing.get_origin(hint) in (typing.Union, types.UnionType):
+        return any(matches(value, arm) for arm in typing.get_args(hint))
+    kind = typing.get_origin(hint) or hint
+    if kind is Any:
+        return True
+    if isinstance(value, bool) or kind is bool:
+        return isinstance(value, bool) and kind is bool
+    if kind is float:
+        return isinstance(value, (int, float))
+    if kind is list:
+        (item,) = typing.get_args(hint)
+        return isinstance(value, list) and all(matches(v, item) for v in value)
+    return isinstance(value, kind)
+
+
+def describe(hint: Any) -> str:
+    """A field's type in words: `int | None` is "an integer or null"."""
+    if typing.get_origin(hint) in (typing.Union, types.UnionType):
+        return " or ".join(map(describe, typing.get_args(hint)))
+    kind = typing.get_origin(hint) or hint
+    if kind is list:
+        return f"a list of {describe(typing.get_args(hint)[0])[2:]}s"
+    return TYPE_NAMES[kind]
+
+
 def config_from_args(args: argparse.Namespace) -> LoRAConfig:
     """Command-line values over the YAML file's over the defaults."""
     values = vars(args).copy()
@@ -136,11 +224,18 @@ def config_from_args(args: argparse.Namespace) -> LoRAConfig:
     values.pop("debug")
     merged: dict[str, Any] = {}
     if yaml_file:
-        with open(yaml_file, encoding="utf-8") as f:
-            merged = flatten_lora_parameters(yaml.safe_load(f) or {}, yaml_file)
-        unknown = sorted(merged.keys() - {f.name for f in dataclasses.fields(LoRAConfig)})
+        merged, lines = read_config_file(yaml_file)
+        merged = flatten_lora_parameters(merged, yaml_file)
+        hints = typing.get_type_hints(LoRAConfig)
+        unknown = sorted(map(str, merged.keys() - hints.keys()))
         if unknown:
             raise ValueError(f"{yaml_file}: unknown keys {', '.join(unknown)}")
+        for key, value in merged.items():
+            if not matches(value, hints[key]):
+                raise ValueError(
+                    f"{yaml_file}, line {lines[key]}: {key}: expected {describe(hints[key])}, "
+                    f"got {value!r}"
+                )
     merged.update({k: v for k, v in values.items() if v is not None})
     return LoRAConfig(**merged)
 
