@@ -150,11 +150,14 @@ def test_repl_blocks_quit_words_and_unknown_commands(loaded):
 
 def test_real_terminal_line_editing_and_history():
     """In a pseudo-terminal, readline edits the line (left arrow) and recalls history (up arrow),
-    and Ctrl-D ends the chat on a new line. A fake session echoes each message."""
+    Ctrl-C drops the line being typed for a new prompt, and Ctrl-D ends the chat on a new line.
+    A fake session echoes each message."""
+    import fcntl
     import os
     import select
     import subprocess
     import sys
+    import termios
     import time
 
     pty = pytest.importorskip("pty")
@@ -173,6 +176,8 @@ def test_real_terminal_line_editing_and_history():
     process = subprocess.Popen(
         [sys.executable, "-c", script], stdin=terminal, stdout=terminal, stderr=terminal,
         env={**os.environ, "TERM": "xterm"}, close_fds=True,
+        # The terminal made the chat's controlling one, so that Ctrl-C sends it SIGINT.
+        start_new_session=True, preexec_fn=lambda: fcntl.ioctl(0, termios.TIOCSCTTY, 0),
     )  # fmt: skip
     os.close(terminal)
     output = b""
@@ -190,9 +195,11 @@ def test_real_terminal_line_editing_and_history():
         type_and_wait(b"", b"\n>> ")
         type_and_wait(b"abc\x1b[DX\r", b"\n>> ", count=2)
         type_and_wait(b"\x1b[A\r", b"\n>> ", count=3)
+        type_and_wait(b"half a li\x03", b"\n>> ", count=4)  # Ctrl-C: a new prompt (item 10)
         type_and_wait(b"\x04", b"BYE")
     finally:
         process.kill()
         os.close(controller)
     text = output.decode(errors="replace")
     assert text.count("\n[abXc]") == 2 and ">> \r\nBYE" in text, text
+    assert "[to quit: /quit or Ctrl-D]\r\n>> " in text and "half a li]" not in text, text

@@ -33,6 +33,7 @@ COMMANDS = {
 }
 HELP = "\n".join(f"{c:<10} {h}" for c, h in COMMANDS.items())
 PROMPT, MORE_PROMPT = ">> ", ".. "
+QUIT_HINT = "[to quit: /quit or Ctrl-D]"
 
 
 def enable_line_editing() -> None:
@@ -84,7 +85,7 @@ def repl(
     verbose: bool = False,
 ) -> None:
     """Read user turns and commands until a quit word or end of input; errors in a turn are
-    reported and the conversation goes on."""
+    reported and the conversation goes on, and Ctrl-C at the prompt gives a new one."""
     print(HELP, file=out)
     while True:
         try:
@@ -93,6 +94,9 @@ def repl(
         except EOFError:
             print(file=out)  # Ctrl-D: the shell prompt starts on a line of its own
             break
+        except KeyboardInterrupt:  # Ctrl-C drops the line or block being typed, as Python's REPL
+            print(f"\n{QUIT_HINT}", file=out)
+            continue
         if message is None:
             if line in QUIT_WORDS:
                 break
