@@ -77,11 +77,13 @@ def ring(ranks: int) -> list[str]:
         return [str(LAUNCH), "-n", str(ranks), "--backend", "ring", "--starting-port", str(start)]
 
 
-def launch(ranks: int, *command: str) -> subprocess.CompletedProcess:
-    """`command` on `ranks` ranks of the ring backend on localhost, importing this checkout."""
+def launch(ranks: int, *command: str, stdin: str | None = None) -> subprocess.CompletedProcess:
+    """`command` on `ranks` ranks of the ring backend on localhost, importing this checkout;
+    `stdin` is the launch's input (none: an empty one)."""
     env = {**os.environ, "PYTHONPATH": os.pathsep.join([str(ROOT), str(ROOT / "tests")])}
     return subprocess.run(
         [*ring(ranks), "--", sys.executable, *command],
+        input=stdin or "",
         capture_output=True,
         text=True,
         env=env,
@@ -339,3 +341,11 @@ def test_pipeline_outside_mlx_launch_is_one_error(models, capsys):
         f"{GENERATE}--pipeline splits the layers over the ranks of mlx.launch; this is a single "
         "process"
     )
+
+
+def test_a_prompt_from_stdin_is_refused_under_mlx_launch_in_one_line(models):
+    """`--prompt -` under mlx.launch, which gives its ranks no stdin, waited for ever; now it is
+    one error line (issue 25 item 2)."""
+    command = ["-m", "hunyuan_mlx.generate", "--model", str(models["f32"]), "--prompt", "-"]
+    line = failure_line(launch(2, *command, stdin="Hello there"))
+    assert line.startswith(GENERATE + "--prompt - cannot read stdin under mlx.launch"), line

@@ -8,7 +8,7 @@ from collections.abc import Sequence
 
 from mlx_lm.generate import DEFAULT_PROMPT
 
-from ..distributed import init_group
+from ..distributed import init_group, together
 from ..generation.display import ThinkingPrinter, print_stream
 from ..generation.settings import GENERATE_MAX_TOKENS
 from ..generation.stream import (
@@ -78,17 +78,27 @@ def build_parser(prog: str | None = None) -> argparse.ArgumentParser:
     return parser
 
 
+def refuse_stdin() -> None:
+    """`--prompt -` under mlx.launch, whose ranks get no stdin: reading it would wait for ever."""
+    raise ValueError(
+        "--prompt - cannot read stdin under mlx.launch, which passes none to its ranks: "
+        'pass the text itself, e.g. --prompt "$(cat prompt.txt)"'
+    )
+
+
 def main(argv: Sequence[str] | None = None, prog: str | None = None) -> None:
     """CLI entry point: stream one answer to stdout."""
     parser = build_parser(prog)
     args = parser.parse_args(argv)
     with run_main(parser.prog, args.debug):
+        group = init_group()  # size 1 unless run by mlx.launch
+        if args.prompt == "-" and group.size() > 1:
+            together(group, refuse_stdin)  # one line from rank 0, not one per rank
         # Checked before loading, which can take minutes.
         prompt = require_text(sys.stdin.read() if args.prompt == "-" else args.prompt)
         template_kwargs = template_config(args.chat_template_config)
         if args.draft_model and args.prompt_cache_file:
             raise ValueError("--draft-model cannot be combined with --prompt-cache-file")
-        group = init_group()  # size 1 unless run by mlx.launch
         model, tokenizer, settings = prepare(args, group)
         cache = None if args.prompt_cache_file is None else load_cache_file(
             args.prompt_cache_file, model
