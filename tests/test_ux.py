@@ -73,3 +73,26 @@ def test_quickstart_saves_a_checkpoint_the_commands_run_on(tmp_path, capsys):
         quickstart.main(argv)
     err = capsys.readouterr().err
     assert exit_info.value.code == 1 and "already exists" in err and err.count("\n") == 1
+
+
+@pytest.mark.parametrize("command", list(cli.COMMANDS))
+def test_every_flag_says_what_it_does_and_its_default(command):
+    """Issue 25 item 15: each option's help is more than its default, and names the default
+    where there is one (lora's are `LoRAConfig`'s: its parser leaves them None for the YAML)."""
+    import argparse
+    import dataclasses
+
+    from hunyuan_mlx.tuner.trainer import LoRAConfig
+
+    parser = importlib.import_module(f"hunyuan_mlx.cli.{command}").build_parser()
+    config_defaults = {f.name: f.default for f in dataclasses.fields(LoRAConfig)}
+    for action in parser._actions:
+        if isinstance(action, argparse._HelpAction):
+            continue
+        name, text = action.option_strings[-1], action.help or ""
+        assert text and not text.startswith("default"), f"{command} {name}: {text!r}"
+        default = action.default
+        if command == "lora" and default is None:
+            default = config_defaults.get(action.dest)
+        if default not in (None, False, (), dataclasses.MISSING) and not action.required:
+            assert "default" in text, f"{command} {name} does not say its default {default!r}"

@@ -29,7 +29,9 @@ def build_parser(prog: str | None = None) -> argparse.ArgumentParser:
     parser.add_argument(
         "--hf-path", "--model", required=True, help="Source: local directory or Hub repo id."
     )
-    parser.add_argument("--mlx-path", default=DEFAULT_MLX_PATH, help="Output directory.")
+    parser.add_argument(
+        "--mlx-path", default=DEFAULT_MLX_PATH, help="Output directory (default: %(default)s)."
+    )
     parser.add_argument("-q", "--quantize", action="store_true", help="Quantize the weights.")
     parser.add_argument(
         "--q-bits", type=int, default=None, help="Bits per weight (default: the mode's, 4)."
@@ -41,7 +43,10 @@ def build_parser(prog: str | None = None) -> argparse.ArgumentParser:
         help="Quantization group size (default: the mode's, 64 for affine).",
     )
     parser.add_argument(
-        "--q-mode", default=d.q_mode, choices=list(Q_MODE_DEFAULTS), help="Quantization mode."
+        "--q-mode",
+        default=d.q_mode,
+        choices=list(Q_MODE_DEFAULTS),
+        help="Quantization mode (default: %(default)s).",
     )
     parser.add_argument(
         "--quant-recipe",
@@ -51,18 +56,19 @@ def build_parser(prog: str | None = None) -> argparse.ArgumentParser:
         choices=[*QUANT_RECIPES, *MLX_LM_RECIPES],
         metavar="{" + ",".join(QUANT_RECIPES) + "}",
         help="uniform: every module at --q-bits; mixed_N: routed experts at --q-bits, attention, "
-        "shared expert and embedding/head at N bits (--quant-predicate: mlx-lm's name).",
+        "shared expert and embedding/head at N bits (--quant-predicate: mlx-lm's name; "
+        "default: %(default)s).",
     )
     parser.add_argument(
         "--dtype",
         default=d.dtype,
         choices=DTYPES,
-        help="Type of the unquantized weights and of quantization scales.",
+        help="Type of the unquantized weights and of quantization scales (default: %(default)s).",
     )
     parser.add_argument(
         "--max-shard-size",
         default=d.max_shard_size,
-        help="Largest output shard, e.g. 5GB, 500MB.",
+        help="Largest output shard, e.g. 5GB, 500MB (default: %(default)s).",
     )
     parser.add_argument(
         "-d", "--dequantize", action="store_true", help="Dequantize a quantized MLX checkpoint."
@@ -79,4 +85,3 @@ def main(argv: list[str] | None = None, prog: str | None = None) -> None:
     args = vars(parser.parse_args(argv))
     with run_main(parser.prog, args.pop("debug")):
         convert(**args)
-

@@ -16,9 +16,11 @@ def build_parser(prog: str | None = None) -> argparse.ArgumentParser:
     parser.add_argument(
         "--adapter-path",
         default=DEFAULT_ADAPTER_PATH,
-        help="Directory with adapters.safetensors and adapter_config.json.",
+        help="Directory with adapters.safetensors and adapter_config.json (default: %(default)s).",
     )
-    parser.add_argument("--save-path", default=DEFAULT_SAVE_PATH, help="Output directory.")
+    parser.add_argument(
+        "--save-path", default=DEFAULT_SAVE_PATH, help="Output directory (default: %(default)s)."
+    )
     parser.add_argument(
         "--dequantize",
         action="store_true",
@@ -36,4 +38,3 @@ def main(argv: list[str] | None = None, prog: str | None = None) -> None:
     with run_main(parser.prog, args.debug):
         out = fuse(args.model, args.adapter_path, args.save_path, args.dequantize, args.force)
     print(f"Saved the fused model to {out}")
-

@@ -55,7 +55,7 @@ def build_parser(prog: str | None = None) -> argparse.ArgumentParser:
         "--extra-eos-token",
         nargs="+",
         default=(),
-        help="Tokens that also stop generation (each one token of the vocabulary)",
+        help="Tokens that also stop generation, each one token of the vocabulary (default: none)",
     )
     parser.add_argument(
         "--prompt-cache-file",

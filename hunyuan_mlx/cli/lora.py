@@ -35,26 +35,45 @@ def build_parser(prog: str | None = None) -> argparse.ArgumentParser:
     p.add_argument("--train", action="store_true", default=None, help="Train.")
     p.add_argument("--test", action="store_true", default=None, help="Report the test loss.")
     p.add_argument("--data", help=f"Directory with train/valid/test.jsonl (default: {d.data}).")
-    p.add_argument("--fine-tune-type", choices=FINE_TUNE_TYPES, help=f"default: {d.fine_tune_type}")
+    p.add_argument(
+        "--fine-tune-type",
+        choices=FINE_TUNE_TYPES,
+        help=f"What trains: adapters (lora, dora) or every weight (full) "
+        f"(default: {d.fine_tune_type}).",
+    )
     p.add_argument(
         "--num-layers", type=int, help=f"Last layers to tune, -1 all (default: {d.num_layers})."
     )
-    p.add_argument("--lora-rank", type=int, help=f"default: {d.lora_rank}")
+    p.add_argument("--lora-rank", type=int, help=f"Rank of the adapters (default: {d.lora_rank}).")
     p.add_argument("--lora-alpha", type=float, help="Sets the scale to alpha / rank.")
-    p.add_argument("--lora-scale", type=float, help=f"default: {d.lora_scale}")
-    p.add_argument("--lora-dropout", type=float, help=f"default: {d.lora_dropout}")
+    p.add_argument(
+        "--lora-scale", type=float, help=f"Scale of the adapters' output (default: {d.lora_scale})."
+    )
+    p.add_argument(
+        "--lora-dropout",
+        type=float,
+        help=f"Dropout on the adapters' input (default: {d.lora_dropout}).",
+    )
     p.add_argument(
         "--lora-targets",
         nargs="+",
         help=f"Groups ({', '.join(LORA_TARGETS)}) or layer-relative module paths "
         f"(default: {' '.join(d.lora_targets)}).",
     )
-    p.add_argument("--batch-size", type=int, help=f"default: {d.batch_size}")
+    p.add_argument("--batch-size", type=int, help=f"Examples per batch (default: {d.batch_size}).")
     p.add_argument("--iters", type=int, help=f"Total iterations (default: {d.iters}).")
     p.add_argument("--learning-rate", type=float, help=f"Adam's (default: {d.learning_rate}).")
-    p.add_argument("--lr-schedule", choices=LR_SCHEDULES, help=f"default: {d.lr_schedule}")
+    p.add_argument(
+        "--lr-schedule",
+        choices=LR_SCHEDULES,
+        help=f"Learning rate schedule (default: {d.lr_schedule}).",
+    )
     p.add_argument("--warmup", type=int, help=f"Linear warm-up iterations (default: {d.warmup}).")
-    p.add_argument("--max-seq-length", type=int, help=f"default: {d.max_seq_length}")
+    p.add_argument(
+        "--max-seq-length",
+        type=int,
+        help=f"Longest example in tokens; longer ones are truncated (default: {d.max_seq_length}).",
+    )
     p.add_argument(
         "--grad-checkpoint",
         action="store_true",
@@ -69,18 +88,33 @@ def build_parser(prog: str | None = None) -> argparse.ArgumentParser:
     )
     p.add_argument("--val-batches", type=int, help=f"-1: all (default: {d.val_batches}).")
     p.add_argument("--test-batches", type=int, help=f"-1: all (default: {d.test_batches}).")
-    p.add_argument("--steps-per-report", type=int, help=f"default: {d.steps_per_report}")
-    p.add_argument("--steps-per-eval", type=int, help=f"default: {d.steps_per_eval}")
-    p.add_argument("--save-every", type=int, help=f"default: {d.save_every}")
+    p.add_argument(
+        "--steps-per-report",
+        type=int,
+        help=f"Iterations between training reports (default: {d.steps_per_report}).",
+    )
+    p.add_argument(
+        "--steps-per-eval",
+        type=int,
+        help=f"Iterations between validations (default: {d.steps_per_eval}).",
+    )
+    p.add_argument(
+        "--save-every",
+        type=int,
+        help=f"Iterations between saved checkpoints (default: {d.save_every}).",
+    )
     p.add_argument("--adapter-path", help=f"Output directory (default: {d.adapter_path}).")
     p.add_argument(
         "--resume-adapter-file", help="A checkpoint (…_adapters.safetensors) to continue from."
     )
-    p.add_argument("--seed", type=int, help=f"default: {d.seed}")
+    p.add_argument(
+        "--seed", type=int, help=f"Seed of every random draw of the run (default: {d.seed})."
+    )
     p.add_argument(
         "--optimizer",
         choices=list(OPTIMIZERS),
-        help=f"default: {d.optimizer}; its settings: optimizer_config in the YAML config",
+        help=f"Optimizer; its settings: optimizer_config in the YAML config "
+        f"(default: {d.optimizer}).",
     )
     p.add_argument(
         "--grad-accumulation-steps",
@@ -246,4 +280,3 @@ def main(argv: list[str] | None = None, prog: str | None = None) -> None:
     args = parser.parse_args(argv)
     with run_main(parser.prog, args.debug):
         run(config_from_args(args))
-

@@ -69,7 +69,8 @@ def build_parser(prog: str | None = None) -> argparse.ArgumentParser:
         "--chat-template-args",
         type=json_object,
         default="{}",
-        help="JSON object of arguments for the chat template, e.g. '{\"enable_thinking\":false}'",
+        help="JSON object of arguments for the chat template, e.g. '{\"enable_thinking\":false}' "
+        "(default: %(default)s)",
     )
     parser.add_argument(
         "--prompt-cache-size",
