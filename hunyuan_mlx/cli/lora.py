@@ -88,21 +88,14 @@ def build_parser(prog: str | None = None) -> argparse.ArgumentParser:
     )
     p.add_argument("--val-batches", type=int, help=f"-1: all (default: {d.val_batches}).")
     p.add_argument("--test-batches", type=int, help=f"-1: all (default: {d.test_batches}).")
-    p.add_argument(
-        "--steps-per-report",
-        type=int,
-        help=f"Iterations between training reports (default: {d.steps_per_report}).",
-    )
-    p.add_argument(
-        "--steps-per-eval",
-        type=int,
-        help=f"Iterations between validations (default: {d.steps_per_eval}).",
-    )
-    p.add_argument(
-        "--save-every",
-        type=int,
-        help=f"Iterations between saved checkpoints (default: {d.save_every}).",
-    )
+    every = [
+        ("--steps-per-report", "training reports"),
+        ("--steps-per-eval", "validations"),
+        ("--save-every", "saved checkpoints"),
+    ]
+    for flag, what in every:
+        default = getattr(d, flag[2:].replace("-", "_"))
+        p.add_argument(flag, type=int, help=f"Iterations between {what} (default: {default}).")
     p.add_argument("--adapter-path", help=f"Output directory (default: {d.adapter_path}).")
     p.add_argument(
         "--resume-adapter-file", help="A checkpoint (…_adapters.safetensors) to continue from."
