@@ -89,6 +89,7 @@ def build_parser(prog: str | None = None) -> argparse.ArgumentParser:
 
 def run(args: argparse.Namespace) -> dict[str, Any]:
     """Check everything that can be checked before the long passes, then evaluate."""
+    check_batch_size(args.batch_size)
     data = data_file(args.data)
     paths = {"model": resolve_model_path(args.model)}
     if args.reference is not None:
@@ -108,7 +109,6 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
     windows = sample_windows(windows, args.num_samples, args.seed)
     for name, config in configs.items():
         check_tokens(windows, config.vocab_size, f"the {name}")
-    check_batch_size(args.batch_size)
     passes = "the reference, then the model" if "reference" in paths else "the model"
     print(
         f"Scoring {scored_tokens(windows)} tokens ({len(windows)} "
