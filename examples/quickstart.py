@@ -28,9 +28,15 @@ from mlx.utils import tree_flatten
 import hunyuan_mlx
 from hunyuan_mlx.cli import run_main
 from hunyuan_mlx.cli.options import add_debug_argument
+from hunyuan_mlx.models.quantization import DEFAULT_Q_MODE, Q_MODE_DEFAULTS
 
 RELEASE = Path(__file__).resolve().parents[1].parent / "shared" / "hunyuan-a13b"
 TOKENIZER_FILES = ("hy.tiktoken", "tokenizer_config.json", "generation_config.json")
+# Tensor mode over 2 or 4 ranks splits the experts' width and the key-value heads; a rank's slice
+# of a quantized down projection must hold whole groups (64 weights by the converter's default).
+RANKS = 4
+GROUP_SIZE = Q_MODE_DEFAULTS[DEFAULT_Q_MODE][0]
+DEFAULT_LAYERS, DEFAULT_HIDDEN = 4, 256
 
 
 def release_config() -> dict:
@@ -44,10 +50,13 @@ def release_config() -> dict:
     )  # fmt: skip
 
 
-def write_random_checkpoint(path: Path, layers: int, hidden: int) -> None:
-    """A release-layout checkpoint (per-expert tensor names) with random bf16 weights."""
+def demo_config(layers: int, hidden: int) -> dict:
+    """The release's config with fewer, narrower layers, which split in tensor mode over 2 and 4
+    ranks also when quantized."""
     config = release_config()
-    width = hidden * 3 // 4  # the release's expert width is 3/4 of its hidden size
+    # The release's expert width is 3/4 of its hidden size; rounded up so that every rank of a
+    # tensor split gets whole quantization groups (256 at the default hidden 256).
+    width = -(-hidden * 3 // 4 // (RANKS * GROUP_SIZE)) * RANKS * GROUP_SIZE
     config.update(
         num_hidden_layers=layers,
         hidden_size=hidden,
@@ -55,10 +64,16 @@ def write_random_checkpoint(path: Path, layers: int, hidden: int) -> None:
         moe_intermediate_size=[width] * layers,
         moe_topk=[config["moe_topk"][0] if isinstance(config["moe_topk"], list) else 8] * layers,
         num_shared_expert=[1] * layers,
-        num_attention_heads=8,
-        num_key_value_heads=2,
-        attention_head_dim=hidden // 8,
+        num_attention_heads=4 * RANKS,  # the release's 4 query heads per key-value head
+        num_key_value_heads=RANKS,
+        attention_head_dim=hidden // (4 * RANKS),
     )
+    return config
+
+
+def write_random_checkpoint(path: Path, layers: int, hidden: int) -> None:
+    """A release-layout checkpoint (per-expert tensor names) with random bf16 weights."""
+    config = demo_config(layers, hidden)
     path.mkdir(parents=True)
     (path / "config.json").write_text(json.dumps(config))
     mx.random.seed(0)  # the same random weights, and so the same output, every run
@@ -126,8 +141,8 @@ def main(argv: Sequence[str] | None = None) -> None:
     parser = argparse.ArgumentParser(
         prog="examples/quickstart.py", description=__doc__.split("\n\n")[0]
     )
-    parser.add_argument("--layers", type=int, default=4)
-    parser.add_argument("--hidden", type=int, default=256)
+    parser.add_argument("--layers", type=int, default=DEFAULT_LAYERS)
+    parser.add_argument("--hidden", type=int, default=DEFAULT_HIDDEN)
     parser.add_argument("--tokens", type=int, default=16, help="tokens to decode greedily")
     parser.add_argument(
         "--save", help="Keep the random checkpoint in this new folder (to try the commands on)"

@@ -49,7 +49,9 @@ DEFAULT_SEED = 123  # mlx_lm.perplexity's
 # Scored positions per chunk of the head: bounds its float32 (chunk, vocab) temporaries,
 # about 0.13 GB each at Hunyuan-A13B's vocabulary (a handful live at once).
 HEAD_CHUNK = 256
-TEXT_SUFFIX = ".txt"
+# Files read as one plain-text document; any other file is read as JSON lines.
+TEXT_SUFFIXES = (".txt", ".md")
+JSONL_SUFFIX = ".jsonl"
 # What a directory means: the held-out split of a `hunyuan_mlx.lora` data directory.
 DATA_DIR_FILES = ("test.jsonl", "valid.jsonl")
 
@@ -68,15 +70,22 @@ def data_file(path: str | Path) -> Path:
 
 
 def read_data(path: str | Path, tokenizer: Any) -> list[Window]:
-    """`(tokens, offset)` examples of a .txt file (one document), a JSONL file (text, chat or
-    prompt/completion records, the prompt masked) or a directory's test.jsonl / valid.jsonl."""
+    """`(tokens, offset)` examples of a .txt or .md file (one document), a JSONL file (text, chat
+    or prompt/completion records, the prompt masked) or a directory's test.jsonl / valid.jsonl."""
     path = data_file(path)
-    if path.suffix == TEXT_SUFFIX:
+    if path.suffix in TEXT_SUFFIXES:
         text = path.read_text(encoding="utf-8")
         # As a JSONL text record: mlx-lm's TextDataset, which ends the document with EOS.
         return [TextDataset([], tokenizer).process({"text": text})] if text else []
-    # No truncation here: make_windows cuts long examples into several windows instead.
-    return load_examples(path, tokenizer, max_seq_length=sys.maxsize)
+    try:
+        # No truncation here: make_windows cuts long examples into several windows instead.
+        return load_examples(path, tokenizer, max_seq_length=sys.maxsize)
+    except ValueError as e:
+        if path.suffix == JSONL_SUFFIX:
+            raise
+        raise ValueError(
+            f"{e} (files other than {' and '.join(TEXT_SUFFIXES)} are read as JSON lines)"
+        ) from None
 
 
 def make_windows(examples: list[Window], sequence_length: int) -> list[Window]:
@@ -113,6 +122,27 @@ def check_fits(config: Any, sequence_length: int, name: str) -> None:
         )
 
 
+def check_tokens(windows: list[Window], vocab_size: int, name: str) -> None:
+    """Refuse token ids the model has no embedding for (data tokenized for another model)."""
+    highest = max(max(tokens) for tokens, _ in windows)
+    if highest >= vocab_size:
+        raise ValueError(
+            f"token id {highest} is outside the vocabulary of {name} ({vocab_size} ids): "
+            "the data's tokenizer does not belong to this model"
+        )
+
+
+def check_batch_size(batch_size: int) -> None:
+    """Refuse a batch of no windows."""
+    if batch_size < 1:
+        raise ValueError(f"batch size must be at least 1, got {batch_size}")
+
+
+def scored_tokens(windows: list[Window]) -> int:
+    """How many tokens a pass over `windows` scores (each window's from its offset on)."""
+    return sum(len(tokens) - offset for tokens, offset in windows)
+
+
 def check_same_vocabulary(vocab_size: int, reference_vocab_size: int) -> None:
     """Refuse to compare next-token distributions over different vocabularies."""
     if vocab_size != reference_vocab_size:
@@ -124,10 +154,9 @@ def check_same_vocabulary(vocab_size: int, reference_vocab_size: int) -> None:
 
 def batches(
     windows: list[Window], batch_size: int
-) -> Iterator[tuple[mx.array, np.ndarray, np.ndarray, int]]:
+) -> Iterator[tuple[mx.array, np.ndarray, np.ndarray]]:
     """Per batch (longest windows first, so the peak memory shows at once): the model's input,
-    right-padded (B, T - 1); the flat input positions whose next token is scored; those tokens;
-    the windows' total length.
+    right-padded (B, T - 1); the flat input positions whose next token is scored; those tokens.
 
     Right padding needs no mask: attention is causal, so padding only follows the real tokens.
     """
@@ -141,8 +170,7 @@ def batches(
             ids[row, : len(tokens)] = tokens
             positions.append(row * (width - 1) + np.arange(offset - 1, len(tokens) - 1))
             targets.append(tokens[offset:])
-        length = sum(len(tokens) for tokens, _ in chunk)
-        yield mx.array(ids[:, :-1]), np.concatenate(positions), np.concatenate(targets), length
+        yield mx.array(ids[:, :-1]), np.concatenate(positions), np.concatenate(targets)
 
 
 @dataclass
@@ -193,7 +221,7 @@ class Reference:
 
     def matches(self, windows: list[Window]) -> bool:
         """Whether these are the windows the reference scored (as many scored tokens)."""
-        return self._rows == sum(len(tokens) - offset for tokens, offset in windows)
+        return self._rows == scored_tokens(windows)
 
 
 def log_softmax(logits: mx.array) -> mx.array:
@@ -216,12 +244,7 @@ def score(
     vocab = config.vocab_size
     longest = max(len(tokens) for tokens, _ in windows)
     check_fits(config, longest, f"the {name}")
-    highest = max(max(tokens) for tokens, _ in windows)
-    if highest >= vocab:
-        raise ValueError(
-            f"token id {highest} is outside the vocabulary of the {name} ({vocab} ids): "
-            "the data's tokenizer does not belong to this model"
-        )
+    check_tokens(windows, vocab, f"the {name}")
     if reference is not None:
         check_same_vocabulary(vocab, reference.scores.vocab_size)
         if not reference.matches(windows):
@@ -230,10 +253,12 @@ def score(
     done = 0  # scored tokens so far: the row into the reference's hidden states
     processed = sum(len(tokens) for tokens, _ in windows)
     start = time.perf_counter()
+    # Shown also when stderr is not a terminal (a log, a pipe): a pass can take hours.
     with tqdm(
-        total=processed, desc=name.capitalize(), unit="tok", unit_scale=True, disable=None
-    ) as bar:
-        for inputs, positions, targets, length in batches(windows, batch_size):
+        total=scored_tokens(windows), desc=f"{name.capitalize()}: scored", unit="tok",
+        unit_scale=True, disable=False,
+    ) as bar:  # fmt: skip
+        for inputs, positions, targets in batches(windows, batch_size):
             hidden = model.model(inputs)
             hidden = hidden.reshape(-1, hidden.shape[-1])[mx.array(positions)]
             mx.eval(hidden)
@@ -254,7 +279,7 @@ def score(
                 for key, value in out.items():
                     kept.setdefault(key, []).append(np.array(value))
             done += len(targets)
-            bar.update(length)
+            bar.update(len(targets))
     seconds = time.perf_counter() - start
     arrays = {key: np.concatenate(values) for key, values in kept.items()}
     return Scores(tokens_processed=processed, seconds=seconds, vocab_size=vocab, **arrays)
@@ -339,8 +364,7 @@ def evaluate(
     Each loader is called once."""
     if not windows:
         raise ValueError("no windows to evaluate")
-    if batch_size < 1:
-        raise ValueError(f"batch size must be at least 1, got {batch_size}")
+    check_batch_size(batch_size)
     reference = None
     if load_reference is not None:
         reference = Reference(load_reference(), windows, batch_size)

@@ -6,6 +6,7 @@ import contextlib
 import io
 import json
 import math
+import re
 import shutil
 from pathlib import Path
 
@@ -299,3 +300,43 @@ def test_cli_errors_on_data(capsys, with_tokenizer, tmp_path):
         + ["--batch-size", "0"],
     )
     assert "batch size must be at least 1, got 0" in error
+
+
+def test_markdown_is_text_and_the_command_says_what_it_scores(tmp_path, capsys):
+    """A .md file is one document, as a .txt; the command's first line on stderr says how many
+    tokens it will score, then a progress bar (also off a terminal) counts them, with tokens/s and
+    the time left."""
+    shared = shared_dir()
+    tokenizer = HunYuanTokenizer.from_pretrained(shared)
+    text = "# Notes\n\nSome *Markdown* text.\n"
+    (tmp_path / "notes.md").write_text(text, encoding="utf-8")
+    [(tokens, offset)] = read_data(tmp_path / "notes.md", tokenizer)
+    assert (tokens, offset) == (tokenizer.encode(text) + [tokenizer.eos_token_id], 0)
+
+    model = save_checkpoint(build_torch_model(vocab_size=tokenizer.vocab_size), tmp_path / "model")
+    for name in TOKENIZER_FILES:
+        shutil.copy(shared / name, model / name)
+    capsys.readouterr()
+    data = str(tmp_path / "notes.md")
+    record = run_cli(["--model", str(model), "--data", data, "--sequence-length", "64"])
+    scored = len(tokens) - 1
+    assert record["tokens"] == scored
+    err = capsys.readouterr().err
+    assert err.startswith(
+        f"Scoring {scored} tokens (1 window of at most 64 tokens from {data}) with the model\n"
+    )
+    last = err.rsplit("\r", 1)[-1]
+    assert re.fullmatch(
+        rf"Model: scored: 100%\|\S+\| {scored}\.00/{scored}\.00 \[00:00<00:00, .*tok/s\]\n", last
+    )
+
+
+def test_other_files_are_read_as_json_lines(capsys, with_tokenizer, tmp_path):
+    (tmp_path / "notes.csv").write_text("a,b\n")
+    error = cli_error(
+        capsys,
+        ["--model", str(with_tokenizer), "--data", str(tmp_path / "notes.csv")]
+        + ["--sequence-length", "64"],
+    )
+    assert "notes.csv, line 1: not valid JSON" in error
+    assert error.endswith("(files other than .txt and .md are read as JSON lines)")

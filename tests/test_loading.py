@@ -5,14 +5,24 @@ from __future__ import annotations
 import shutil
 
 import mlx.core as mx
+import mlx_lm
 import numpy as np
 import pytest
 import torch
-from helpers import as_mlx_lm_layout, build_torch_model, rewrite_as_release_config, save_checkpoint
+from helpers import (
+    RELEASE_FILES,
+    as_mlx_lm_layout,
+    build_torch_model,
+    rewrite_as_release_config,
+    save_checkpoint,
+    vocab_size,
+)
 from mlx.utils import tree_flatten
 from safetensors.torch import save_file
 
 from hunyuan_mlx import HunYuanMoEV1Config, load, load_model
+from hunyuan_mlx.cli.generate import main as generate_main
+from hunyuan_mlx.models.quantization import ROUTER_NOTE, dequantize, has_quantized_router
 from hunyuan_mlx.models.weights import sanitize
 
 IDS = np.random.default_rng(0).integers(0, 96, (1, 24))
@@ -89,6 +99,66 @@ def test_mlx_lm_switch_mlp_layout(checkpoint):
     ours = dict(tree_flatten(load_model(path).parameters()))
     rewrite(path, as_mlx_lm_layout(ours))
     assert_matches(load_model(path), torch_model)
+
+
+def test_mlx_lm_quantized_checkpoint_loads_with_its_quantized_router(
+    tmp_path, tokenizer_dir, capsys
+):
+    """What mlx-lm's convert -q writes (its load, quantize and save, from a release-layout
+    checkpoint): the router is quantized too. It loads as it is, with the same logits as the
+    router dequantized to float32, and generate --verbose says what a quantized router costs."""
+    torch_model = build_torch_model(
+        vocab_size=vocab_size(tokenizer_dir),
+        tie_word_embeddings=True,
+        rope_scaling={"type": "dynamic", "alpha": 1000.0, "factor": 1.0},
+    )
+    release = save_checkpoint(torch_model, tmp_path / "release")
+    layers = torch_model.config.num_hidden_layers
+    rewrite_as_release_config(
+        release,
+        moe_intermediate_size=[torch_model.config.intermediate_size] * layers,
+        num_shared_expert=[1] * layers,
+        use_mixed_mlp_moe=True,
+        use_qk_norm=True,
+        use_cla=False,
+        cla_share_factor=2,
+    )
+    model, config = mlx_lm.utils.load_model(release)
+    model, config = mlx_lm.utils.quantize_model(model, config, group_size=32, bits=4)
+    path = tmp_path / "mlx-lm-4bit"
+    path.mkdir()
+    mlx_lm.utils.save_model(path, model)
+    mlx_lm.utils.save_config(config, path / "config.json")
+    for name in RELEASE_FILES:
+        shutil.copy(tokenizer_dir / name, path / name)
+    router = "model.layers.0.mlp.gate.wg"
+    assert {f"{router}.scales", f"{router}.biases"} <= read_tensors(path).keys()
+
+    ours = load_model(path)
+    assert has_quantized_router(ours)
+    # The reference: the same checkpoint with float32 routers holding the dequantized weights.
+    dequantized = tmp_path / "dequantized-router"
+    shutil.copytree(path, dequantized)
+    tensors = read_tensors(path)
+    for layer in range(layers):
+        name = f"model.layers.{layer}.mlp.gate.wg"
+        wg = mx.array(tensors.pop(f"{name}.weight"))
+        scales, biases = (mx.array(tensors.pop(f"{name}.{k}")) for k in ("scales", "biases"))
+        tensors[f"{name}.weight"] = np.array(
+            dequantize(wg, scales, biases, config["quantization"]).astype(mx.float32)
+        )
+    rewrite(dequantized, tensors)
+    reference = load_model(dequantized)
+    assert not has_quantized_router(reference)
+    np.testing.assert_allclose(
+        np.array(ours(mx.array(IDS))), np.array(reference(mx.array(IDS))), atol=1e-4, rtol=0
+    )
+
+    argv = ["--model", str(path), "--prompt", "hi", "--max-tokens", "2"]
+    generate_main(argv)
+    assert "quantized MoE router" not in capsys.readouterr().err
+    generate_main([*argv, "--verbose"])
+    assert ROUTER_NOTE.format(path=path) in capsys.readouterr().err
 
 
 def test_sanitize_is_idempotent(tiny_checkpoint):

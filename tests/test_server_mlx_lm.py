@@ -19,9 +19,11 @@ import mlx_lm
 import numpy as np
 import pytest
 from helpers import TINY_CONFIG
+from mlx_lm.generate import main as mlx_lm_generate_main
 
 # The fixture registers under its name, `tiny_release`.
 from hunyuan_mlx import HunYuanMoEV1ForCausalLM, convert, load_model
+from hunyuan_mlx.cli.generate import main as generate_main
 from hunyuan_mlx.generation.settings import GenerationSettings
 from hunyuan_mlx.generation.stream import build_prompt, generate
 from hunyuan_mlx.loading import load
@@ -60,6 +62,34 @@ def test_mlx_lm_generate_gives_our_text(tiny_release, tmp_path):
     settings = GenerationSettings(max_tokens=10)
     text = mlx_lm.generate(model, tokenizer, ids, max_tokens=settings.max_tokens)
     assert text == generate(ours, our_tokenizer, ids, settings)
+
+
+def test_mlx_lm_generate_command_differs_only_by_the_repetition_penalty(
+    tiny_release, tmp_path, capsys, monkeypatch
+):
+    """`mlx_lm.generate --trust-remote-code` and our `generate`, greedy on a bf16 checkpoint, give
+    the same text once the prompt (`--no-think`: mlx-lm's template call turns thinking off), the
+    dtype (`--dtype checkpoint`; ours computes in float32 on the CPU) and the repetition penalty
+    agree: ours applies the checkpoint's generation_config.json (1.05), mlx-lm's command none."""
+    out = tmp_path / "mlx"
+    convert(tiny_release, out, dtype="bfloat16")
+    assert GenerationSettings.from_checkpoint(out).repetition_penalty == 1.05
+    monkeypatch.setattr(
+        sys,
+        "argv",
+        ["mlx_lm.generate", "--model", str(out), "--trust-remote-code", "--prompt", "hello"]
+        + ["--max-tokens", "24", "--temp", "0"],
+    )
+    mlx_lm_generate_main()
+    theirs = capsys.readouterr().out.split("==========\n")[1].removesuffix("\n")
+
+    def ours(*flags: str) -> str:
+        argv = ["--model", str(out), "--prompt", "hello", "--max-tokens", "24", "--temp", "0"]
+        generate_main([*argv, "--no-think", "--dtype", "checkpoint", *flags])
+        return capsys.readouterr().out.removesuffix("\n")
+
+    assert ours("--repetition-penalty", "1") == theirs
+    assert ours() != theirs  # the checkpoint's penalty of 1.05
 
 
 def test_mlx_lm_server_serves_our_model_batched(tiny_release, tmp_path):

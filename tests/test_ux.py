@@ -10,8 +10,10 @@ import pytest
 from helpers import RELEASE_FILES, load_example, shared_dir
 
 import hunyuan_mlx
-from hunyuan_mlx import cli
+from hunyuan_mlx import HunYuanMoEV1Config, cli
 from hunyuan_mlx.cli.generate import main as generate_main
+from hunyuan_mlx.distributed import tensor_problem
+from hunyuan_mlx.models.quantization import DEFAULT_Q_MODE, quant_params
 
 
 def dispatch(argv: list[str]) -> int:
@@ -96,3 +98,14 @@ def test_every_flag_says_what_it_does_and_its_default(command):
             default = config_defaults.get(action.dest)
         if default not in (None, False, (), dataclasses.MISSING) and not action.required:
             assert "default" in text, f"{command} {name} does not say its default {default!r}"
+
+
+@pytest.mark.parametrize("ranks", [2, 4])
+def test_quickstart_model_splits_in_tensor_mode_also_at_4_bits(ranks):
+    """The quickstart's checkpoint and its 4-bit conversion (the converter's default group size)
+    split over 2 and 4 ranks in tensor mode: every rank gets whole heads and quantization groups."""
+    quickstart = load_example("quickstart.py")
+    config = quickstart.demo_config(quickstart.DEFAULT_LAYERS, quickstart.DEFAULT_HIDDEN)
+    assert tensor_problem(HunYuanMoEV1Config.from_dict(config), ranks) is None
+    config["quantization"] = quant_params(None, None, DEFAULT_Q_MODE)
+    assert tensor_problem(HunYuanMoEV1Config.from_dict(config), ranks) is None

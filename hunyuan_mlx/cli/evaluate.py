@@ -1,16 +1,19 @@
 """What quantization cost: `python -m hunyuan_mlx.evaluate --model Q [--reference R] --data FILE`.
 
-Perplexity of the model on the data (a .txt file, JSONL text / chat / prompt-completion records
-with the loss on the answer only, or a data directory's test.jsonl), with its standard error and
-throughput; with `--reference` (say the bf16 or 8-bit conversion of the same model), also the
-reference's, and the KL divergence and top-1 agreement of their next-token distributions, the two
-run in turn over the same windows (see `hunyuan_mlx.evaluation`). Flags follow mlx_lm.perplexity.
+Perplexity of the model on the data (a .txt or .md file, JSONL text / chat / prompt-completion
+records with the loss on the answer only, or a data directory's test.jsonl), with its standard
+error and throughput; with `--reference` (say the bf16 or 8-bit conversion of the same model),
+also the reference's, and the KL divergence and top-1 agreement of their next-token distributions,
+the two run in turn over the same windows (see `hunyuan_mlx.evaluation`). A first line on stderr
+says how many tokens will be scored, and a progress bar each pass's tokens scored, tokens/s and
+time left. Flags follow mlx_lm.perplexity.
 """
 
 from __future__ import annotations
 
 import argparse
 import json
+import sys
 from collections.abc import Sequence
 from typing import Any
 
@@ -21,13 +24,16 @@ from ..evaluation import (
     DEFAULT_NUM_SAMPLES,
     DEFAULT_SEED,
     DEFAULT_SEQUENCE_LENGTH,
+    check_batch_size,
     check_fits,
     check_same_vocabulary,
+    check_tokens,
     data_file,
     evaluate,
     make_windows,
     read_data,
     sample_windows,
+    scored_tokens,
 )
 from ..loading import load_model, resolve_model_path
 from ..tokenizer import HunYuanTokenizer
@@ -51,8 +57,9 @@ def build_parser(prog: str | None = None) -> argparse.ArgumentParser:
     parser.add_argument(
         "--data",
         required=True,
-        help="A .txt file, a JSONL file of text, chat or prompt/completion records, or a data "
-        "directory (its test.jsonl, else valid.jsonl)",
+        help="A .txt or .md file (one document), a JSONL file of text, chat or prompt/completion "
+        "records (any other file is read as JSON lines), or a data directory (its test.jsonl, "
+        "else valid.jsonl)",
     )
     parser.add_argument(
         "--sequence-length",
@@ -82,6 +89,7 @@ def build_parser(prog: str | None = None) -> argparse.ArgumentParser:
 
 def run(args: argparse.Namespace) -> dict[str, Any]:
     """Check everything that can be checked before the long passes, then evaluate."""
+    check_batch_size(args.batch_size)
     data = data_file(args.data)
     paths = {"model": resolve_model_path(args.model)}
     if args.reference is not None:
@@ -99,6 +107,15 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
         raise ValueError(f"Data {args.data} has no tokens to score (an empty data set)")
     available = len(windows)
     windows = sample_windows(windows, args.num_samples, args.seed)
+    for name, config in configs.items():
+        check_tokens(windows, config.vocab_size, f"the {name}")
+    passes = "the reference, then the model" if "reference" in paths else "the model"
+    print(
+        f"Scoring {scored_tokens(windows)} tokens ({len(windows)} "
+        f"window{'s' if len(windows) > 1 else ''} of at most "
+        f"{args.sequence_length} tokens from {args.data}) with {passes}",
+        file=sys.stderr,
+    )
     mx.reset_peak_memory()
     result = evaluate(
         lambda: load_model(paths["model"]),

@@ -20,6 +20,7 @@ from ..generation.settings import GenerationSettings
 from ..interrupts import DEBUG_ENV
 from ..loading import DEFAULT_LOAD_DTYPE, LOAD_DTYPES, load, resolve_model_path
 from ..models import HunYuanMoEV1ForCausalLM
+from ..models.quantization import ROUTER_NOTE, has_quantized_router
 from ..tokenizer import HunYuanTokenizer
 
 TRUE_WORDS, FALSE_WORDS = ("true", "t", "yes", "1"), ("false", "f", "no", "0")
@@ -185,6 +186,8 @@ def prepare(
         group=group,
         pipeline=args.pipeline,
     )
+    if args.verbose and has_quantized_router(model) and (group is None or group.rank() == 0):
+        print(ROUTER_NOTE.format(path=args.model), file=sys.stderr)
     seed = shared_seed(group, args.seed)
     if seed is not None:
         mx.random.seed(seed)

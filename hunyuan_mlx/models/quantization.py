@@ -29,8 +29,14 @@ DEFAULT_Q_MODE = "affine"
 PACKED_DTYPES = {"weight": mx.uint32, "scales": mx.uint8}
 QUANTIZE_BLOCK_ELEMENTS = 2**24  # weights quantized per evaluation (64 MB of float32)
 # The MoE router (`mlp.gate.wg`) is kept in float32 and never quantized, whatever the rest of the
-# model is: small errors in its logits flip the top-k choice of experts.
+# model is: small errors in its logits flip the top-k choice of experts. A checkpoint that
+# quantized it (mlx-lm's `convert -q` does) is loaded as it is; `ROUTER_NOTE` says what it costs.
 ROUTER_DTYPE = mx.float32
+ROUTER_NOTE = (
+    "note: {path} has a quantized MoE router (mlx-lm's convert -q quantizes it): its rounded "
+    "logits send some tokens to other experts than the original weights do, which costs accuracy; "
+    "`python -m hunyuan_mlx.convert -q` from the original weights keeps the router in float32"
+)
 
 # Recipe name -> bits of everything but the routed experts (None: the same as the experts).
 # Routed experts hold over 90% of the weights, so keeping attention, the shared expert and the
@@ -150,15 +156,25 @@ def apply_quantization(
 ) -> None:
     """Swap modules for quantized ones as `quantization` says, in place.
 
-    With `weights` (a quantized checkpoint about to be loaded), only modules whose `scales` the
-    checkpoint carries are swapped, so the modules match the file exactly.
+    With `weights` (a quantized checkpoint about to be loaded), exactly the modules whose
+    `scales` the checkpoint carries are swapped, so the modules match the file: the router too
+    where the checkpoint quantized it (see `ROUTER_NOTE`).
     """
 
     def predicate(path: str, module: nn.Module) -> bool | dict[str, Any]:
-        if not is_quantizable(path, module):
-            return False
-        if weights is not None and f"{path}.scales" not in weights:
+        if weights is not None:
+            if not hasattr(module, "to_quantized") or f"{path}.scales" not in weights:
+                return False
+        elif not is_quantizable(path, module):
             return False
         return module_params(path, quantization) or False
 
     nn.quantize(model, class_predicate=predicate)
+
+
+def has_quantized_router(model: nn.Module) -> bool:
+    """Whether a loaded model's router is quantized (its checkpoint's choice, `ROUTER_NOTE`)."""
+    return any(
+        is_router(path) and isinstance(module, nn.QuantizedLinear)
+        for path, module in model.named_modules()
+    )

@@ -29,13 +29,14 @@ def sanitize(weights: dict[str, mx.array], config: HunYuanMoEV1Config) -> dict[s
     for layer in range(config.num_hidden_layers):
         prefix = f"model.layers.{layer}.mlp"
         stack_experts(weights, f"{prefix}.experts", config.layer_num_experts(layer))
-        router = f"{prefix}.gate.wg.weight"
-        if router in weights:
+        router = f"{prefix}.gate.wg"
+        if f"{router}.weight" in weights:
             if config.layer_num_experts(layer) == 1:
                 # Softmax over one expert is 1: the router has no effect, so no module holds it.
-                del weights[router]
-            else:
-                weights[router] = weights[router].astype(ROUTER_DTYPE)
+                for suffix in QUANT_SUFFIXES:
+                    weights.pop(f"{router}.{suffix}", None)
+            elif f"{router}.scales" not in weights:  # a quantized one (mlx-lm's) stays packed
+                weights[f"{router}.weight"] = weights[f"{router}.weight"].astype(ROUTER_DTYPE)
     return weights
 
 
