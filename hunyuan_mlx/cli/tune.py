@@ -4,6 +4,7 @@
 from __future__ import annotations
 
 import argparse
+import dataclasses
 from collections.abc import Sequence
 
 import mlx.core as mx
@@ -21,16 +22,16 @@ def build_parser(prog: str | None = None) -> argparse.ArgumentParser:
     parser = command_parser(
         "tune", prog, "Measure gathered against padded experts here and cache the thresholds."
     )
-    default = ProbeShape()
     parser.add_argument(
         "--dtype", nargs="+", choices=DTYPES, default=["bfloat16"], help="Rows' dtypes to probe."
     )
     parser.add_argument("--bits", nargs="+", type=int, default=[4], help="Experts' bits.")
     parser.add_argument("--group-size", type=int, default=64, help="Quantization group size.")
-    parser.add_argument("--experts", type=int, default=default.experts)
-    parser.add_argument("--hidden", type=int, default=default.hidden)
-    parser.add_argument("--intermediate", type=int, default=default.intermediate)
     add_debug_argument(parser)
+    for field in dataclasses.fields(ProbeShape):  # the probed experts' shape
+        if field.name != "top_k":
+            help_ = "Probed experts' shape (default: %(default)s)."
+            parser.add_argument(f"--{field.name}", type=int, default=field.default, help=help_)
     return parser
 
 
