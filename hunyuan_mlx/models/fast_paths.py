@@ -36,7 +36,8 @@ from . import thresholds
 # Routed rows (tokens x k) from which a call takes the padded path, by backend; None: never.
 # Measured (BENCHMARKS.md): on CUDA, dequantizing a layer's experts costs about what gather_qmm
 # spends on ~350 rows; on the CPU, whose bf16 gather_qmm is far slower, the padded path wins from
-# a few dozen rows. Apple GPUs keep sorted gather_qmm until measured there.
+# a few dozen rows. Apple GPUs keep sorted gather_qmm until `hunyuan-mlx tune` measures the padded
+# kernel faster there (`FastPaths.measured_min_rows`).
 PADDED_MIN_ROWS = {"cuda": 512, "cpu": 64, "metal": None}
 # The names `--fast-paths` takes: the policy measured on this machine (`auto`), the plain path
 # (`off`), or a backend's built-in defaults.
