@@ -297,11 +297,11 @@ def generate(model, prompt: mx.array, n_gen: int, prefill_step: int) -> dict:
     }
 
 
-def policies() -> dict[str, FastPaths]:
-    """The policies the speed benchmarks compare, by name: `default` (this backend's),
-    `plain` (fast paths off), and the default with each layer's compiled decode step (`layer`)
-    or with the whole model's decode step as one compiled graph (`graph`)."""
-    default = FastPaths.default()
+def policies(default: FastPaths | None = None) -> dict[str, FastPaths]:
+    """The policies the speed benchmarks compare, by name: `default` (this backend's, or the one
+    given: `--fast-paths`), `plain` (fast paths off), and the default with each layer's compiled
+    decode step (`layer`) or with the whole model's decode step as one compiled graph (`graph`)."""
+    default = default or FastPaths.default()
     return {
         "default": default,
         "plain": FastPaths.off(),

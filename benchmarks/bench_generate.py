@@ -60,7 +60,7 @@ from benchmarks.a13b import (
     release_config,
     versions,
 )
-from hunyuan_mlx.models.fast_paths import using
+from hunyuan_mlx.models.fast_paths import POLICY_NAMES, FastPaths, using
 
 # Each of this project's model names and the policy (`a13b.policies`) it runs under.
 OURS = {"ours": "default", "ours_layer": "layer", "ours_graph": "graph", "ours_plain": "plain"}
@@ -75,6 +75,12 @@ def main() -> None:
     ap.add_argument("--models", default="ours,mlxlm", help="of mlxlm, " + ", ".join(OURS))
     ap.add_argument("--no-agreement", action="store_true")
     ap.add_argument("--out", default=None, help="also write the JSON lines here")
+    ap.add_argument(
+        "--fast-paths",
+        choices=POLICY_NAMES,
+        default="auto",
+        help="ours's policy (FastPaths.named; ours_layer and ours_graph vary its decode step)",
+    )
     args = ap.parse_args()
 
     sink = open(args.out, "w") if args.out else None
@@ -123,7 +129,7 @@ def main() -> None:
     ours.eval()
     if theirs is not None:
         theirs.eval()
-    named_policies = policies()
+    named_policies = policies(FastPaths.named(args.fast_paths))
 
     prompts = {
         n: mx.random.randint(0, cfg["vocab_size"], (n,), key=mx.random.key(1000 + n)).astype(
@@ -155,6 +161,9 @@ def main() -> None:
                     {
                         "kind": "run",
                         "device": head["device"],
+                        "fast_paths": {"mlxlm": None, "ours_plain": "off"}.get(
+                            name, args.fast_paths
+                        ),
                         "policy": policy,
                         "round": rnd,
                         "warmup": rnd == 0,

@@ -9,6 +9,10 @@ fresh process, so peak memory is its own, and prints one JSON line:
     python -m benchmarks.bench_lora                                   # A13B, on a GPU
     python -m benchmarks.bench_lora --layers 2 --width-scale 0.0625 --vocab 4096 \\
         --seq-lengths 128 256 --steps 3                                # a quick CPU check
+    python -m benchmarks.bench_lora --impls hunyuan_mlx --fast-paths metal cuda off ...
+
+`--fast-paths` names ours's policies (`FastPaths.named`: a backend's built-in defaults, `off`
+the plain path, `auto` this machine's), one row each; every row prints the policy it ran.
 """
 
 from __future__ import annotations
@@ -27,6 +31,7 @@ import mlx.nn as nn
 import mlx.optimizers as optim
 
 from benchmarks.a13b import EMBED_SCALE, median_ms, random_quantized
+from hunyuan_mlx.models.fast_paths import POLICY_NAMES
 from hunyuan_mlx.models.quantization import QUANT_RECIPES
 
 # Hunyuan-A13B's architecture (../shared/hunyuan-a13b/config.json), as both models read it.
@@ -54,7 +59,7 @@ A13B: dict[str, Any] = {
 }
 HEAD_DIM = 128
 # hunyuan_mlx_plain: ours with every fast path off (gathered experts, compiled step), as before
-# the padded experts reached training.
+# the padded experts reached training: `hunyuan_mlx` under `--fast-paths off`.
 IMPLS = ("hunyuan_mlx", "hunyuan_mlx_plain", "mlx_lm")
 # The same modules in each implementation's names, by this project's target group.
 LORA_GROUPS = ("attention", "shared_mlp", "experts")
@@ -99,9 +104,14 @@ def randomize_quantized(model: nn.Module) -> None:
 
 
 def build(
-    impl: str, config: dict[str, Any], checkpointing: bool, args: argparse.Namespace
+    impl: str,
+    config: dict[str, Any],
+    checkpointing: bool,
+    args: argparse.Namespace,
+    fast_paths: str = "auto",
 ) -> nn.Module:
-    """The random 4-bit model of one implementation, with LoRA and optional checkpointing."""
+    """The random 4-bit model of one implementation, with LoRA and optional checkpointing; ours
+    under the policy `fast_paths` names (`FastPaths.named`)."""
     quant = {"group_size": args.group_size, "bits": args.bits, "mode": "affine"}
     keys = lora_keys(impl, args.targets)
     lora = {"rank": args.rank, "scale": 20.0, "dropout": 0.0, "keys": keys}
@@ -120,9 +130,8 @@ def build(
                     quant[path] = {"bits": bits}
         apply_quantization(model, quant)
         randomize_quantized(model)
-        if impl == "hunyuan_mlx_plain":
-            set_fast_paths(model, FastPaths.off())
-        elif args.expert_group:
+        set_fast_paths(model, FastPaths.named("off" if impl == "hunyuan_mlx_plain" else fast_paths))
+        if impl != "hunyuan_mlx_plain" and args.expert_group:
             set_fast_paths(
                 model,
                 dataclasses.replace(
@@ -188,15 +197,46 @@ def phase_peaks(step: Callable, batch: mx.array, lengths: mx.array, state: Any) 
     return {k: round(v, 3) for k, v in peaks.items()}
 
 
+def one_graph_peaks(model: nn.Module, batch: mx.array, lengths: mx.array, state: Any) -> dict:
+    """Where the one-graph step's memory goes, peak GB by phase: the forward and loss outside any
+    transformation, the head and loss with their gradient on the final hidden states alone (the
+    whole sequence's float32 logits), and the whole step; what the step holds beyond the first
+    two is the tuned layers' activations kept for the backward."""
+    from hunyuan_mlx.models.hf_compat import masked_cross_entropy
+    from hunyuan_mlx.tuner.data import split_batch
+    from hunyuan_mlx.tuner.trainer import masked_loss
+
+    inputs, targets, mask = split_batch(batch, lengths)
+    h = model.model(inputs)
+    mx.eval(h)
+    peaks = {}
+    mx.reset_peak_memory()
+    mx.eval(masked_loss(model, batch, lengths))
+    peaks["forward_and_loss"] = mx.get_peak_memory() / 1e9
+
+    def head_loss(h: mx.array) -> mx.array:
+        return masked_cross_entropy(model.lm_head_logits(h), targets, mask)[0]
+
+    mx.reset_peak_memory()
+    mx.eval(mx.value_and_grad(head_loss)(h))
+    peaks["head_and_loss_grad"] = mx.get_peak_memory() / 1e9
+    del h
+    mx.reset_peak_memory()
+    mx.eval(nn.value_and_grad(model, masked_loss)(model, batch, lengths))
+    peaks["value_and_grad"] = mx.get_peak_memory() / 1e9
+    return {k: round(v, 3) for k, v in peaks.items()}
+
+
 def measure(
-    impl: str, seq_length: int, checkpointing: bool, args: argparse.Namespace
+    impl: str, seq_length: int, checkpointing: bool, args: argparse.Namespace, fast_paths: str
 ) -> dict[str, Any]:
     """Build, warm up (compile), then time `--steps` training steps of one configuration."""
+    from hunyuan_mlx.tuner.layerwise import takes_layerwise
     from hunyuan_mlx.tuner.trainer import training_step
 
     mx.random.seed(0)
     config = model_config(args)
-    model = build(impl, config, checkpointing, args)
+    model = build(impl, config, checkpointing, args, fast_paths)
     weights_gb = mx.get_active_memory() / 1e9
     step, state = training_step(model, optim.Adam(learning_rate=1e-5))
     batch = mx.random.randint(0, config["vocab_size"], (args.batch_size, seq_length + 1))
@@ -211,10 +251,19 @@ def measure(
         losses.append(loss)
     seconds = (time.perf_counter() - tic) / args.steps
     peak_gb = mx.get_peak_memory() / 1e9
-    phases = phase_peaks(step, batch, lengths, state) if args.phases else None
+    ours = impl != "mlx_lm"
+    layerwise = ours and takes_layerwise(model)
+    phases = None
+    if args.phases and layerwise:
+        phases = phase_peaks(step, batch, lengths, state)
+    elif args.phases and ours:
+        phases = one_graph_peaks(model, batch, lengths, state)
     return {
         "phase_peak_gb": phases,
         "impl": impl,
+        "fast_paths": fast_paths if impl == "hunyuan_mlx" else None,
+        "policy": dataclasses.asdict(model.fast_paths) if ours else None,
+        "layerwise": layerwise,
         "seq_length": seq_length,
         "batch_size": args.batch_size,
         "grad_checkpoint": checkpointing,
@@ -363,7 +412,14 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument(
         "--profile", action="store_true", help="Time the parts of one layer and the loss instead."
     )
-    p.add_argument("--one", help=argparse.SUPPRESS)  # impl:seq_length:on|off, in a child
+    p.add_argument(
+        "--fast-paths",
+        nargs="+",
+        choices=POLICY_NAMES,
+        default=["auto"],
+        help="Ours: the policies to run, one row each (default: auto, this machine's).",
+    )
+    p.add_argument("--one", help=argparse.SUPPRESS)  # impl:seq_length:on|off:policy, in a child
     return p
 
 
@@ -375,28 +431,34 @@ def main() -> None:
                 print(json.dumps(row), flush=True)
         return
     if args.one:
-        impl, seq_length, checkpointing = args.one.split(":")
-        print(json.dumps(measure(impl, int(seq_length), checkpointing == "on", args)), flush=True)
+        impl, seq_length, checkpointing, fast_paths = args.one.split(":")
+        row = measure(impl, int(seq_length), checkpointing == "on", args, fast_paths)
+        print(json.dumps(row), flush=True)
         return
+    runs = [
+        (impl, policy)
+        for impl in args.impls
+        for policy in (args.fast_paths if impl == "hunyuan_mlx" else ["auto"])
+    ]
     for checkpointing in args.grad_checkpoint:
         for seq_length in args.seq_lengths:
-            for impl in args.impls:
-                one = f"{impl}:{seq_length}:{checkpointing}"
+            for impl, policy in runs:
+                one = f"{impl}:{seq_length}:{checkpointing}:{policy}"
                 command = [sys.executable, "-m", "benchmarks.bench_lora", *sys.argv[1:]]
                 command += ["--one", one]
+                row = {"impl": impl, "fast_paths": policy, "seq_length": seq_length}
+                row["grad_checkpoint"] = checkpointing == "on"
                 try:
                     timeout = args.row_timeout
                     done = subprocess.run(command, capture_output=True, text=True, timeout=timeout)
                 except subprocess.TimeoutExpired:  # the child is killed, not left on the GPU
-                    row = {"impl": impl, "seq_length": seq_length, "error": f"over {timeout} s"}
-                    print(json.dumps({**row, "grad_checkpoint": checkpointing == "on"}), flush=True)
+                    print(json.dumps({**row, "error": f"over {timeout} s"}), flush=True)
                     continue
                 if done.returncode == 0:
                     print(done.stdout.strip().splitlines()[-1], flush=True)
                 else:
                     error = (done.stderr.strip().splitlines() or ["no output"])[-1]
-                    row = {"impl": impl, "seq_length": seq_length, "error": error}
-                    print(json.dumps({**row, "grad_checkpoint": checkpointing == "on"}), flush=True)
+                    print(json.dumps({**row, "error": error}), flush=True)
 
 
 if __name__ == "__main__":

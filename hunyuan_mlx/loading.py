@@ -11,7 +11,8 @@ from tqdm import tqdm
 
 from .distributed import make_plan, together
 from .files import check_tensors, load_safetensors, weight_files
-from .models import HunYuanMoEV1Config, HunYuanMoEV1ForCausalLM
+from .models import FastPaths, HunYuanMoEV1Config, HunYuanMoEV1ForCausalLM
+from .models.fast_paths import set_fast_paths
 from .models.quantization import apply_quantization, is_router
 from .tokenizer import HunYuanTokenizer
 from .tuner.adapters import load_adapters
@@ -79,6 +80,7 @@ def load_model(
     dtype: str = DEFAULT_LOAD_DTYPE,
     group: mx.distributed.Group | None = None,
     pipeline: bool = False,
+    fast_paths: str | FastPaths = "auto",
 ) -> nn.Module:
     """Build the model from config.json and fill it from the checkpoint's safetensors.
 
@@ -89,6 +91,7 @@ def load_model(
     (`mlx.launch`), this rank's share only: tensor mode, or layers split with `pipeline` (see
     `distributed.py`); every check passes or fails on all ranks together, before any weight is
     evaluated.
+    `fast_paths` is the policy (`FastPaths`) or its `--fast-paths` name (`FastPaths.named`).
     """
     target_dtype = compute_dtype(dtype)
     if group is not None and group.size() == 1:
@@ -102,6 +105,8 @@ def load_model(
         group,
         lambda: assemble(path_or_repo, model_class, adapter_path, target_dtype, group, pipeline),
     )
+    policy = FastPaths.named(fast_paths) if isinstance(fast_paths, str) else fast_paths
+    set_fast_paths(model, policy)
     if not lazy:
         together(group, lambda: evaluate(model, group))
     return model
@@ -160,11 +165,12 @@ def load(
     dtype: str = DEFAULT_LOAD_DTYPE,
     group: mx.distributed.Group | None = None,
     pipeline: bool = False,
+    fast_paths: str | FastPaths = "auto",
 ) -> tuple[HunYuanMoEV1ForCausalLM, HunYuanTokenizer]:
     """The model (with adapters, if given; floating parameters as `dtype` says; this rank's share
     with a `group`, see `load_model`) and its tokenizer. The folder is resolved once; one without
     a tokenizer vocabulary (hy.tiktoken or tokenizer.json) is refused, on every rank, after the
-    checks of config and weights but before any weight is read."""
+    checks of config and weights but before any weight is read. `fast_paths` as `load_model`'s."""
     model_path = resolve_model_path(path_or_repo)
     model = load_model(
         model_path,
@@ -173,6 +179,7 @@ def load(
         dtype=dtype,
         group=group,
         pipeline=pipeline,
+        fast_paths=fast_paths,
     )
     tokenizer = together(group, lambda: HunYuanTokenizer.from_pretrained(model_path))
     if not lazy:

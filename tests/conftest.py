@@ -19,6 +19,14 @@ from helpers import (
 from hunyuan_mlx import load
 
 
+@pytest.fixture(autouse=True)
+def fast_path_cache(tmp_path, monkeypatch) -> Path:
+    """The fast paths' threshold cache in the test's own folder, never the user's (subprocesses
+    inherit it)."""
+    monkeypatch.setenv("XDG_CACHE_HOME", str(tmp_path / "cache"))
+    return tmp_path / "cache" / "hunyuan_mlx" / "fast_paths.json"
+
+
 @pytest.fixture(scope="session")
 def tiny_checkpoint(tmp_path_factory) -> tuple[Path, Any]:
     """(directory, transformers model) for the default tiny config, untied, several shards."""

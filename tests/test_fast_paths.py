@@ -21,7 +21,7 @@ from hunyuan_mlx.models.experts import GatheredGLU
 from hunyuan_mlx.models.quantization import apply_quantization
 from hunyuan_mlx.tuner import layerwise
 from hunyuan_mlx.tuner.adapters import prepare_model
-from hunyuan_mlx.tuner.layerwise import layerwise_loss_and_grad
+from hunyuan_mlx.tuner.layerwise import layerwise_loss_and_grad, takes_layerwise
 from hunyuan_mlx.tuner.trainer import checkpoint_layers, masked_loss, training_step
 
 ATOL = 1e-4
@@ -267,23 +267,31 @@ def test_lora_training_on_padded_experts_equals_gathered(quantized, checkpointed
         assert max_diff(fast_grads[name], grad) <= 1e-4 * scale, name
 
 
+@pytest.mark.parametrize("metal", [False, True])
 @pytest.mark.parametrize(("dropout", "loss_chunk"), [(0.0, 512), (0.3, 512), (0.0, 5)])
 def test_layerwise_gradients_equal_value_and_grad(
-    dropout, loss_chunk, always_fast, grouped, monkeypatch
+    dropout, loss_chunk, metal, always_fast, grouped, monkeypatch
 ):
-    """The trainer's layer-at-a-time gradients are one `nn.value_and_grad`'s (the padded path
-    in both: its dropout masks have the padded rows' shape), dropout included: each layer's
-    forward and recomputation draw the same masks; the loss in pieces of 5 positions (one piece
-    with no scored position) gives the whole sequence's. (Padded against gathered: above.)"""
+    """The trainer's layer-at-a-time gradients are one `nn.value_and_grad`'s, in float32 to
+    1e-4, dropout included: each layer's forward and recomputation draw the same masks; the loss
+    in pieces of 5 positions (one piece with no scored position) gives the whole sequence's.
+    Under this backend's policy the padded experts go a group at a time (their dropout masks have
+    the padded rows' shape in both); under the Metal policy's (gathered experts, the graphs a Mac
+    builds) each layer's vjp is compiled. (Padded against gathered: above.)"""
     model = tiny_model(quantized=True)
+    if metal:
+        fp.set_fast_paths(model, FastPaths.default(on="metal"))
     prepare_model(model, "lora", 2, {"rank": 4, "dropout": dropout})
     model.train()
+    assert takes_layerwise(model)
     batch = mx.random.randint(0, 200, (2, 33))
     lengths = mx.array([[0, 33], [5, 25]])
     mx.random.seed(7)
     (loss, tokens), grads = layerwise_loss_and_grad(model, batch, lengths, loss_chunk)
     mx.eval(loss, grads)
-    assert grouped == [True, True]
+    assert grouped == ([] if metal else [True, True])
+    compiled = [sorted(name for name, *_ in layer.get("_train_fns", {})) for layer in model.layers]
+    assert compiled == [["forward", "vjp"] if metal else []] * 2
 
     # The reference: one value_and_grad, each layer reseeded as layerwise_loss_and_grad does.
     mx.random.seed(7)
@@ -307,9 +315,11 @@ def test_layerwise_gradients_equal_value_and_grad(
         assert max_diff(grads[name], grad) <= 1e-4 * mx.abs(grad).max().item() + 1e-7, name
 
 
-def test_training_steps_on_padded_experts_follow_the_plain_loss_curve(always_fast, grouped):
-    """The trainer's step takes the padded experts a group at a time (so it is not compiled) and
-    gives the plain, compiled step's losses, step after step."""
+@pytest.mark.parametrize("metal", [False, True])
+def test_training_steps_on_padded_experts_follow_the_plain_loss_curve(metal, always_fast, grouped):
+    """The trainer's step goes a layer at a time, taking the padded experts a group at a time
+    (so it is not compiled), or under the Metal policy the gathered ones, and gives the plain,
+    compiled one-graph step's losses, step after step."""
 
     def losses(policy: FastPaths) -> list[float]:
         model = tiny_model(quantized=True, seed=1)
@@ -327,10 +337,10 @@ def test_training_steps_on_padded_experts_follow_the_plain_loss_curve(always_fas
             out.append(loss.item())
         return out
 
-    fast = losses(FastPaths.default())
-    assert len(grouped) == 4 * 2  # both tuned layers, every step
+    fast = losses(FastPaths.default(on="metal") if metal else FastPaths.default())
+    assert len(grouped) == (0 if metal else 4 * 2)  # both tuned layers, every step
     plain = losses(PLAIN)
-    assert len(grouped) == 4 * 2
+    assert len(grouped) == (0 if metal else 4 * 2)
     assert fast[-1] < fast[0] - 0.1  # it learns
     assert np.allclose(fast, plain, rtol=0, atol=1e-4)
 

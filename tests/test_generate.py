@@ -265,3 +265,26 @@ def test_mlx_lm_generate_flags_match_the_python_api(loaded, tiny_release, tmp_pa
     ]:
         code, out, err = run_main([*base, *flags], capsys)
         assert code == 1 and message in err and err.count("\n") == 1, err
+
+
+@pytest.mark.parametrize(
+    ("name", "said"),
+    [("auto", "[built-in]"), ("metal", "padded experts never [forced]"), ("off", "fast paths off")],
+)
+def test_fast_paths_flag_and_verbose_say_the_policy(tiny_release, capsys, name, said):
+    """--fast-paths picks the model's policy; --verbose says which and where its thresholds
+    came from (no cache here: built-in)."""
+    flags = ["--model", str(tiny_release), "-p", "Hi", "-m", "2", "--verbose"]
+    code, _, err = run_main([*flags, "--fast-paths", name], capsys)
+    assert code == 0 and "Fast paths: " in err and said in err
+
+
+def test_load_takes_a_policy(tiny_release):
+    from hunyuan_mlx import load
+    from hunyuan_mlx.models import FastPaths
+
+    model, _ = load(tiny_release, lazy=True, fast_paths="metal")
+    assert model.fast_paths == FastPaths.default(on="metal")
+    assert {layer.mlp.experts.fast_paths for layer in model.layers} == {model.fast_paths}
+    with pytest.raises(ValueError, match="--fast-paths must be one of"):
+        load(tiny_release, lazy=True, fast_paths="gpu")

@@ -8,7 +8,7 @@ import ast
 from pathlib import Path
 
 PACKAGE = Path(__file__).resolve().parents[1] / "hunyuan_mlx"
-MAINS = {"convert", "generate", "chat", "lora", "fuse", "server", "evaluate"}
+MAINS = {"convert", "generate", "chat", "lora", "fuse", "server", "evaluate", "tune"}
 # `python -m hunyuan_mlx.<command>` and `python -m hunyuan_mlx <command>`.
 ENTRY_MODULES = {f"hunyuan_mlx.{main}" for main in MAINS}
 MAIN_MODULES = {*ENTRY_MODULES, "hunyuan_mlx.__main__"}

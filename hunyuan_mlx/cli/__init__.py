@@ -26,6 +26,7 @@ COMMANDS = {
     "fuse": "Fuse trained adapters into a standalone model",
     "server": "Serve an OpenAI-compatible HTTP API",
     "evaluate": "Perplexity, and divergence from a reference model",
+    "tune": "Measure the experts' kernels here and cache the fast paths' thresholds",
 }
 # What a user's input can cause (a bad path, value, file or flag combination, MLX refusing it).
 USER_ERRORS = (OSError, ValueError, RuntimeError)

@@ -38,7 +38,7 @@ from ..evaluation import (
 from ..loading import load_model, resolve_model_path
 from ..tokenizer import HunYuanTokenizer
 from . import run_main
-from .options import add_debug_argument, command_parser
+from .options import add_debug_argument, add_fast_paths_argument, command_parser
 
 GB = 1e9
 
@@ -83,6 +83,7 @@ def build_parser(prog: str | None = None) -> argparse.ArgumentParser:
         help="Windows per forward pass (default: %(default)s)",
     )
     parser.add_argument("--json", action="store_true", help="Print one JSON line of results")
+    add_fast_paths_argument(parser)
     add_debug_argument(parser)
     return parser
 
@@ -118,9 +119,11 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
     )
     mx.reset_peak_memory()
     result = evaluate(
-        lambda: load_model(paths["model"]),
+        lambda: load_model(paths["model"], fast_paths=args.fast_paths),
         windows,
-        (lambda: load_model(paths["reference"])) if "reference" in paths else None,
+        (lambda: load_model(paths["reference"], fast_paths=args.fast_paths))
+        if "reference" in paths
+        else None,
         args.batch_size,
     )
     return {

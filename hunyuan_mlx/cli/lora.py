@@ -24,7 +24,12 @@ from ..tuner.trainer import (
     run,
 )
 from . import run_main
-from .options import add_debug_argument, add_dtype_argument, command_parser
+from .options import (
+    add_debug_argument,
+    add_dtype_argument,
+    add_fast_paths_argument,
+    command_parser,
+)
 
 
 def build_parser(prog: str | None = None) -> argparse.ArgumentParser:
@@ -125,6 +130,7 @@ def build_parser(prog: str | None = None) -> argparse.ArgumentParser:
         help="YAML file whose keys are these options' names (or mlx-lm's lora_parameters block).",
     )
     add_dtype_argument(p, default=None)
+    add_fast_paths_argument(p, default=None)
     add_debug_argument(p)
     return p
 

@@ -20,6 +20,7 @@ from ..generation.settings import GenerationSettings
 from ..interrupts import DEBUG_ENV
 from ..loading import DEFAULT_LOAD_DTYPE, LOAD_DTYPES, load, resolve_model_path
 from ..models import HunYuanMoEV1ForCausalLM
+from ..models.fast_paths import POLICY_NAMES
 from ..models.quantization import ROUTER_NOTE, has_quantized_router
 from ..tokenizer import HunYuanTokenizer
 
@@ -79,9 +80,22 @@ def add_dtype_argument(
     )
 
 
+def add_fast_paths_argument(parser: argparse.ArgumentParser, default: str | None = "auto") -> None:
+    """--fast-paths: the model's policy by name (`FastPaths.named`; generate, chat, lora,
+    evaluate, the server); `lora` passes None so that its YAML config can set it."""
+    parser.add_argument(
+        "--fast-paths",
+        choices=POLICY_NAMES,
+        default=default,
+        help="auto: this backend's fast paths with the thresholds `hunyuan-mlx tune` measured "
+        "here (else built-in); cpu, cuda, metal: that backend's built-in defaults; off: the "
+        "plain path (default: auto)",
+    )
+
+
 def add_model_arguments(parser: argparse.ArgumentParser) -> None:
-    """--model, --adapter-path and --pipeline: what to load, and how to split it under
-    mlx.launch (generate, chat, the server)."""
+    """--model, --adapter-path, --pipeline and --fast-paths: what to load, how to split it under
+    mlx.launch, and its fast paths (generate, chat, the server)."""
     parser.add_argument(
         "--model", required=True, help="Local checkpoint directory or Hugging Face repo id"
     )
@@ -94,6 +108,7 @@ def add_model_arguments(parser: argparse.ArgumentParser) -> None:
         help="Under mlx.launch: split the layers over the ranks (default there: tensor mode, "
         "every layer split)",
     )
+    add_fast_paths_argument(parser)
 
 
 def add_common_arguments(parser: argparse.ArgumentParser) -> None:
@@ -185,9 +200,12 @@ def prepare(
         dtype=args.dtype,
         group=group,
         pipeline=args.pipeline,
+        fast_paths=args.fast_paths,
     )
-    if args.verbose and has_quantized_router(model) and (group is None or group.rank() == 0):
-        print(ROUTER_NOTE.format(path=args.model), file=sys.stderr)
+    if args.verbose and (group is None or group.rank() == 0):
+        print(f"Fast paths: {model.fast_paths.describe()}", file=sys.stderr)
+        if has_quantized_router(model):
+            print(ROUTER_NOTE.format(path=args.model), file=sys.stderr)
     seed = shared_seed(group, args.seed)
     if seed is not None:
         mx.random.seed(seed)

@@ -375,8 +375,14 @@ class GatheredGLU(nn.Module):
 
     def padded_from(self, dtype: mx.Dtype) -> int | None:
         """Routed rows from which calls in `dtype` take the padded kernel; None: never."""
-        policy = self.fast_paths
-        return policy.padded_min_rows if policy.padded_float32 or dtype != mx.float32 else None
+        return self.fast_paths.padded_from(dtype, *self.quantization)
+
+    @property
+    def quantization(self) -> tuple[int | None, int | None]:
+        """The experts' (bits, group size); (None, None) unquantized."""
+        proj = self.gate_up_proj
+        proj = getattr(proj, "linear", proj)  # under an adapter, its base's
+        return getattr(proj, "bits", None), getattr(proj, "group_size", None)
 
     def reads_routing_counts(self, dtype: mx.Dtype) -> bool:
         """Whether a call in `dtype` may take the padded kernel, which reads the routing counts

@@ -24,18 +24,24 @@ from __future__ import annotations
 
 import contextlib
 from collections.abc import Iterator
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Any
 
 import mlx.core as mx
 import mlx.nn as nn
 from mlx_lm.models.base import scaled_dot_product_attention
 
+from . import thresholds
+
 # Routed rows (tokens x k) from which a call takes the padded path, by backend; None: never.
 # Measured (BENCHMARKS.md): on CUDA, dequantizing a layer's experts costs about what gather_qmm
 # spends on ~350 rows; on the CPU, whose bf16 gather_qmm is far slower, the padded path wins from
-# a few dozen rows. Apple GPUs keep sorted gather_qmm until measured there.
+# a few dozen rows. Apple GPUs keep sorted gather_qmm until `hunyuan-mlx tune` measures the padded
+# kernel faster there (`FastPaths.measured_min_rows`).
 PADDED_MIN_ROWS = {"cuda": 512, "cpu": 64, "metal": None}
+# The names `--fast-paths` takes: the policy measured on this machine (`auto`), the plain path
+# (`off`), or a backend's built-in defaults.
+POLICY_NAMES = ("auto", "off", "cpu", "cuda", "metal")
 # Backends where the padded path takes half-precision rows only: on the CPU, float32 gathered
 # experts beat it (`python -m benchmarks.cpu_dtype`, 200 tokens: LoRA step 6.8 s vs 9.3 padded,
 # prefill 4.7 vs 5.3), while in bfloat16 it wins (53.2 s vs 55.5, 42.2 vs 44.3; the 128K head
@@ -84,20 +90,68 @@ class FastPaths:
     decode_graph: bool = False
     # Unquantized experts avoid sorted gather_mm (padded instead), for MLX's bug above.
     avoid_sorted_gather_mm: bool = False
+    # QLoRA's step goes a decoder layer at a time (`tuner/layerwise.py`): what bounds its memory
+    # on every backend, whichever experts kernel runs.
+    layerwise_training: bool = False
+    # Thresholds measured on this machine (`thresholds.py`), (key, rows) by `thresholds.key`:
+    # they replace `padded_min_rows` and `padded_float32` for the experts they name.
+    measured_min_rows: tuple[tuple[str, int | None], ...] = ()
+    # Where the padded thresholds came from: "measured here", "built-in", "forced" or "off".
+    source: str = field(default="off", compare=False)
 
     @classmethod
     def default(cls, on: str | None = None, mlx_version: str | None = None) -> FastPaths:
-        """Every fast path measured to pay off on backend `on` (default: this one), and the
-        workarounds that MLX version `mlx_version` (default: this one) needs."""
-        on = on or backend()
+        """Every fast path measured to pay off on backend `on`, and the workarounds that MLX
+        version `mlx_version` (default: this one) needs. Without `on`: this backend, with the
+        thresholds `python -m hunyuan_mlx.tune` measured here where it has (`thresholds.py`);
+        a named backend gets its built-in thresholds ("forced")."""
+        measured = {} if on is not None else thresholds.cached()
+        backend_ = on or backend()
         mlx_version = mlx_version or mx.__version__
         return cls(
-            padded_min_rows=PADDED_MIN_ROWS.get(on),
-            padded_float32=on not in PADDED_HALF_PRECISION_ONLY,
+            padded_min_rows=PADDED_MIN_ROWS.get(backend_),
+            padded_float32=backend_ not in PADDED_HALF_PRECISION_ONLY,
             compiled_decode=True,
-            decode_graph=on in DECODE_GRAPH_BACKENDS,
-            avoid_sorted_gather_mm=on == "cuda"
+            decode_graph=backend_ in DECODE_GRAPH_BACKENDS,
+            avoid_sorted_gather_mm=backend_ == "cuda"
             and mlx_version in SORTED_GATHER_MM_BROKEN_ON_CUDA,
+            layerwise_training=True,
+            measured_min_rows=tuple(sorted(measured.items())),
+            source="forced" if on is not None else "measured here" if measured else "built-in",
+        )
+
+    @classmethod
+    def named(cls, name: str) -> FastPaths:
+        """The policy `--fast-paths name` asks for (`POLICY_NAMES`)."""
+        if name not in POLICY_NAMES:
+            raise ValueError(f"--fast-paths must be one of {', '.join(POLICY_NAMES)}, not {name!r}")
+        if name == "off":
+            return cls.off()
+        return cls.default(None if name == "auto" else name)
+
+    def padded_from(self, dtype: mx.Dtype, bits: int | None, group_size: int | None) -> int | None:
+        """Routed rows from which experts of `bits` / `group_size` (None: unquantized) take the
+        padded kernel on `dtype` rows; None: never."""
+        measured = dict(self.measured_min_rows)
+        key = thresholds.key(dtype, bits, group_size)
+        if key in measured:
+            return measured[key]
+        if dtype == mx.float32 and not self.padded_float32:
+            return None
+        return self.padded_min_rows
+
+    def describe(self) -> str:
+        """One line for `--verbose`: the experts' thresholds and where they came from."""
+        if self == FastPaths.off():
+            return "fast paths off: the plain path (gathered experts, one-graph training step)"
+        rows = "never" if self.padded_min_rows is None else f"from {self.padded_min_rows} rows"
+        measured = ", ".join(
+            f"{k} {'never' if r is None else f'from {r} rows'}" for k, r in self.measured_min_rows
+        )
+        return (
+            f"padded experts {rows}{'' if self.padded_float32 else ' (half precision only)'}"
+            f"{f'; measured: {measured}' if measured else ''} [{self.source}]; "
+            f"training {'a layer at a time' if self.layerwise_training else 'in one graph'}"
         )
 
     @classmethod

@@ -1,16 +1,20 @@
-"""The training loss and its gradients computed a decoder layer at a time.
+"""The training loss and its gradients computed a decoder layer at a time: what bounds QLoRA's
+memory on every backend's policy, whichever kernel the experts take.
 
-The padded experts (`models/experts.py`) read each layer's routing counts on the host. Inside
-one `value_and_grad` over the whole model, MLX keeps everything such a read evaluates for the
-backward, so every layer's dequantized experts (4.8 GB of bf16 at A13B shape) would stay alive:
-A13B QLoRA ran out of an H100's 80 GB at 512 tokens. Here the forward runs outside any
-transformation (each layer's graph is freed as it goes; only the layer inputs are kept), then each
-layer's `vjp` is taken in turn from the last: what gradient checkpointing does, one layer's graph
-alive at a time, and the host reads free to happen.
+One `value_and_grad` over the whole model keeps every tuned layer's activations for the backward
+(the gathered experts' sorted rows and their (rows, 2 x I) products, a dozen arrays a layer) and
+the whole sequence's float32 logits and their gradient: A13B QLoRA at 2048 tokens on an H100
+peaked at weights + 21 GB that way, and the padded experts' host reads would keep every layer's
+dequantized experts too (4.8 GB of bf16 at A13B shape). Here the forward runs outside any
+transformation (each layer's graph is freed as it goes; only the tuned layers' inputs are kept),
+the head and loss go a piece at a time, then each layer's `vjp` is taken in turn from the last:
+what gradient checkpointing does, one layer's graph alive at a time. Where the experts read nothing
+on the host (the gathered kernel), each layer's forward and vjp are compiled.
 """
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from typing import Any
 
 import mlx.core as mx
@@ -18,9 +22,7 @@ import mlx.nn as nn
 from mlx.utils import tree_flatten
 from mlx_lm.models.base import create_attention_mask
 
-from ..models.experts import GatheredGLU
 from ..models.hf_compat import masked_cross_entropy
-from ..models.sharding import stage_dtype
 from .data import split_batch
 from .expert_groups import grouped_forward, grouped_vjp, takes_groups, trainable_arrays
 
@@ -30,19 +32,42 @@ LOSS_CHUNK = 512
 
 
 def takes_layerwise(model: nn.Module) -> bool:
-    """Whether `model` trains a layer at a time: its experts may read routing counts on the host
-    for its hidden states' dtype (`GatheredGLU.reads_routing_counts`), nothing but its decoder
-    layers is trained, and no layer reads another's keys and values (cross-layer attention shares
-    them, so the layers' gradients would not separate)."""
-    experts = [m for m in model.modules() if isinstance(m, GatheredGLU)]  # none in mlx-lm's
-    if not experts:
-        return False
-    decoder = model.model
-    hidden = stage_dtype(decoder.embed_tokens(mx.zeros((1, 1), dtype=mx.int32)), decoder.norm)
-    if not any(e.reads_routing_counts(hidden) for e in experts):
+    """Whether `model` trains a layer at a time: its policy says so (every backend's default
+    does, `FastPaths.layerwise_training`), nothing but its decoder layers is trained, and no
+    layer reads another's keys and values (cross-layer attention shares them, so the layers'
+    gradients would not separate). mlx-lm's models have no policy."""
+    policy = getattr(model, "fast_paths", None)
+    if policy is None or not policy.layerwise_training:
         return False
     trained = {name.split(".")[1] for name, _ in tree_flatten(model.trainable_parameters())}
     return trained <= {"layers"} and not model.config.use_cla
+
+
+def compiles(layer: nn.Module, x: mx.array, mask: Any) -> bool:
+    """Whether a layer's forward and vjp on `x` may be `mx.compile`d: its experts never read the
+    routing counts on the host for `x`'s dtype (which compilation would send to the gathered
+    kernel), it runs on one rank, and its mask is a constant ("causal" or None)."""
+    moe = layer.mlp
+    return (
+        moe.sharding_group is None
+        and not moe.experts.reads_routing_counts(x.dtype)
+        and (mask is None or isinstance(mask, str))
+    )
+
+
+def compiled(layer: nn.Module, name: str, mask: Any, make: Callable[[], Callable]) -> Callable:
+    """`make()` compiled once per layer, `name`, mask and trainable parameter names; the layer's
+    arrays and the random state are its implicit inputs (dropout draws as uncompiled), kept on
+    the layer under a leading underscore, which keeps them out of its parameters."""
+    trained = tuple(name for name, _ in tree_flatten(layer.trainable_parameters()))
+    fns = layer.get("_train_fns")
+    if fns is None:
+        fns = layer._train_fns = {}
+    key = (name, mask, trained)
+    if key not in fns:
+        state = [layer, mx.random.state]
+        fns[key] = mx.compile(make(), inputs=state, outputs=[mx.random.state])
+    return fns[key]
 
 
 def head_loss_and_grad(
@@ -71,7 +96,10 @@ def layer_forward(layer: nn.Module, x: mx.array, mask: Any) -> mx.array:
     """`layer(x, mask)[0]`, evaluated, its padded experts a group at a time where it takes them."""
     if takes_groups(layer, x):
         return grouped_forward(layer, x, mask)[0]
-    out = layer(x, mask)[0]
+    if compiles(layer, x, mask):
+        out = compiled(layer, "forward", mask, lambda: lambda x: layer(x, mask)[0])(x)
+    else:
+        out = layer(x, mask)[0]
     mx.eval(out)
     return out
 
@@ -80,16 +108,28 @@ def layer_vjp(
     layer: nn.Module, x: mx.array, mask: Any, cotangent: mx.array
 ) -> tuple[dict[str, Any], mx.array]:
     """The gradients of `layer`'s trainable parameters and of its input `x`, given the cotangent
-    of its output; in parts where its padded experts go a group at a time (`expert_groups.py`)."""
+    of its output; in parts where its padded experts go a group at a time (`expert_groups.py`),
+    compiled where its experts read nothing on the host (`compiles`)."""
     if takes_groups(layer, x):
         return grouped_vjp(layer, x, mask, cotangent)
     params, put, tree = trainable_arrays(layer)
 
-    def forward(x: mx.array, *params: mx.array) -> mx.array:
-        put(params)
-        return layer(x, mask)[0]
+    def make() -> Callable:
+        def vjp(x: mx.array, cotangent: mx.array, *params: mx.array) -> list[mx.array]:
+            own = [p for _, p in tree_flatten(layer.trainable_parameters())]
 
-    _, (dx, *dparams) = mx.vjp(forward, [x, *params], [cotangent])
+            def forward(x: mx.array, *params: mx.array) -> mx.array:
+                put(params)
+                return layer(x, mask)[0]
+
+            grads = mx.vjp(forward, [x, *params], [cotangent])[1]
+            put(own)  # the layer's own arrays again, not the vjp's
+            return grads
+
+        return vjp
+
+    run = compiled(layer, "vjp", mask, make) if compiles(layer, x, mask) else make()
+    dx, *dparams = run(x, cotangent, *params)
     return tree(dparams), dx
 
 

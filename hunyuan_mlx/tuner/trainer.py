@@ -99,6 +99,7 @@ class LoRAConfig:
     grad_accumulation_steps: int = 1  # batches whose gradients add up to one optimizer step
     report_to: str | None = None  # "jsonl": metrics.jsonl in the adapter path (no network)
     dtype: str = DEFAULT_LOAD_DTYPE  # the frozen base's compute type (`loading.LOAD_DTYPES`)
+    fast_paths: str = "auto"  # the model's policy (`FastPaths.named`)
 
     def __post_init__(self) -> None:
         """Refuse what can be refused before the minutes of loading a model."""
@@ -365,6 +366,7 @@ def train(
     if start >= config.iters:
         raise ValueError(f"The checkpoint is at iteration {start}; raise --iters to go on")
     print_trainable_parameters(model)
+    print(f"Fast paths: {model.fast_paths.describe()}", flush=True)
     adapter_path = Path(config.adapter_path)
     save_adapter_config(
         {
@@ -456,7 +458,7 @@ def run(config: LoRAConfig, callback: TrainingCallback | None = None) -> None:
         raise ValueError("--model is required")
     if not (config.train or config.test):
         raise ValueError("Pass --train and/or --test")
-    model, tokenizer = load(config.model, dtype=config.dtype)
+    model, tokenizer = load(config.model, dtype=config.dtype, fast_paths=config.fast_paths)
     data = load_data_dir(config.data, tokenizer, config.max_seq_length, config.mask_prompt)
     if config.train:
         if not data.get("train"):

@@ -1,0 +1,55 @@
+"""Measure the experts' kernels on this machine and cache the thresholds the fast paths use:
+`python -m hunyuan_mlx.tune` (see `models/probe.py` for why this runs only when asked)."""
+
+from __future__ import annotations
+
+import argparse
+import dataclasses
+from collections.abc import Sequence
+
+import mlx.core as mx
+
+from ..models import thresholds
+from ..models.probe import ProbeShape, tune
+from . import run_main
+from .options import add_debug_argument, command_parser
+
+DTYPES = {"bfloat16": mx.bfloat16, "float16": mx.float16, "float32": mx.float32}
+
+
+def build_parser(prog: str | None = None) -> argparse.ArgumentParser:
+    """The tune command's flags."""
+    parser = command_parser(
+        "tune", prog, "Measure gathered against padded experts here and cache the thresholds."
+    )
+    parser.add_argument(
+        "--dtype", nargs="+", choices=DTYPES, default=["bfloat16"], help="Rows' dtypes to probe."
+    )
+    parser.add_argument("--bits", nargs="+", type=int, default=[4], help="Experts' bits.")
+    parser.add_argument("--group-size", type=int, default=64, help="Quantization group size.")
+    add_debug_argument(parser)
+    for field in dataclasses.fields(ProbeShape):  # the probed experts' shape
+        if field.name != "top_k":
+            help_ = "Probed experts' shape (default: %(default)s)."
+            parser.add_argument(f"--{field.name}", type=int, default=field.default, help=help_)
+    return parser
+
+
+def main(argv: Sequence[str] | None = None, prog: str | None = None) -> None:
+    """CLI entry point: probe, cache, and print what was chosen."""
+    parser = build_parser(prog)
+    args = parser.parse_args(argv)
+    with run_main(parser.prog, args.debug):
+        shape = ProbeShape(args.experts, args.hidden, args.intermediate)
+        found = tune(
+            [DTYPES[d] for d in args.dtype],
+            [(bits, args.group_size) for bits in args.bits],
+            shape=shape,
+        )
+        print(f"{thresholds.device_key()}:")
+        for key, (threshold, timings) in found.items():
+            chosen = "gathered always" if threshold is None else f"padded from {threshold} rows"
+            print(f"  {key}: {chosen}")
+            for rows, gathered, padded in timings:
+                print(f"    {rows:>5} rows: gathered {gathered:.2f} ms, padded {padded:.2f} ms")
+        print(f"cached in {thresholds.cache_path()}")

@@ -1,0 +1,90 @@
+"""The probe picks the experts' kernel by measurement, caches its thresholds per device, and a
+broken cache never stops a run; either choice gives the same logits."""
+
+from __future__ import annotations
+
+import dataclasses
+
+import mlx.core as mx
+import pytest
+from helpers import FAST_PATHS_CONFIG
+
+from hunyuan_mlx.cli import tune as tune_command
+from hunyuan_mlx.models import (
+    FastPaths,
+    HunYuanMoEV1Config,
+    HunYuanMoEV1ForCausalLM,
+    probe,
+    thresholds,
+)
+from hunyuan_mlx.models.fast_paths import set_fast_paths
+from hunyuan_mlx.models.quantization import apply_quantization
+
+TINY = ["--experts", "8", "--hidden", "64", "--intermediate", "64", "--group-size", "32"]
+KEY = thresholds.key(mx.float32, 4, 32)
+
+
+def test_choose_takes_the_first_row_count_from_which_padded_never_loses():
+    assert probe.choose([(16, 1.0, 2.0), (32, 2.0, 1.9), (64, 3.0, 1.0)]) == 32
+    assert probe.choose([(16, 1.0, 0.5), (32, 1.0, 2.0), (64, 3.0, 1.0)]) == 64  # lost between
+    assert probe.choose([(16, 1.0, 2.0), (32, 1.0, 2.0)]) is None
+    assert probe.choose([(16, 2.0, 1.0), (32, 2.0, 1.0)]) == 16
+
+
+def test_tune_measures_caches_and_default_uses_it(fast_path_cache, capsys):
+    assert FastPaths.default().source == "built-in" and not fast_path_cache.exists()
+    tune_command.main([*TINY, "--dtype", "float32"])
+    out = capsys.readouterr().out
+    assert KEY in out and "gathered" in out and str(fast_path_cache) in out
+    cached = thresholds.cached()
+    assert set(cached) == {KEY}
+    policy = FastPaths.default()
+    assert policy.source == "measured here" and dict(policy.measured_min_rows) == cached
+    assert FastPaths.default(on="cpu").source == "forced"  # a named backend: built-in
+    assert FastPaths.default(on="cpu").measured_min_rows == ()
+    # The experts read the threshold of their own dtype and quantization.
+    forced = dataclasses.replace(policy, measured_min_rows=((KEY, 7),))
+    assert forced.padded_from(mx.float32, 4, 32) == 7
+    assert forced.padded_from(mx.float32, 3, 32) == policy.padded_from(mx.float32, 3, 32)
+
+
+@pytest.mark.parametrize("content", ["{not json", '{"x": {"y": "many"}}', "[1, 2]", b"\xff\xfe"])
+def test_a_corrupt_cache_falls_back_and_is_replaced(content, fast_path_cache, capsys):
+    fast_path_cache.parent.mkdir(parents=True)
+    if isinstance(content, bytes):
+        fast_path_cache.write_bytes(content)
+    else:
+        fast_path_cache.write_text(content)
+    policy = FastPaths.default()
+    assert policy.source == "built-in" and policy.measured_min_rows == ()
+    assert "built-in thresholds" in capsys.readouterr().err
+    thresholds.store({KEY: 12})
+    assert thresholds.cached() == {KEY: 12}
+
+
+def test_an_unwritable_cache_never_stops_a_run(tmp_path, monkeypatch, capsys):
+    blocker = tmp_path / "a_file"
+    blocker.write_text("")
+    monkeypatch.setenv("XDG_CACHE_HOME", str(blocker))  # its "folder" is a file
+    assert thresholds.store({KEY: 12}) is None
+    assert "cannot write" in capsys.readouterr().err
+    assert FastPaths.default().source == "built-in"
+    assert list(tmp_path.iterdir()) == [blocker]  # nothing half-written
+
+
+def test_both_choices_give_equal_logits():
+    """A measured threshold of 1 row (padded everywhere) and none (gathered): the same logits
+    in float32, whichever the probe picks."""
+    mx.random.seed(0)
+    model = HunYuanMoEV1ForCausalLM(HunYuanMoEV1Config(**FAST_PATHS_CONFIG))
+    apply_quantization(model, {"group_size": 32, "bits": 4})
+    model.eval()
+    tokens = mx.random.randint(0, 200, (1, 40))
+    base = FastPaths.default(on="metal")
+    logits = []
+    for rows in (1, None):
+        set_fast_paths(model, dataclasses.replace(base, measured_min_rows=((KEY, rows),)))
+        kernels = {layer.mlp.experts.kernel(40 * 4, mx.float32) for layer in model.layers}
+        assert kernels == {"padded" if rows else "gathered"}
+        logits.append(model(tokens))
+    assert mx.abs(logits[0] - logits[1]).max().item() <= 1e-4
