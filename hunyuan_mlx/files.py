@@ -94,6 +94,19 @@ def check_safetensors(file: Path) -> dict[str, Any]:
     return header
 
 
+def stored_tensors(file: Path) -> dict[str, tuple[str, tuple[int, ...], int]]:
+    """(safetensors dtype, shape, offset of its first byte in the file) of each tensor, from the
+    checked header: where to read a byte range of a tensor without loading it."""
+    header = check_safetensors(file)
+    with open(file, "rb") as f:
+        (header_len,) = struct.unpack("<Q", f.read(8))
+    return {
+        name: (t["dtype"], tuple(t["shape"]), 8 + header_len + t["data_offsets"][0])
+        for name, t in header.items()
+        if name != "__metadata__"
+    }
+
+
 def load_safetensors(files: list[Path]) -> dict[str, mx.array]:
     """Every tensor of the files, read lazily (`mx.load` reads data on first evaluation)."""
     weights: dict[str, mx.array] = {}
