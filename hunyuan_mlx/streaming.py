@@ -70,7 +70,7 @@ def parse_size(text: str | int) -> int:
     match = re.fullmatch(r"\s*([0-9]*\.?[0-9]+)\s*([a-zA-Z]*)\s*", str(text))
     unit = match and match.group(2).upper()
     if not match or unit not in SIZE_UNITS:
-        raise ValueError(f"--memory-budget {text!r} is not a size such as 20GB, 512MB or 16GiB")
+        raise ValueError(f"memory budget {text!r} is not a size such as 20GB, 512MB or 16GiB")
     return int(float(match.group(1)) * SIZE_UNITS[unit])
 
 

@@ -10,6 +10,7 @@ run in turn over the same windows (see `hunyuan_mlx.evaluation`). Flags follow m
 from __future__ import annotations
 
 import argparse
+import functools
 import json
 from collections.abc import Sequence
 from typing import Any
@@ -32,7 +33,7 @@ from ..evaluation import (
 from ..loading import load_model, resolve_model_path
 from ..tokenizer import HunYuanTokenizer
 from . import run_main
-from .options import add_debug_argument, command_parser
+from .options import add_debug_argument, add_memory_budget_argument, command_parser
 
 GB = 1e9
 
@@ -76,6 +77,7 @@ def build_parser(prog: str | None = None) -> argparse.ArgumentParser:
         help="Windows per forward pass (default: %(default)s)",
     )
     parser.add_argument("--json", action="store_true", help="Print one JSON line of results")
+    add_memory_budget_argument(parser)
     add_debug_argument(parser)
     return parser
 
@@ -86,9 +88,10 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
     paths = {"model": resolve_model_path(args.model)}
     if args.reference is not None:
         paths["reference"] = resolve_model_path(args.reference)
+    loader = functools.partial(load_model, memory_budget=args.memory_budget)
     # Lazy loads read only the configs and safetensors headers: a broken checkpoint fails now,
     # not after the reference's pass.
-    configs = {name: load_model(path, lazy=True).config for name, path in paths.items()}
+    configs = {name: loader(path, lazy=True).config for name, path in paths.items()}
     for name, config in configs.items():
         check_fits(config, args.sequence_length, f"the {name}")
     if "reference" in configs:
@@ -101,9 +104,9 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
     windows = sample_windows(windows, args.num_samples, args.seed)
     mx.reset_peak_memory()
     result = evaluate(
-        lambda: load_model(paths["model"]),
+        lambda: loader(paths["model"]),
         windows,
-        (lambda: load_model(paths["reference"])) if "reference" in paths else None,
+        (lambda: loader(paths["reference"])) if "reference" in paths else None,
         args.batch_size,
     )
     return {

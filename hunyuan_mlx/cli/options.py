@@ -20,6 +20,7 @@ from ..generation.settings import GenerationSettings
 from ..interrupts import DEBUG_ENV
 from ..loading import DEFAULT_LOAD_DTYPE, LOAD_DTYPES, load, resolve_model_path
 from ..models import HunYuanMoEV1ForCausalLM
+from ..streaming import parse_size
 from ..tokenizer import HunYuanTokenizer
 
 TRUE_WORDS, FALSE_WORDS = ("true", "t", "yes", "1"), ("false", "f", "no", "0")
@@ -78,6 +79,28 @@ def add_dtype_argument(
     )
 
 
+def memory_budget(text: str) -> int:
+    """The --memory-budget value in bytes."""
+    try:
+        return parse_size(text)
+    except ValueError as e:
+        raise argparse.ArgumentTypeError(str(e)) from None
+
+
+def add_memory_budget_argument(parser: argparse.ArgumentParser) -> None:
+    """--memory-budget: the memory the weights may take; a model over it streams its routed
+    experts from disk (generate, chat, the server, evaluate)."""
+    parser.add_argument(
+        "--memory-budget",
+        type=memory_budget,
+        default=None,
+        metavar="SIZE",
+        help="Memory the weights may take (e.g. 20GB): a model that does not fit keeps its routed "
+        "experts on disk and reads them as tokens need them, into a cache of what is left "
+        "(slower; see docs/generate.md). Default: the whole model in memory",
+    )
+
+
 def add_model_arguments(parser: argparse.ArgumentParser) -> None:
     """--model, --adapter-path and --pipeline: what to load, and how to split it under
     mlx.launch (generate, chat, the server)."""
@@ -93,6 +116,7 @@ def add_model_arguments(parser: argparse.ArgumentParser) -> None:
         help="Under mlx.launch: split the layers over the ranks (default there: tensor mode, "
         "every layer split)",
     )
+    add_memory_budget_argument(parser)
 
 
 def add_common_arguments(parser: argparse.ArgumentParser) -> None:
@@ -184,6 +208,7 @@ def prepare(
         dtype=args.dtype,
         group=group,
         pipeline=args.pipeline,
+        memory_budget=args.memory_budget,
     )
     seed = shared_seed(group, args.seed)
     if seed is not None:

@@ -136,7 +136,11 @@ def build_service(args: argparse.Namespace, group: mx.distributed.Group | None =
     model_path = resolve_model_path(args.model)
     defaults = settings_from_args(args, model_path)
     model, tokenizer = load(
-        model_path, adapter_path=args.adapter_path, group=group, pipeline=args.pipeline
+        model_path,
+        adapter_path=args.adapter_path,
+        group=group,
+        pipeline=args.pipeline,
+        memory_budget=args.memory_budget,
     )
     cache = PromptCache(args.prompt_cache_size, args.prompt_cache_bytes)
     seed = shared_seed(group, args.seed)
