@@ -10,10 +10,10 @@ from mlx.utils import tree_flatten
 from tqdm import tqdm
 
 from .distributed import make_plan, together
-from .files import check_tensors, load_safetensors, weight_files
+from .files import check_tensors, load_safetensors, parse_size, weight_files
 from .models import HunYuanMoEV1Config, HunYuanMoEV1ForCausalLM
 from .models.quantization import apply_quantization, is_routed_expert, is_router
-from .streaming import check_fits, parse_size, stream_experts
+from .streaming import check_fits, stream_experts
 from .tokenizer import HunYuanTokenizer
 from .tuner.adapters import load_adapters
 

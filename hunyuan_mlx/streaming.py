@@ -19,7 +19,6 @@ from __future__ import annotations
 
 import math
 import os
-import re
 from collections import Counter
 from concurrent.futures import Future, ThreadPoolExecutor
 from dataclasses import dataclass, replace
@@ -31,7 +30,7 @@ import mlx.nn as nn
 import numpy as np
 from mlx.utils import tree_flatten
 
-from .files import stored_tensors, weight_files
+from .files import format_size, stored_tensors, weight_files
 from .models.config import HunYuanMoEV1Config
 from .models.experts import SORT_THRESHOLD, GatheredGLU, weighted_sum
 from .models.fast_paths import set_fast_paths
@@ -39,19 +38,6 @@ from .models.fast_paths import set_fast_paths
 # Expert reads in flight while a call computes (the reads a fast SSD needs to stay busy).
 READ_AHEAD = 4
 READER_THREADS = 4
-SIZE_UNITS = {
-    "": 1,
-    "B": 1,
-    "KB": 10**3,
-    "MB": 10**6,
-    "GB": 10**9,
-    "TB": 10**12,
-    "KIB": 2**10,
-    "MIB": 2**20,
-    "GIB": 2**30,
-    "TIB": 2**40,
-}
-SIZE_UNITS.update({unit[0]: SIZE_UNITS[unit] for unit in ("KB", "MB", "GB", "TB")})
 # safetensors dtype -> the numpy type its bytes are read as (bfloat16 as its 16 bits).
 NUMPY_TYPES = {
     "U8": np.uint8,
@@ -63,17 +49,6 @@ NUMPY_TYPES = {
 }
 
 
-def parse_size(text: str | int) -> int:
-    """Bytes of a size such as `20GB`, `512MB`, `16GiB` or a plain byte count (GB = 10^9)."""
-    if isinstance(text, int):
-        return text
-    match = re.fullmatch(r"\s*([0-9]*\.?[0-9]+)\s*([a-zA-Z]*)\s*", str(text))
-    unit = match and match.group(2).upper()
-    if not match or unit not in SIZE_UNITS:
-        raise ValueError(f"memory budget {text!r} is not a size such as 20GB, 512MB or 16GiB")
-    return int(float(match.group(1)) * SIZE_UNITS[unit])
-
-
 def machine_memory() -> int:
     """Bytes the weights may take: MLX's recommended working set on a GPU that reports one
     (Apple silicon), else the machine's physical memory."""
@@ -83,18 +58,13 @@ def machine_memory() -> int:
     return os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES")
 
 
-def size_text(n: float) -> str:
-    """Bytes as GB to one decimal, or MB below a GB."""
-    return f"{n / 1e9:.1f} GB" if n >= 1e9 else f"{n / 1e6:.1f} MB"
-
-
 def check_fits(path: Path, weight_bytes: int) -> None:
     """Refuse, before any weight is read, a model whose weights exceed the machine's memory."""
     memory = machine_memory()
     if weight_bytes > memory:
         raise ValueError(
-            f"{path}: its weights take {size_text(weight_bytes)}, more than this machine's "
-            f"{size_text(memory)}; stream its routed experts from disk with --memory-budget "
+            f"{path}: its weights take {format_size(weight_bytes)}, more than this machine's "
+            f"{format_size(memory)}; stream its routed experts from disk with --memory-budget "
             f"SIZE (e.g. --memory-budget {max(1, int(memory * 0.75 / 1e9))}GB)"
         )
 
@@ -453,10 +423,10 @@ def stream_experts(
     least = resident_bytes + staging + layer_bytes
     if budget < least:
         raise ValueError(
-            f"--memory-budget {size_text(budget)} is too small for {model_path}: its resident "
-            f"weights take {size_text(resident_bytes)}, expert reads in flight "
-            f"{size_text(staging)} and one layer's experts {size_text(layer_bytes)}; give at "
-            f"least {size_text(least)}"
+            f"--memory-budget {format_size(budget)} is too small for {model_path}: its resident "
+            f"weights take {format_size(resident_bytes)}, expert reads in flight "
+            f"{format_size(staging)} and one layer's experts {format_size(layer_bytes)}; give at "
+            f"least {format_size(least)}"
         )
     store.capacity = budget - resident_bytes - staging
     for i, layer in enumerate(model.model.layers):
@@ -467,3 +437,11 @@ def stream_experts(
     set_fast_paths(model, replace(model.fast_paths, compiled_decode=False, decode_graph=False))
     mx.set_cache_limit(staging)
     return store
+
+
+def expert_store(model: nn.Module) -> ExpertStore | None:
+    """The store a streamed model reads its experts from (its `stats`), None if resident."""
+    for layer in model.model.layers:
+        if isinstance(layer.mlp.experts, StreamedGLU):
+            return layer.mlp.experts.store
+    return None

@@ -16,11 +16,11 @@ import mlx.core as mx
 from mlx_lm.models.cache import load_prompt_cache
 
 from ..distributed import shared_seed
+from ..files import parse_size
 from ..generation.settings import GenerationSettings
 from ..interrupts import DEBUG_ENV
 from ..loading import DEFAULT_LOAD_DTYPE, LOAD_DTYPES, load, resolve_model_path
 from ..models import HunYuanMoEV1ForCausalLM
-from ..streaming import parse_size
 from ..tokenizer import HunYuanTokenizer
 
 TRUE_WORDS, FALSE_WORDS = ("true", "t", "yes", "1"), ("false", "f", "no", "0")
