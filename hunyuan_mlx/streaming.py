@@ -305,9 +305,6 @@ class ExpertStore:
             return None
         return self.routers[nxt](x)
 
-    def close(self) -> None:
-        self.readers.shutdown(cancel_futures=True)
-
 
 class StreamedGLU(nn.Module):
     """`GatheredGLU`'s call with the experts read from an `ExpertStore`: x (..., D), expert ids
@@ -435,6 +432,8 @@ def stream_experts(
         layer.mlp.experts = StreamedGLU(layer.mlp.experts, i, store)
     # The routing is read on the host mid-layer, which a compiled step cannot do.
     set_fast_paths(model, replace(model.fast_paths, compiled_decode=False, decode_graph=False))
+    # Freed buffers (evicted experts, a chunk's activations) go back to the system beyond what
+    # the reads in flight need, rather than pile up in MLX's cache outside the budget.
     mx.set_cache_limit(staging)
     return store
 
