@@ -32,6 +32,8 @@ from .files import (
     check_destination,
     check_safetensors,
     check_tensors,
+    format_size,
+    parse_size,
     read_json,
     staged_output,
     weight_files,
@@ -80,16 +82,6 @@ SAFETENSORS_DTYPES = {
     **{"U8": mx.uint8, "U16": mx.uint16, "U32": mx.uint32, "U64": mx.uint64},
     **{"I8": mx.int8, "I16": mx.int16, "I32": mx.int32, "I64": mx.int64, "BOOL": mx.bool_},
 }
-SIZE_UNITS = {
-    "": 1,
-    "B": 1,
-    "KB": 10**3,
-    "MB": 10**6,
-    "GB": 10**9,
-    "KIB": 2**10,
-    "MIB": 2**20,
-    "GIB": 2**30,
-}
 # Bytes a safetensors header spends per tensor beyond its name, with room to spare.
 HEADER_BYTES_PER_TENSOR = 128
 HEADER_BYTES_BASE = 64
@@ -122,29 +114,6 @@ class ConversionOptions:
     max_shard_size: str | int = DEFAULT_MAX_SHARD_SIZE
     dequantize: bool = False
     force: bool = False  # replace a non-empty destination
-
-
-def parse_size(size: str | int) -> int:
-    """Bytes in a size such as "5GB", "500MB", "40KiB" or a plain number."""
-    if isinstance(size, int):
-        value = size
-    else:
-        match = re.fullmatch(r"\s*(\d+(?:\.\d+)?)\s*([A-Za-z]*)\s*", size)
-        unit = match.group(2).upper() if match else None
-        if unit not in SIZE_UNITS:
-            raise ValueError(f"Cannot read size {size!r}: use a number with B, KB, MB, GB or GiB")
-        value = int(float(match.group(1)) * SIZE_UNITS[unit])
-    if value <= 0:
-        raise ValueError(f"Size must be positive, got {size!r}")
-    return value
-
-
-def format_size(size: int) -> str:
-    """A byte count in the largest decimal unit that keeps it at least 1."""
-    for unit, factor in (("GB", 10**9), ("MB", 10**6), ("KB", 10**3)):
-        if size >= factor:
-            return f"{size / factor:.2f} {unit}"
-    return f"{size} B"
 
 
 @dataclass

@@ -7,6 +7,7 @@ from __future__ import annotations
 import contextlib
 import json
 import os
+import re
 import shutil
 import struct
 import sys
@@ -25,6 +26,39 @@ from .models.config import read_json
 INDEX_FILE = "model.safetensors.index.json"
 NAMES_SHOWN = 5  # how many missing / unexpected tensor names an error lists
 PARTIAL_SUFFIX = ".tmp"  # of the hidden folder an output is written into before its rename
+SIZE_UNITS = {
+    "": 1,
+    "B": 1,
+    "KB": 10**3,
+    "MB": 10**6,
+    "GB": 10**9,
+    "KIB": 2**10,
+    "MIB": 2**20,
+    "GIB": 2**30,
+}
+
+
+def parse_size(size: str | int) -> int:
+    """Bytes in a size such as "5GB", "500MB", "40KiB" or a plain number."""
+    if isinstance(size, int):
+        value = size
+    else:
+        match = re.fullmatch(r"\s*(\d+(?:\.\d+)?)\s*([A-Za-z]*)\s*", size)
+        unit = match.group(2).upper() if match else None
+        if unit not in SIZE_UNITS:
+            raise ValueError(f"Cannot read size {size!r}: use a number with B, KB, MB, GB or GiB")
+        value = int(float(match.group(1)) * SIZE_UNITS[unit])
+    if value <= 0:
+        raise ValueError(f"Size must be positive, got {size!r}")
+    return value
+
+
+def format_size(size: int) -> str:
+    """A byte count in the largest decimal unit that keeps it at least 1."""
+    for unit, factor in (("GB", 10**9), ("MB", 10**6), ("KB", 10**3)):
+        if size >= factor:
+            return f"{size / factor:.2f} {unit}"
+    return f"{size} B"
 
 
 def read_jsonl(path: str | Path) -> list[tuple[int, dict[str, Any]]]:
@@ -92,6 +126,19 @@ def check_safetensors(file: Path) -> dict[str, Any]:
             f"{file} is truncated: it declares {8 + header_len + end} bytes but has {size}"
         )
     return header
+
+
+def stored_tensors(file: Path) -> dict[str, tuple[str, tuple[int, ...], int]]:
+    """(safetensors dtype, shape, offset of its first byte in the file) of each tensor, from the
+    checked header: where to read a byte range of a tensor without loading it."""
+    header = check_safetensors(file)
+    with open(file, "rb") as f:
+        (header_len,) = struct.unpack("<Q", f.read(8))
+    return {
+        name: (t["dtype"], tuple(t["shape"]), 8 + header_len + t["data_offsets"][0])
+        for name, t in header.items()
+        if name != "__metadata__"
+    }
 
 
 def load_safetensors(files: list[Path]) -> dict[str, mx.array]:

@@ -10,10 +10,11 @@ from mlx.utils import tree_flatten
 from tqdm import tqdm
 
 from .distributed import make_plan, together
-from .files import check_tensors, load_safetensors, weight_files
+from .files import check_tensors, load_safetensors, parse_size, weight_files
 from .models import FastPaths, HunYuanMoEV1Config, HunYuanMoEV1ForCausalLM
 from .models.fast_paths import set_fast_paths
-from .models.quantization import apply_quantization, is_router
+from .models.quantization import apply_quantization, is_routed_expert, is_router
+from .streaming import check_fits, expert_store, stream_experts, streamed_policy
 from .tokenizer import HunYuanTokenizer
 from .tuner.adapters import load_adapters
 
@@ -81,6 +82,7 @@ def load_model(
     group: mx.distributed.Group | None = None,
     pipeline: bool = False,
     fast_paths: str | FastPaths = "auto",
+    memory_budget: int | str | None = None,
 ) -> nn.Module:
     """Build the model from config.json and fill it from the checkpoint's safetensors.
 
@@ -92,8 +94,12 @@ def load_model(
     `distributed.py`); every check passes or fails on all ranks together, before any weight is
     evaluated.
     `fast_paths` is the policy (`FastPaths`) or its `--fast-paths` name (`FastPaths.named`).
+    Weights over `memory_budget` (bytes, or a size such as "20GB") keep their routed
+    experts on disk, streamed (`streaming.py`); without a budget, weights over the machine's
+    memory are refused before any is read.
     """
     target_dtype = compute_dtype(dtype)
+    budget = None if memory_budget is None else parse_size(memory_budget)
     if group is not None and group.size() == 1:
         if pipeline:
             raise ValueError(
@@ -103,10 +109,12 @@ def load_model(
         group = None
     model = together(
         group,
-        lambda: assemble(path_or_repo, model_class, adapter_path, target_dtype, group, pipeline),
+        lambda: assemble(
+            path_or_repo, model_class, adapter_path, target_dtype, group, pipeline, budget
+        ),
     )
     policy = FastPaths.named(fast_paths) if isinstance(fast_paths, str) else fast_paths
-    set_fast_paths(model, policy)
+    set_fast_paths(model, policy if expert_store(model) is None else streamed_policy(policy))
     if not lazy:
         together(group, lambda: evaluate(model, group))
     return model
@@ -119,9 +127,10 @@ def assemble(
     dtype: mx.Dtype | None,
     group: mx.distributed.Group | None,
     pipeline: bool,
+    budget: int | None = None,
 ) -> nn.Module:
     """The model with its (lazy) weights, cast to `dtype`, and adapters, split for this rank when
-    `group` is set."""
+    `group` is set; its routed experts streamed from disk where the weights exceed `budget`."""
     model_path = resolve_model_path(path_or_repo)
     config = HunYuanMoEV1Config.from_pretrained(model_path)
     plan = None if group is None else make_plan(config, group, pipeline)
@@ -136,9 +145,20 @@ def assemble(
         {name: p.shape for name, p in tree_flatten(model.parameters()) if keep(name)},
         f"Checkpoint {model_path} does not match its config",
     )
+    weights = cast_floating(weights, dtype)
+    size = sum(w.nbytes for w in weights.values())
+    if budget is not None and size > budget:
+        if group is not None or adapter_path is not None:
+            what = "mlx.launch" if group is not None else "--adapter-path (fuse the adapters first)"
+            raise ValueError(f"--memory-budget (streamed experts) cannot be combined with {what}")
+        weights = {name: w for name, w in weights.items() if not is_routed_expert(name)}
+        resident = sum(w.nbytes for w in weights.values())
+        stream_experts(model, model_path, budget, resident, dtype)
+    elif budget is None and group is None:
+        check_fits(model_path, size)
     # A pipeline stage leaves the other layers unloaded: they are dropped below, unevaluated.
     strict = plan is None or plan.mode == "tensor"
-    model.load_weights(list(cast_floating(weights, dtype).items()), strict=strict)
+    model.load_weights(list(weights.items()), strict=strict)
     del weights
     if adapter_path is not None:
         load_adapters(model, adapter_path)
@@ -166,9 +186,11 @@ def load(
     group: mx.distributed.Group | None = None,
     pipeline: bool = False,
     fast_paths: str | FastPaths = "auto",
+    memory_budget: int | str | None = None,
 ) -> tuple[HunYuanMoEV1ForCausalLM, HunYuanTokenizer]:
     """The model (with adapters, if given; floating parameters as `dtype` says; this rank's share
-    with a `group`, see `load_model`) and its tokenizer. The folder is resolved once; one without
+    with a `group`, see `load_model`; routed experts streamed where the weights exceed
+    `memory_budget`) and its tokenizer. The folder is resolved once; one without
     a tokenizer vocabulary (hy.tiktoken or tokenizer.json) is refused, on every rank, after the
     checks of config and weights but before any weight is read. `fast_paths` as `load_model`'s."""
     model_path = resolve_model_path(path_or_repo)
@@ -180,6 +202,7 @@ def load(
         group=group,
         pipeline=pipeline,
         fast_paths=fast_paths,
+        memory_budget=memory_budget,
     )
     tokenizer = together(group, lambda: HunYuanTokenizer.from_pretrained(model_path))
     if not lazy:

@@ -12,6 +12,7 @@ time left. Flags follow mlx_lm.perplexity.
 from __future__ import annotations
 
 import argparse
+import functools
 import json
 import sys
 from collections.abc import Sequence
@@ -38,7 +39,12 @@ from ..evaluation import (
 from ..loading import load_model, resolve_model_path
 from ..tokenizer import HunYuanTokenizer
 from . import run_main
-from .options import add_debug_argument, add_fast_paths_argument, command_parser
+from .options import (
+    add_debug_argument,
+    add_fast_paths_argument,
+    add_memory_budget_argument,
+    command_parser,
+)
 
 GB = 1e9
 
@@ -84,6 +90,7 @@ def build_parser(prog: str | None = None) -> argparse.ArgumentParser:
     )
     parser.add_argument("--json", action="store_true", help="Print one JSON line of results")
     add_fast_paths_argument(parser)
+    add_memory_budget_argument(parser)
     add_debug_argument(parser)
     return parser
 
@@ -95,9 +102,12 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
     paths = {"model": resolve_model_path(args.model)}
     if args.reference is not None:
         paths["reference"] = resolve_model_path(args.reference)
+    loader = functools.partial(
+        load_model, memory_budget=args.memory_budget, fast_paths=args.fast_paths
+    )
     # Lazy loads read only the configs and safetensors headers: a broken checkpoint fails now,
     # not after the reference's pass.
-    configs = {name: load_model(path, lazy=True).config for name, path in paths.items()}
+    configs = {name: loader(path, lazy=True).config for name, path in paths.items()}
     for name, config in configs.items():
         check_fits(config, args.sequence_length, f"the {name}")
     if "reference" in configs:
@@ -119,11 +129,9 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
     )
     mx.reset_peak_memory()
     result = evaluate(
-        lambda: load_model(paths["model"], fast_paths=args.fast_paths),
+        lambda: loader(paths["model"]),
         windows,
-        (lambda: load_model(paths["reference"], fast_paths=args.fast_paths))
-        if "reference" in paths
-        else None,
+        (lambda: loader(paths["reference"])) if "reference" in paths else None,
         args.batch_size,
     )
     return {

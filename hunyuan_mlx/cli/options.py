@@ -16,6 +16,7 @@ import mlx.core as mx
 from mlx_lm.models.cache import load_prompt_cache
 
 from ..distributed import shared_seed
+from ..files import parse_size
 from ..generation.settings import GenerationSettings
 from ..interrupts import DEBUG_ENV
 from ..loading import DEFAULT_LOAD_DTYPE, LOAD_DTYPES, load, resolve_model_path
@@ -93,6 +94,28 @@ def add_fast_paths_argument(parser: argparse.ArgumentParser, default: str | None
     )
 
 
+def memory_budget(text: str) -> int:
+    """The --memory-budget value in bytes."""
+    try:
+        return parse_size(text)
+    except ValueError as e:
+        raise argparse.ArgumentTypeError(str(e)) from None
+
+
+def add_memory_budget_argument(parser: argparse.ArgumentParser) -> None:
+    """--memory-budget: the memory the weights may take; a model over it streams its routed
+    experts from disk (generate, chat, the server, evaluate)."""
+    parser.add_argument(
+        "--memory-budget",
+        type=memory_budget,
+        default=None,
+        metavar="SIZE",
+        help="Memory the weights may take (e.g. 20GB): a model that does not fit keeps its routed "
+        "experts on disk and reads them as tokens need them, into a cache of what is left "
+        "(slower; see docs/generate.md). Default: the whole model in memory",
+    )
+
+
 def add_model_arguments(parser: argparse.ArgumentParser) -> None:
     """--model, --adapter-path, --pipeline and --fast-paths: what to load, how to split it under
     mlx.launch, and its fast paths (generate, chat, the server)."""
@@ -109,6 +132,7 @@ def add_model_arguments(parser: argparse.ArgumentParser) -> None:
         "every layer split)",
     )
     add_fast_paths_argument(parser)
+    add_memory_budget_argument(parser)
 
 
 def add_common_arguments(parser: argparse.ArgumentParser) -> None:
@@ -201,6 +225,7 @@ def prepare(
         group=group,
         pipeline=args.pipeline,
         fast_paths=args.fast_paths,
+        memory_budget=args.memory_budget,
     )
     if args.verbose and (group is None or group.rank() == 0):
         print(f"Fast paths: {model.fast_paths.describe()}", file=sys.stderr)

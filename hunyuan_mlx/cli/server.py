@@ -142,6 +142,7 @@ def build_service(args: argparse.Namespace, group: mx.distributed.Group | None =
         group=group,
         pipeline=args.pipeline,
         fast_paths=args.fast_paths,
+        memory_budget=args.memory_budget,
     )
     cache = PromptCache(args.prompt_cache_size, args.prompt_cache_bytes)
     seed = shared_seed(group, args.seed)
