@@ -5,13 +5,14 @@ from __future__ import annotations
 
 import http.client
 import json
+import signal
 import urllib.error
 import urllib.request
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
 import pytest
-from helpers import serve, server_command
+from helpers import serve, serve_process, server_command
 
 from hunyuan_mlx.cli.server import build_parser
 from hunyuan_mlx.generation.settings import GenerationSettings
@@ -194,7 +195,15 @@ BAD_REQUESTS = [
     ),
     ({"messages": [{"role": "user", "content": "hi"}], "max_tokens": 0}, 400, "max_tokens"),
     ({"messages": [{"role": "user", "content": "hi"}], "max_tokens": "5"}, 400, "max_tokens"),
-    ({"messages": [{"role": "user", "content": "hi"}], "n": 2}, 400, "n"),
+    ({"messages": [{"role": "user", "content": "hi"}], "n": 0}, 400, "n"),
+    ({"messages": [{"role": "user", "content": "hi"}], "n": 17}, 400, "n"),
+    # The tiny model's context is 256 tokens: the prompt and max_tokens must fit in it.
+    ({"messages": [{"role": "user", "content": "hi"}], "max_tokens": 10**8}, 400, "max_tokens"),
+    (
+        {"messages": [{"role": "user", "content": "hi"}], "max_completion_tokens": 255},
+        400,
+        "max_completion_tokens",
+    ),
     ({"messages": [{"role": "user", "content": "hi"}], "seed": -1}, 400, "seed"),
     ({"messages": [{"role": "user", "content": "hi"}], "stop": ["a"] * 5}, 400, "stop"),
     (
@@ -332,3 +341,52 @@ def test_bad_port_is_refused_before_loading(port):
     args = build_parser().parse_args(["--model", "/no/such/model", "--port", port])
     with pytest.raises(ValueError, match=f"--port must be in 0..65535, got {port}"):
         build_service(args)
+
+
+def test_n_choices_differ_when_sampled_and_agree_when_greedy(server, client):
+    _, model = server
+    greedy = chat(client, model, "Name three fruits.", n=3)
+    assert [c.index for c in greedy.choices] == [0, 1, 2]
+    texts = {c.message.content for c in greedy.choices}
+    assert len(texts) == 1 and texts.pop() == chat(client, model, "Name three fruits.").choices[
+        0
+    ].message.content
+    assert greedy.usage.completion_tokens == 3 * GREEDY["max_tokens"]
+    sampled = {"temperature": 1.0, "seed": 5, "n": 3}
+    runs = [chat(client, model, "Pick words.", **sampled) for _ in range(2)]
+    first, second = ([c.message.content for c in r.choices] for r in runs)
+    assert len(set(first)) == 3 and first == second  # each choice repeats with the seed
+    content = [""] * 3
+    for chunk in client.chat.completions.create(
+        model=model,
+        messages=[{"role": "user", "content": "Pick words."}],
+        stream=True,
+        **{**GREEDY, **sampled},
+    ):
+        for choice in chunk.choices:
+            content[choice.index] += choice.delta.content or ""
+    assert content == first
+
+
+@pytest.mark.parametrize("signum", [signal.SIGINT, signal.SIGTERM])
+def test_a_signal_mid_request_ends_it_and_the_server_cleanly(tiny_release, tmp_path, signum):
+    """Ctrl-C or SIGTERM while a reply streams: the client gets an error event and [DONE],
+    the process exits with 128 + the signal's number, without an abort."""
+    log = tmp_path / "server.log"
+    for process, url in serve_process(server_command(tiny_release), log):
+        body = {
+            "messages": [{"role": "user", "content": "Write at length."}],
+            "max_tokens": 200,
+            "temperature": 0.0,
+            "stream": True,
+        }
+        request = urllib.request.Request(url + "/v1/chat/completions", json.dumps(body).encode())
+        with urllib.request.urlopen(request) as response:
+            events = [response.readline()]  # the first chunk: generation is under way
+            process.send_signal(signum)
+            events += response.read().splitlines()
+        events = [e.decode()[6:] for e in events if e.strip()]
+        assert events[-1] == "[DONE]"
+        assert json.loads(events[-2])["error"]["code"] == "server_stopping"
+        assert process.wait(timeout=60) == 128 + signum
+        assert "Aborted" not in log.read_text() and "terminate called" not in log.read_text()

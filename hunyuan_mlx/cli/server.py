@@ -19,6 +19,7 @@ from typing import Any
 import mlx.core as mx
 
 from ..distributed import init_group, shared_seed, together
+from ..interrupts import signals_as_interrupts
 from ..loading import load, resolve_model_path
 from ..serve.app import DEFAULT_HOST, DEFAULT_MAX_REQUEST_BYTES, DEFAULT_PORT, Server, Service
 from ..serve.engine import (
@@ -174,7 +175,9 @@ def main(argv: Sequence[str] | None = None, prog: str | None = None) -> None:
     logging.basicConfig(
         level=getattr(logging, args.log_level), format="%(asctime)s - %(levelname)s - %(message)s"
     )
-    with run_main(parser.prog, args.debug):
+    # A signal while serving ends the running requests (each with a last chunk or an error),
+    # then the engine's thread, then the process with 128 + its number (Ctrl-C: 130).
+    with run_main(parser.prog, args.debug), signals_as_interrupts():
         group = init_group()  # size 1 unless run by mlx.launch
         service = build_service(args, group)
         # Rank 0 serves; a port it cannot bind stops every rank.

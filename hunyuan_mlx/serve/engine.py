@@ -1,5 +1,5 @@
 """The generation engines: one worker thread owns the model and does all MLX work (prompt cache
-lookups, prefill, decoding, log-probabilities); HTTP threads only submit jobs and read their
+lookups, prefill, decoding, log-probabilities); the HTTP routes only submit jobs and read their
 events. A job whose client has gone is skipped, or stopped at its next token (under mlx.launch,
 at the ranks' next check: `CANCEL_CHECK_TOKENS`).
 
@@ -70,9 +70,17 @@ class Token:
     logprob: TokenLogprob | None
 
 
+class EngineClosed(Exception):
+    """A job's last event when the server stops before the job has ended."""
+
+    def __init__(self) -> None:
+        super().__init__("The server is stopping; the request was ended")
+
+
 @dataclass
 class Job:
-    """One request's work; its events are `Started`, then `Token`s, then None (or an exception)."""
+    """One request's work; its events are `Started`, then `Token`s, then None (or an exception:
+    `EngineClosed` when the server stops first). `events` is anything with a thread-safe `put`."""
 
     prompt: list[int]
     settings: GenerationSettings
@@ -112,13 +120,19 @@ class Engine:
         self._jobs.put(None)
         self._thread.join()
 
+    def stopping(self) -> None:
+        """End the running and queued jobs at their next token, with `EngineClosed` (safe in a
+        signal handler: it only sets a flag)."""
+        self._closing.set()
+
     def close(self) -> None:
-        """Cancel the running and queued jobs and end the worker thread. Under mlx.launch, wait
-        (up to `FOLLOW_GRACE_SECONDS`: a rank that died would keep it in a collective) for its
-        last word, which ends the other ranks' `follow`."""
+        """Cancel the running and queued jobs and end the worker thread, waiting for it (up to
+        `FOLLOW_GRACE_SECONDS`: under mlx.launch a rank that died would keep it in a collective)
+        so that the process never exits in the middle of its MLX work; under mlx.launch its
+        last word ends the other ranks' `follow`."""
         self._closing.set()
         self._jobs.put(None)
-        if self.group is not None:
+        if self._thread.is_alive():
             wait_for(self._thread, FOLLOW_GRACE_SECONDS)
 
     def submit(self, job: Job) -> None:
@@ -130,7 +144,7 @@ class Engine:
             mx.random.seed(self._seed)
         while (job := self._jobs.get()) is not None:
             if self._dropped(job):
-                job.events.put(None)
+                self._end(job)
                 continue
             self._hand_out(job)
             try:
@@ -138,8 +152,13 @@ class Engine:
             except Exception as e:  # reported to the request's thread, the engine goes on
                 job.events.put(e)
             else:
-                job.events.put(None)
+                self._end(job)
         self._hand_out(None)
+
+    def _end(self, job: Job) -> None:
+        """Tell `job`'s request that it has ended: with `EngineClosed` if the server stopped it."""
+        stopped = self._closing.is_set() and not job.cancelled.is_set()
+        job.events.put(EngineClosed() if stopped else None)
 
     def _hand_out(self, job: Job | None) -> None:
         """Under mlx.launch: give the other ranks `job` (None: the engine stops)."""
@@ -315,7 +334,7 @@ class BatchEngine(Engine):
 
     def _admit(self, batch: BatchGenerator, running: dict[int, _Running], job: Job) -> None:
         if self._dropped(job):
-            job.events.put(None)
+            self._end(job)
             return
         try:
             cache, cached = self._open(job)
@@ -363,4 +382,4 @@ class BatchEngine(Engine):
         sampled token has not been run yet)."""
         if cache:
             self.prompt_cache.insert(run.tokens[: cache[0].offset], cache)
-        run.job.events.put(None)
+        self._end(run.job)

@@ -17,6 +17,7 @@ TOOL_CHOICES = ("auto", "none")
 MAX_STOP_STRINGS = 4  # OpenAI's limit
 MAX_TOP_LOGPROBS = 20  # chat; the legacy completions API allows 5
 MAX_COMPLETION_LOGPROBS = 5
+MAX_CHOICES = 16  # n: the choices of one request, decoded together in the batch
 MAX_SEED = 2**64 - 1  # mx.random.seed takes an unsigned 64-bit integer
 # Request field -> (GenerationSettings field, lowest, highest, integer, open low end).
 SAMPLING_FIELDS: dict[str, tuple[str, float, float, bool, bool]] = {
@@ -70,6 +71,8 @@ class Request:
     chat: bool
     stream: bool = False
     include_usage: bool = False
+    n: int = 1
+    max_tokens_field: str | None = None  # the field that set max_tokens, if one did
     sampling: dict[str, Any] = field(default_factory=dict)
     stop: list[str] = field(default_factory=list)
     seed: int | None = None
@@ -120,12 +123,12 @@ def _common(body: dict[str, Any], request: Request) -> None:
         if not request.stream:
             raise invalid("stream_options", "stream_options is only allowed with stream: true")
         request.include_usage = _bool(options, "include_usage")
-    n = body.get("n")
-    if n is not None and n != 1:
-        raise invalid("n", f"Only n = 1 is supported, got {n!r}")
+    if body.get("n") is not None:
+        request.n = _number(body, "n", 1, MAX_CHOICES, True, False)
     for name in ("max_completion_tokens", "max_tokens"):
         if body.get(name) is not None:
             request.sampling["max_tokens"] = _number(body, name, 1, math.inf, True, False)
+            request.max_tokens_field = name
             break
     for name, (setting, low, high, integer, open_low) in SAMPLING_FIELDS.items():
         if body.get(name) is not None:
