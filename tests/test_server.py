@@ -34,15 +34,22 @@ def start_server(tiny_release, log: Path, *flags: str):
 
 @pytest.fixture(scope="module")
 def server(tiny_release, tmp_path_factory):
-    """A server as it starts by default (one request at a time)."""
+    """A server as it starts by default (continuous batching)."""
     yield from start_server(tiny_release, tmp_path_factory.mktemp("server") / "server.log")
 
 
 @pytest.fixture(scope="module")
-def batching_server(tiny_release, tmp_path_factory):
-    """A server with continuous batching."""
-    log = tmp_path_factory.mktemp("batching") / "server.log"
-    yield from start_server(tiny_release, log, "--decode-concurrency", "8")
+def queue_server(tiny_release, tmp_path_factory):
+    """A server serving one request at a time."""
+    log = tmp_path_factory.mktemp("queue") / "server.log"
+    yield from start_server(tiny_release, log, "--decode-concurrency", "1")
+
+
+@pytest.fixture(scope="module")
+def rotating_server(tiny_release, tmp_path_factory):
+    """A server batching rotating KV caches (--max-kv-size), shorter than prompt and reply."""
+    log = tmp_path_factory.mktemp("rotating") / "server.log"
+    yield from start_server(tiny_release, log, "--max-kv-size", "24")
 
 
 @pytest.fixture(scope="module")
@@ -158,9 +165,9 @@ def test_text_completions_stream_and_not(server):
     assert text == choice["text"]
 
 
-@pytest.mark.parametrize("kind", ["queue", "batch"])
+@pytest.mark.parametrize("kind", ["queue_server", "server", "rotating_server"])
 def test_eight_concurrent_clients_each_get_their_own_reply(request, kind):
-    url, model = request.getfixturevalue("server" if kind == "queue" else "batching_server")
+    url, model = request.getfixturevalue(kind)
     client = openai.OpenAI(base_url=f"{url}/v1", api_key=API_KEY, max_retries=0)
     questions = [f"Question number {i}: what is {i} plus {i}?" for i in range(8)]
     with ThreadPoolExecutor(8) as pool:
@@ -321,6 +328,12 @@ def test_a_seed_makes_sampling_repeat(server, client):
     runs = [chat(client, model, "Pick words.", seed=s, **sampled) for s in (7, 7, 8)]
     texts = [r.choices[0].message.content for r in runs]
     assert texts[0] == texts[1] != texts[2]
+    # In a batch with other sampled requests, a seeded one still repeats: its key is its own.
+    with ThreadPoolExecutor(4) as pool:
+        crowd = [pool.submit(chat, client, model, f"Other {i}.", **sampled) for i in range(3)]
+        seeded = chat(client, model, "Pick words.", seed=7, **sampled)
+        [c.result() for c in crowd]
+    assert seeded.choices[0].message.content == texts[0]
 
 
 def test_chat_template_args_are_checked_at_startup(capsys):

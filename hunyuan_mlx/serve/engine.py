@@ -25,6 +25,7 @@ from typing import Any
 
 import mlx.core as mx
 from mlx_lm.generate import DEFAULT_PREFILL_STEP_SIZE, BatchGenerator, generation_stream
+from mlx_lm.sample_utils import Sampler, apply_min_p, apply_top_k, apply_top_p
 
 from ..distributed import broadcast_json
 from ..generation.settings import GenerationSettings
@@ -33,13 +34,11 @@ from ..tokenizer import HunYuanTokenizer
 from .prompt_cache import PromptCache
 from .protocol import TokenLogprob
 
-# mlx-lm's server batches by default (32). Here batching is opt-in: the batched caches' attention
-# mask takes the model off its compiled single-token decode step, and a lone sequence decoded
-# slower in mlx-lm's batch generator than in `stream_generate` (CPU, tiny model, interleaved runs:
-# 0.58-0.86x in 5 of 6, 1.05x in one); benchmarks/bench_server.py measures both on a GPU.
-DEFAULT_DECODE_CONCURRENCY = 1
+# Batching is on by default, as in mlx-lm's server: a lone sequence decodes as fast in mlx-lm's
+# batch generator as in `stream_generate` (CPU, reduced shape, 64 tokens: 186.6 vs 184.4 tok/s),
+# and more clients share each step. benchmarks/bench_server.py measures both.
+DEFAULT_DECODE_CONCURRENCY = 32  # mlx-lm server's --decode-concurrency
 DEFAULT_PROMPT_CONCURRENCY = 8  # mlx-lm server's --prompt-concurrency
-BATCH_DECODE_CONCURRENCY = 32  # mlx-lm server's --decode-concurrency
 # Under mlx.launch the ranks agree every this many tokens whether rank 0's job was cancelled, so
 # all stop at the same step: each check waits for the step in flight (a collective on the
 # host), which every token would make a decode-speed cost; a cancelled job runs on for at most
@@ -203,17 +202,17 @@ class Engine:
 
     def _open(self, job: Job) -> tuple[list[Any], int]:
         """The job's KV cache (from the prompt cache if it holds a prefix) and how many prompt
-        tokens it holds; tells the job it started and seeds the PRNG as it asks."""
+        tokens it holds; tells the job it started."""
         cache, cached = self.prompt_cache.fetch(job.prompt)
         if cache is None:
             cache = job.settings.make_cache(self.model)
         job.events.put(Started(cached))
-        if job.seed is not None:
-            mx.random.seed(job.seed)
         return cache, cached
 
     def _run(self, job: Job) -> None:
         cache, cached = self._open(job)
+        if job.seed is not None:  # the job runs alone: the process's PRNG is its own meanwhile
+            mx.random.seed(job.seed)
         tokens = list(job.prompt)
         responses = stream_generate(
             self.model, self.tokenizer, job.prompt[cached:], job.settings, prompt_cache=cache
@@ -239,6 +238,28 @@ class Engine:
     def _dropped(self, job: Job) -> bool:
         """Whether `job` is to end now: its client has gone, or the engine is closing."""
         return job.cancelled.is_set() or self._closing.is_set()
+
+
+def seeded_sampler(settings: GenerationSettings, seed: int | None) -> Sampler:
+    """`settings.sampler()`, but with a `seed` drawing from a PRNG key of its own rather than the
+    process's, so that a job's samples repeat whatever else shares the batch: mlx-lm's filters
+    in mlx-lm's order, then the categorical draw with the job's next key."""
+    if seed is None or settings.temp == 0:
+        return settings.sampler()
+    key = mx.random.key(seed)
+
+    def sample(logprobs: mx.array) -> mx.array:
+        nonlocal key
+        key, draw = mx.random.split(key)
+        if 0 < settings.top_p < 1:
+            logprobs = apply_top_p(logprobs, settings.top_p)
+        if settings.min_p != 0:
+            logprobs = apply_min_p(logprobs, settings.min_p)
+        if settings.top_k > 0:
+            logprobs = apply_top_k(logprobs, settings.top_k)
+        return mx.random.categorical(logprobs * (1 / settings.temp), key=draw)
+
+    return sample
 
 
 def wait_for(thread: threading.Thread, timeout: float | None = None) -> None:
@@ -273,15 +294,16 @@ class BatchEngine(Engine):
     """Runs jobs together with mlx-lm's `BatchGenerator`: up to `decode_concurrency` decode in
     one batch, up to `prompt_concurrency` prefill together (each in `prefill_step_size` chunks).
 
-    The caches are mlx-lm's plain `KVCache`s (batched as `BatchKVCache`); a quantized or rotating
-    KV cache needs `Engine`. Sampling settings, stop tokens and logits processors are per job, the
-    PRNG is not: a seed makes a job repeatable only when it runs alone.
+    The caches are mlx-lm's `KVCache`s or, with `max_kv_size`, `RotatingKVCache`s (batched as
+    `BatchKVCache` / `BatchRotatingKVCache`); mlx-lm has no batched quantized KV cache, so
+    `kv_bits` needs `Engine`. Sampling settings, stop tokens and logits processors are per job,
+    and so is the PRNG of a job with a seed (`seeded_sampler`): it repeats whatever else runs.
     """
 
     def __init__(
         self,
         *args: Any,
-        decode_concurrency: int = BATCH_DECODE_CONCURRENCY,
+        decode_concurrency: int = DEFAULT_DECODE_CONCURRENCY,
         prompt_concurrency: int = DEFAULT_PROMPT_CONCURRENCY,
         prefill_step_size: int = DEFAULT_PREFILL_STEP_SIZE,
         **kwargs: Any,
@@ -344,7 +366,7 @@ class BatchEngine(Engine):
                 max_tokens=[settings.max_tokens if settings.max_tokens > 0 else sys.maxsize],
                 caches=[cache],
                 all_tokens=[job.prompt[:cached]],
-                samplers=[settings.sampler()],
+                samplers=[seeded_sampler(settings, job.seed)],
                 logits_processors=[settings.logits_processors()],
             )
         except Exception as e:  # reported to the request's thread, the engine goes on
