@@ -211,11 +211,14 @@ class Engine:
 
     def _run(self, job: Job) -> None:
         cache, cached = self._open(job)
-        if job.seed is not None:  # the job runs alone: the process's PRNG is its own meanwhile
-            mx.random.seed(job.seed)
         tokens = list(job.prompt)
         responses = stream_generate(
-            self.model, self.tokenizer, job.prompt[cached:], job.settings, prompt_cache=cache
+            self.model,
+            self.tokenizer,
+            job.prompt[cached:],
+            job.settings,
+            prompt_cache=cache,
+            sampler=seeded_sampler(job.settings, job.seed),
         )
         for n, response in enumerate(responses, 1):
             tokens.append(response.token)
