@@ -222,7 +222,7 @@ def test_the_server_under_mlx_launch_answers_as_one_process(release_model, tmp_p
     (greedy, cut, again, sampled), launched = replies
     assert cut == greedy[: stop_at(greedy)] and again == greedy, replies
     assert launched == replies[0], replies  # batched on one process, one at a time on the ranks
-    assert "one at a time: under mlx.launch" in (tmp_path / "ranks.log").read_text()
+    assert "Serving one request at a time: under mlx.launch" in (tmp_path / "ranks.log").read_text()
 
 
 def test_the_plans_split_what_they_say(models):
