@@ -31,6 +31,7 @@ from starlette.exceptions import HTTPException
 from ..generation.settings import GenerationSettings
 from ..tokenizer import HunYuanTokenizer
 from .engine import Engine, EngineClosed, Job, Started, Token
+from .grammar import constraints
 from .parser import Delta, OutputParser, StopStrings
 from .protocol import (
     MAX_SEED,
@@ -48,6 +49,7 @@ from .protocol import (
     parse_completion,
     usage,
 )
+from .reasoning import template_variables
 
 DEFAULT_HOST = "127.0.0.1"  # mlx-lm server's
 DEFAULT_PORT = 8080  # mlx-lm server's
@@ -168,7 +170,7 @@ class Service:
             for key in RESERVED_TEMPLATE_KWARGS:
                 if key in request.template_kwargs:
                     raise invalid(f"chat_template_kwargs.{key}", f"{key} cannot be set here")
-            kwargs = {**self.template_args, **request.template_kwargs}
+            kwargs = self.template_kwargs(request)
             try:
                 ids = self.tokenizer.apply_chat_template(
                     request.messages, tools=request.tools, strftime_now=template_clock, **kwargs
@@ -186,6 +188,16 @@ class Service:
         except ValueError as e:
             raise APIError(400, str(e), param, code="context_length_exceeded") from None
         return ids
+
+    def constraints(self, request: Request) -> dict[str, Any]:
+        """The job's grammar and thinking budget (`grammar.constraints`)."""
+        if not request.chat:
+            return {}
+        return constraints(request, self.template_kwargs(request), self.engine.grammars)
+
+    def template_kwargs(self, request: Request) -> dict[str, Any]:
+        """The chat template's variables for `request` (`reasoning.template_variables`)."""
+        return template_variables(self.template_args, request.messages, request.template_kwargs)
 
     def settings(self, request: Request, prompt_tokens: int) -> GenerationSettings:
         """The server's defaults with the request's length and sampling fields; a max_tokens
@@ -211,6 +223,7 @@ class Service:
         samples with seed + i, so that the choices differ and each repeats."""
         prompt = self.prompt(request)
         settings = self.settings(request, len(prompt))
+        constrained = self.constraints(request)
         return [
             Job(
                 prompt=prompt,
@@ -218,6 +231,7 @@ class Service:
                 seed=None if request.seed is None else (request.seed + i) % (MAX_SEED + 1),
                 top_logprobs=request.top_logprobs,
                 events=channel.sink(i),
+                **constrained,
             )
             for i in range(request.n)
         ]

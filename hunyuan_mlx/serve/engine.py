@@ -25,14 +25,16 @@ from typing import Any
 
 import mlx.core as mx
 from mlx_lm.generate import DEFAULT_PREFILL_STEP_SIZE, BatchGenerator, generation_stream
-from mlx_lm.sample_utils import Sampler, apply_min_p, apply_top_k, apply_top_p
+from mlx_lm.sample_utils import LogitsProcessor, Sampler, apply_min_p, apply_top_k, apply_top_p
 
 from ..distributed import broadcast_json
 from ..generation.settings import GenerationSettings
 from ..generation.stream import stream_generate
 from ..tokenizer import HunYuanTokenizer
+from .grammar import Grammars
 from .prompt_cache import PromptCache
 from .protocol import TokenLogprob
+from .reasoning import ThinkingBudget
 
 # Batching is on by default, as in mlx-lm's server: a lone sequence decodes as fast in mlx-lm's
 # batch generator as in `stream_generate` (CPU, reduced shape, 64 tokens: 186.6 vs 184.4 tok/s),
@@ -85,6 +87,8 @@ class Job:
     settings: GenerationSettings
     seed: int | None = None
     top_logprobs: int | None = None  # None: no log-probabilities
+    grammar: str | None = None  # a Lark grammar the output must follow (serve.grammar)
+    thinking_budget: int | None = None  # tokens of thinking before its closing is forced
     events: queue.Queue = field(default_factory=queue.Queue)
     cancelled: threading.Event = field(default_factory=threading.Event)
 
@@ -104,6 +108,7 @@ class Engine:
         self.model = model
         self.tokenizer = tokenizer
         self.prompt_cache = prompt_cache
+        self.grammars = Grammars(tokenizer)
         self._seed = seed
         self.group = group if group is not None and group.size() > 1 else None
         self._jobs: queue.Queue[Job | None] = queue.Queue()
@@ -167,6 +172,8 @@ class Engine:
                 "settings": dataclasses.asdict(job.settings),
                 "seed": job.seed,
                 "top_logprobs": job.top_logprobs,
+                "grammar": job.grammar,
+                "thinking_budget": job.thinking_budget,
             }
             self._agree(message)
 
@@ -209,6 +216,16 @@ class Engine:
         job.events.put(Started(cached))
         return cache, cached
 
+    def _constraints(self, job: Job) -> list[LogitsProcessor]:
+        """The job's grammar and thinking budget as logits processors (fresh: they hold the
+        job's state); the budget last, so that what it forces wins."""
+        processors: list[LogitsProcessor] = []
+        if job.grammar is not None:
+            processors.append(self.grammars.processor(job.grammar))
+        if job.thinking_budget is not None:
+            processors.append(ThinkingBudget(job.thinking_budget, self.tokenizer))
+        return processors
+
     def _run(self, job: Job) -> None:
         cache, cached = self._open(job)
         tokens = list(job.prompt)
@@ -219,6 +236,7 @@ class Engine:
             job.settings,
             prompt_cache=cache,
             sampler=seeded_sampler(job.settings, job.seed),
+            logits_processors=self._constraints(job),
         )
         for n, response in enumerate(responses, 1):
             tokens.append(response.token)
@@ -370,7 +388,7 @@ class BatchEngine(Engine):
                 caches=[cache],
                 all_tokens=[job.prompt[:cached]],
                 samplers=[seeded_sampler(settings, job.seed)],
-                logits_processors=[settings.logits_processors()],
+                logits_processors=[[*settings.logits_processors(), *self._constraints(job)]],
             )
         except Exception as e:  # reported to the request's thread, the engine goes on
             job.events.put(e)

@@ -29,6 +29,7 @@ import mlx.core as mx
 
 from ..tokenizer import HunYuanTokenizer
 from .parser import ANSWER_CLOSE, ANSWER_OPEN, THINK_CLOSE, THINK_OPEN, TOOLS_CLOSE, TOOLS_OPEN
+from .protocol import Request, invalid
 from .reasoning import force_token
 
 log = logging.getLogger(__name__)
@@ -189,3 +190,24 @@ class GrammarProcessor:
         words = mx.array(self._bitmask)
         allowed = ((words[..., None] >> self._shifts) & 1).reshape(1, -1)
         return mx.where(allowed[:, : logits.shape[-1]].astype(mx.bool_), logits, -mx.inf)
+
+
+def constraints(
+    request: Request, template_kwargs: dict[str, Any], grammars: Grammars
+) -> dict[str, Any]:
+    """The `Job` fields of a chat request's grammar (checked: a schema llguidance refuses is a
+    400 naming the field) and thinking budget. Both apply only where the prompt, rendered with
+    `template_kwargs`, leaves the thinking open: the grammar then takes it in, free."""
+    thinking = template_kwargs.get("enable_thinking", True) is not False
+    body, param = None, "response_format"
+    if request.structured == "json":
+        body = json_body(request.json_schema)
+    elif request.structured == "tools" and request.tools is not None:
+        body, param = tools_body(request.tools, request.tool_choice), "tools"
+    grammar = None if body is None else answer_grammar(body, thinking)
+    if grammar is not None:
+        try:
+            grammars.check(grammar)
+        except ValueError as e:
+            raise invalid(param, f"The {param} schema cannot be used: {e}") from None
+    return {"grammar": grammar, "thinking_budget": request.thinking_budget if thinking else None}

@@ -11,9 +11,11 @@ from dataclasses import dataclass, field
 from typing import Any
 
 from .parser import Delta, ToolCall
+from .reasoning import REASONING_EFFORT_BUDGETS
 
 ROLES = ("system", "developer", "user", "assistant", "tool")
-TOOL_CHOICES = ("auto", "none")
+TOOL_CHOICES = ("auto", "none", "required")
+RESPONSE_FORMATS = ("text", "json_object", "json_schema")
 MAX_STOP_STRINGS = 4  # OpenAI's limit
 MAX_TOP_LOGPROBS = 20  # chat; the legacy completions API allows 5
 MAX_COMPLETION_LOGPROBS = 5
@@ -81,6 +83,12 @@ class Request:
     tools: list[dict[str, Any]] | None = None
     template_kwargs: dict[str, Any] = field(default_factory=dict)
     prompt: str | list[int] | None = None
+    # Structured output: "json" (`json_schema`, None for any object) or "tools" (a tool block
+    # under `tool_choice`: "auto" constrains only when a tool is strict, "required", or a name).
+    structured: str | None = None
+    json_schema: dict[str, Any] | None = None
+    tool_choice: str = "auto"
+    thinking_budget: int | None = None  # tokens of thinking before its closing is forced
 
 
 def _is_int(value: Any) -> bool:
@@ -225,11 +233,14 @@ def parse_chat(body: dict[str, Any]) -> Request:
     _common(body, request)
     request.messages = _messages(body.get("messages"))
     tools = _tools(body.get("tools"))
-    choice = body.get("tool_choice", "auto")
-    if choice not in TOOL_CHOICES:
-        raise invalid("tool_choice", f"tool_choice must be one of {', '.join(TOOL_CHOICES)}")
+    choice = _tool_choice(body.get("tool_choice", "auto"), tools)
     # "none" leaves the tools out of the prompt, so the model is not in tool mode at all.
-    request.tools = tools if choice == "auto" else None
+    request.tools = tools if choice != "none" else None
+    request.tool_choice = choice
+    if request.tools is not None:
+        request.structured = "tools"
+    _response_format(body.get("response_format"), request)
+    request.thinking_budget = _thinking_budget(body)
     if _bool(body, "logprobs"):
         top = body.get("top_logprobs")
         request.top_logprobs = (
@@ -246,7 +257,62 @@ def parse_chat(body: dict[str, Any]) -> Request:
                 "chat_template_kwargs.enable_thinking", "enable_thinking must be true or false"
             )
         request.template_kwargs = dict(kwargs)
+    if body.get("enable_thinking") is not None:  # as vLLM and SGLang take it, beside the kwargs
+        request.template_kwargs["enable_thinking"] = _bool(body, "enable_thinking")
     return request
+
+
+def _tool_choice(value: Any, tools: list[dict[str, Any]] | None) -> str:
+    """OpenAI's `tool_choice` as "auto", "none", "required" or the name of the tool to call."""
+    if isinstance(value, dict):
+        function = value.get("function")
+        name = function.get("name") if isinstance(function, dict) else None
+        if value.get("type") != "function" or not isinstance(name, str):
+            raise invalid("tool_choice", "A named tool_choice is {'type': 'function', "
+                          "'function': {'name': ...}}")  # fmt: skip
+        if name not in [t["function"]["name"] for t in tools or []]:
+            raise invalid("tool_choice.function.name", f"No tool named {name!r} in tools")
+        return name
+    if value not in TOOL_CHOICES:
+        raise invalid("tool_choice", f"tool_choice must be one of {', '.join(TOOL_CHOICES)} "
+                      "or a named function")  # fmt: skip
+    if value == "required" and not tools:
+        raise invalid("tool_choice", "tool_choice 'required' needs tools")
+    return value
+
+
+def _response_format(value: Any, request: Request) -> None:
+    """OpenAI's `response_format`: plain text, any JSON object, or JSON under a schema."""
+    if value is None:
+        return
+    kind = value.get("type") if isinstance(value, dict) else None
+    if kind not in RESPONSE_FORMATS:
+        raise invalid("response_format.type", f"response_format.type must be one of "
+                      f"{', '.join(RESPONSE_FORMATS)}")  # fmt: skip
+    if kind == "text":
+        return
+    if request.structured == "tools":
+        raise invalid("response_format", "response_format cannot be combined with tools")
+    request.structured = "json"
+    if kind == "json_schema":
+        spec = value.get("json_schema")
+        schema = spec.get("schema") if isinstance(spec, dict) else None
+        if not isinstance(schema, dict):
+            raise invalid("response_format.json_schema.schema", "json_schema needs a schema object")
+        request.json_schema = schema
+
+
+def _thinking_budget(body: dict[str, Any]) -> int | None:
+    """`max_thinking_tokens`, or OpenAI's `reasoning_effort` as a budget."""
+    if body.get("max_thinking_tokens") is not None:
+        return _number(body, "max_thinking_tokens", 0, math.inf, True, False)
+    effort = body.get("reasoning_effort")
+    if effort is None:
+        return None
+    if effort not in REASONING_EFFORT_BUDGETS:
+        raise invalid("reasoning_effort", f"reasoning_effort must be one of "
+                      f"{', '.join(REASONING_EFFORT_BUDGETS)}")  # fmt: skip
+    return REASONING_EFFORT_BUDGETS[effort]
 
 
 def parse_completion(body: dict[str, Any]) -> Request:
@@ -300,11 +366,17 @@ def tool_call(call: ToolCall, streamed: bool) -> dict[str, Any]:
     return out
 
 
+def reasoning_fields(text: str) -> dict[str, str]:
+    """The thinking under both names clients read: `reasoning_content` (DeepSeek's, vLLM's
+    older) and `reasoning` (vLLM's and OpenRouter's)."""
+    return {"reasoning_content": text, "reasoning": text}
+
+
 def message(delta: Delta) -> dict[str, Any]:
     """The assistant message of a whole reply."""
     out: dict[str, Any] = {"role": "assistant", "content": delta.content or None}
     if delta.reasoning:
-        out["reasoning_content"] = delta.reasoning
+        out.update(reasoning_fields(delta.reasoning))
     if delta.tool_calls:
         out["tool_calls"] = [tool_call(c, streamed=False) for c in delta.tool_calls]
     return out
@@ -314,7 +386,7 @@ def delta_chunks(delta: Delta) -> list[dict[str, Any]]:
     """Stream deltas of a parsed piece: reasoning, content, then each tool call."""
     out: list[dict[str, Any]] = []
     if delta.reasoning:
-        out.append({"reasoning_content": delta.reasoning})
+        out.append(reasoning_fields(delta.reasoning))
     if delta.content:
         out.append({"content": delta.content})
     out += [{"tool_calls": [tool_call(c, streamed=True)]} for c in delta.tool_calls]

@@ -33,6 +33,16 @@ def thinking_switch(messages: list[dict[str, Any]]) -> bool | None:
     return None
 
 
+def template_variables(
+    server: dict[str, Any], messages: list[dict[str, Any]], request: dict[str, Any]
+) -> dict[str, Any]:
+    """The chat template's variables: the server's, then a `/think` or `/no_think` switch in the
+    last user message, then the request's own."""
+    switch = thinking_switch(messages)
+    soft = {} if switch is None else {"enable_thinking": switch}
+    return {**server, **soft, **request}
+
+
 def force_token(logits: mx.array, token: int) -> mx.array:
     """Logits that leave `token` the only choice (log-probability 0)."""
     ids = mx.arange(logits.shape[-1])
