@@ -5,20 +5,13 @@ template's tags, with the release's tokenizer."""
 from __future__ import annotations
 
 import json
-import shutil
 from concurrent.futures import ThreadPoolExecutor
-from pathlib import Path
 
 import mlx.core as mx
 import pytest
 from helpers import (
-    RELEASE_FILES,
-    RELEASE_VOCAB_GENERATE,
-    build_torch_model,
-    save_checkpoint,
     serve,
     server_command,
-    vocab_size,
 )
 
 from hunyuan_mlx.serve.grammar import Grammars, answer_grammar, json_body, tools_body
@@ -191,24 +184,10 @@ JSON_SCHEMA_FORMAT = {"type": "json_schema", "json_schema": {"name": "pick", "sc
 ASK = [{"role": "user", "content": "Pick a colour."}]
 
 
-TOOL_MODE_CONTEXT = 1024  # the template's tool-mode instructions take about 350 tokens
-
-
-@pytest.fixture(scope="module")
-def roomy_release(tmp_path_factory, tokenizer_dir) -> Path:
-    """`tiny_release` with room for a tool-mode prompt."""
-    path = tmp_path_factory.mktemp("roomy_release")
-    config = {**RELEASE_VOCAB_GENERATE, "max_position_embeddings": TOOL_MODE_CONTEXT}
-    save_checkpoint(build_torch_model(**config, vocab_size=vocab_size(tokenizer_dir)), path)
-    for name in RELEASE_FILES:
-        shutil.copyfile(tokenizer_dir / name, path / name)
-    return path
-
-
 @pytest.fixture(scope="module", params=["queue", "batch"])
 def served(request, roomy_release, tmp_path_factory):
     """(base URL, model id) of a server one request at a time, and one batching."""
-    flags = ["--decode-concurrency", "8"] if request.param == "batch" else []
+    flags = ["--decode-concurrency", "8" if request.param == "batch" else "1"]
     log = tmp_path_factory.mktemp(f"structured-{request.param}") / "server.log"
     for url in serve(server_command(roomy_release, *flags), log):
         yield url, str(roomy_release)

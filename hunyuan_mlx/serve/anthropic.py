@@ -330,3 +330,8 @@ def message_delta(stop: str | None, stop_sequence: str | None, output_tokens: in
         "delta": {"stop_reason": stop, "stop_sequence": stop_sequence},
         "usage": {"output_tokens": output_tokens},
     }
+
+
+def sse(event: str, data: dict[str, Any]) -> str:
+    """One server-sent event, named as Anthropic's streams name them."""
+    return f"event: {event}\ndata: {json.dumps(data, ensure_ascii=False)}\n\n"

@@ -1,4 +1,5 @@
-"""The HTTP side: OpenAI's endpoints as a FastAPI app, served by uvicorn.
+"""The HTTP side: OpenAI's endpoints and Anthropic's /v1/messages as a FastAPI app, served by
+uvicorn.
 
 A route validates the request (`protocol`), renders the prompt, submits one job per choice to
 the engine and turns the jobs' events into a reply (JSON or server-sent events) through the
@@ -16,7 +17,7 @@ import json
 import logging
 import socket
 import threading
-from collections.abc import AsyncIterator, Callable
+from collections.abc import AsyncIterator, Awaitable, Callable
 from datetime import datetime
 from typing import Any
 
@@ -30,6 +31,7 @@ from starlette.exceptions import HTTPException
 
 from ..generation.settings import GenerationSettings
 from ..tokenizer import HunYuanTokenizer
+from . import anthropic
 from .engine import Engine, EngineClosed, Job, Started, Token
 from .grammar import constraints
 from .parser import Delta, OutputParser, StopStrings
@@ -56,6 +58,7 @@ DEFAULT_PORT = 8080  # mlx-lm server's
 DEFAULT_MAX_REQUEST_BYTES = 16 * 2**20
 MODEL_ALIASES = ("default_model",)  # the name mlx-lm's server answers to whatever it serves
 OWNER = "hunyuan-mlx"
+MESSAGES_ROUTE = "/v1/messages"  # Anthropic's API: its errors take Anthropic's shape
 # chat_template_kwargs that are not the client's to set.
 RESERVED_TEMPLATE_KWARGS = ("messages", "tools", "tokenize", "return_dict", "strftime_now")
 # How long a stopping server waits for its open requests (ended at their next token) to send
@@ -448,8 +451,14 @@ async def read_body(http: HTTPRequest, limit: int) -> bytes:
     return bytes(body)
 
 
-async def respond(http: HTTPRequest, parse: Callable[[dict[str, Any]], Request]) -> Response:
-    """Validate a generation request with `parse`, run its jobs and reply."""
+async def respond(
+    http: HTTPRequest,
+    parse: Callable[[dict[str, Any]], Request],
+    whole: Callable[..., Awaitable[Any]] = complete,
+    events: Callable[..., AsyncIterator[str]] = stream,
+) -> Response:
+    """Validate a generation request with `parse`, run its jobs and reply: `whole` builds a
+    whole reply, `events` a stream's (OpenAI's by default)."""
     service: Service = http.app.state.service
     body = parse_json(await read_body(http, service.max_request_bytes))
     request = parse(body)
@@ -461,13 +470,13 @@ async def respond(http: HTTPRequest, parse: Callable[[dict[str, Any]], Request])
     watch = asyncio.create_task(cancel_when_gone(http, jobs, channel))
     if request.stream:
         return StreamingResponse(
-            stream(service, request, jobs, channel),
+            events(service, request, jobs, channel),
             media_type="text/event-stream",
             headers={"Cache-Control": "no-cache"},
             background=BackgroundCancel(watch),
         )
     try:
-        reply = await complete(service, request, jobs, channel)
+        reply = await whole(service, request, jobs, channel)
     finally:
         watch.cancel()
     return reply if isinstance(reply, Response) else JSONResponse(reply)
@@ -488,10 +497,16 @@ async def authorize(http: HTTPRequest) -> None:
     key = http.app.state.service.api_key
     if key is None:
         return
-    given = http.headers.get("authorization", "")
-    if not hmac.compare_digest(given.encode(), f"Bearer {key}".encode()):
+    bearer = http.headers.get("authorization", "")
+    anthropic_key = http.headers.get("x-api-key", "")  # how Anthropic's clients send it
+    if not (
+        hmac.compare_digest(bearer.encode(), f"Bearer {key}".encode())
+        or hmac.compare_digest(anthropic_key.encode(), key.encode())
+    ):
         raise APIError(
-            401, "Missing or incorrect API key (Authorization: Bearer)", code="invalid_api_key"
+            401,
+            "Missing or incorrect API key (Authorization: Bearer, or x-api-key)",
+            code="invalid_api_key",
         )
 
 
@@ -522,12 +537,73 @@ async def completions(http: HTTPRequest) -> Response:
     return await respond(http, parse_completion)
 
 
+async def messages(http: HTTPRequest) -> Response:
+    """POST /v1/messages: Anthropic's Messages API."""
+    return await respond(http, anthropic.parse_messages, anthropic_message, anthropic_events)
+
+
+def anthropic_usage(reply: Reply) -> dict[str, int]:
+    return anthropic.usage(len(reply.job.prompt), reply.cached_tokens, reply.completion_tokens)
+
+
+async def anthropic_message(service: Service, request: Request, jobs: list[Job], channel: Channel):
+    """The whole reply of a /v1/messages request that does not stream."""
+    reply = Reply(request, jobs[0])
+    try:
+        async for _, event in channel.events(1):
+            if event is not None:
+                reply.add(event)
+    except Exception as e:  # the engine failed on this request, or is stopping
+        error = failure(e)
+        return JSONResponse(anthropic.error_body(error), status_code=error.status)
+    matched = reply.stops.matched
+    return anthropic.message(
+        service.model_id,
+        anthropic.content_blocks(reply.total),
+        anthropic.stop_reason(reply.finish_reason, matched),
+        matched,
+        anthropic_usage(reply),
+    )
+
+
+async def anthropic_events(
+    service: Service, request: Request, jobs: list[Job], channel: Channel
+) -> AsyncIterator[str]:
+    """The events of a streamed /v1/messages reply: message_start, its content blocks,
+    message_delta and message_stop; a failure is an error event."""
+    reply = Reply(request, jobs[0])
+    blocks = anthropic.EventStream()
+    try:
+        async for _, event in channel.events(1):
+            if isinstance(event, Started):
+                reply.add(event)
+                start = anthropic.message(service.model_id, [], None, None, anthropic_usage(reply))
+                yield anthropic.sse("message_start", {"type": "message_start", "message": start})
+            elif event is not None:
+                for name, data in blocks.add(reply.add(event)):
+                    yield anthropic.sse(name, data)
+    except Exception as e:  # the engine failed on this request, or is stopping
+        yield anthropic.sse("error", anthropic.error_body(failure(e)))
+        return
+    finally:  # also when the client went away and the response was cancelled
+        jobs[0].cancelled.set()
+    for name, data in blocks.finish():
+        yield anthropic.sse(name, data)
+    matched = reply.stops.matched
+    stop = anthropic.stop_reason(reply.finish_reason, matched)
+    delta = anthropic.message_delta(stop, matched, reply.completion_tokens)
+    yield anthropic.sse("message_delta", delta)
+    yield anthropic.sse("message_stop", {"type": "message_stop"})
+
+
 def error_response(http: HTTPRequest, error: APIError) -> JSONResponse:
     """`error` in OpenAI's shape; a POST refused before its body was read closes the connection,
     which the unread body would otherwise garble."""
     unread = http.method == "POST" and not getattr(http.state, "body_read", False)
     headers = {"Connection": "close"} if unread else None
-    return JSONResponse(error.body(), status_code=error.status, headers=headers)
+    anthropic_route = http.url.path.startswith(MESSAGES_ROUTE)
+    body = anthropic.error_body(error) if anthropic_route else error.body()
+    return JSONResponse(body, status_code=error.status, headers=headers)
 
 
 async def api_error(http: HTTPRequest, e: Exception) -> JSONResponse:
@@ -562,6 +638,7 @@ def build_app(service: Service) -> FastAPI:
     api.get("/v1/models")(models)
     api.post("/v1/chat/completions")(chat_completions)
     api.post("/v1/completions")(completions)
+    api.post(MESSAGES_ROUTE)(messages)
     app.include_router(api)
     return app
 
