@@ -2,18 +2,20 @@
 as a per-request mlx-lm logits processor.
 
 The engine is llguidance, picked by measurement over the release's 128,167-token vocabulary
-(CPU, one schema of a string, an integer and a string array; `benchmarks/bench_grammar.py`):
+(this 2-core CPU, shared, three runs; one schema of a string, an integer and a string array;
+`benchmarks/bench_grammar.py`):
 
 | engine        | tokenizer (once) | grammar (per request) | mask per token | mask + apply in MLX |
 |---------------|------------------|-----------------------|----------------|---------------------|
-| llguidance    | 360-490 ms       | 0.8-1.8 ms            | 0.08 ms        | 0.32-0.46 ms        |
-| xgrammar      | 64-74 ms         | 16-19 ms              | 0.04 ms        | 0.35-0.41 ms        |
-| outlines-core | 206-259 ms       | 166-203 ms            | 0.81 ms        | 1.0-2.9 ms          |
+| llguidance    | 360-1060 ms      | 0.8-6.8 ms            | 0.06-0.08 ms   | 0.32-0.46 ms        |
+| xgrammar      | 64-166 ms        | 16-56 ms              | 0.04 ms        | 0.34-0.41 ms        |
+| outlines-core | 206-443 ms       | 166-510 ms            | 0.81-0.83 ms   | 1.0-5.2 ms          |
 
-xgrammar's mask is quicker by 0.04 ms a token but its per-request compile costs what 400 tokens
-of that save (and it pulls in torch); llguidance also takes a Lark grammar, which is how the
-thinking stays outside the grammar: the model thinks freely up to its first `</think>` (a lazy
-lexeme), then the grammar forces the answer tags around the JSON, then an eos token.
+xgrammar's mask is quicker by 0.02-0.04 ms a token, but its per-request compile costs what
+hundreds of tokens of that save (and it pulls in torch and transformers). llguidance also takes
+a Lark grammar, which is how the thinking stays outside the grammar: the model thinks freely up
+to its first `</think>` (a lazy lexeme), then the grammar forces the answer tags around the JSON,
+then an eos token. The thinking's tokens pay the mask too (all allowed but special tokens).
 """
 
 from __future__ import annotations
