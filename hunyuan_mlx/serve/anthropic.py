@@ -16,7 +16,17 @@ from dataclasses import dataclass, field
 from typing import Any
 
 from .parser import Delta, ToolCall
-from .protocol import SAMPLING_FIELDS, APIError, Request, _bool, _number, invalid, new_id
+from .protocol import (
+    SAMPLING_FIELDS,
+    APIError,
+    Request,
+    _bool,
+    _number,
+    _text_content,
+    invalid,
+    new_id,
+    tool_list,
+)
 
 # Anthropic's sampling ranges: temperature is in [0, 1] there.
 SAMPLING_RANGES = {"temperature": (0.0, 1.0), "top_p": (0.0, 1.0), "top_k": (0, math.inf)}
@@ -46,19 +56,9 @@ def error_body(error: APIError) -> dict[str, Any]:
 
 
 def _text(value: Any, param: str) -> str:
-    """A `system` prompt or `tool_result` content: a string or a list of text blocks, joined."""
-    if isinstance(value, str):
-        return value
-    if not isinstance(value, list):
-        raise invalid(param, "content must be a string or a list of text blocks")
-    texts = []
-    for i, block in enumerate(value):
-        if not isinstance(block, dict) or block.get("type") != "text":
-            raise invalid(f"{param}[{i}]", "Only text blocks are supported here")
-        if not isinstance(block.get("text"), str):
-            raise invalid(f"{param}[{i}].text", "A text block needs a string text")
-        texts.append(block["text"])
-    return "".join(texts)
+    """A `system` prompt or `tool_result` content: a string or a list of text blocks, joined
+    (OpenAI's text parts have the same shape)."""
+    return _text_content(value, param) or ""
 
 
 def _blocks(value: Any, param: str) -> list[dict[str, Any]]:
@@ -131,12 +131,8 @@ def _messages(body: dict[str, Any]) -> list[dict[str, Any]]:
 
 def _tools(value: Any) -> list[dict[str, Any]] | None:
     """Anthropic's tools as OpenAI's function tools (the chat template's shape)."""
-    if value is None:
-        return None
-    if not isinstance(value, list):
-        raise invalid("tools", "tools must be a list")
     out = []
-    for i, tool in enumerate(value):
+    for i, tool in enumerate(tool_list(value)):
         if not isinstance(tool, dict) or tool.get("type", "custom") != "custom":
             raise invalid(f"tools[{i}]", "Only custom tools (name, input_schema) are supported")
         if not isinstance(tool.get("name"), str) or not tool["name"]:

@@ -212,11 +212,15 @@ def _messages(value: Any) -> list[dict[str, Any]]:
     return out
 
 
-def _tools(value: Any) -> list[dict[str, Any]] | None:
-    if value is None:
-        return None
-    if not isinstance(value, list):
+def tool_list(value: Any) -> list[Any]:
+    """A request's `tools`: a list, or nothing (None) as an empty one."""
+    if value is not None and not isinstance(value, list):
         raise invalid("tools", "tools must be a list")
+    return value or []
+
+
+def _tools(value: Any) -> list[dict[str, Any]] | None:
+    value = tool_list(value)
     for i, tool in enumerate(value):
         is_function = isinstance(tool, dict) and tool.get("type", "function") == "function"
         function = tool.get("function") if is_function else None
