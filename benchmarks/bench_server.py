@@ -9,8 +9,8 @@ tokenizer of the release's size (256 bytes, then letter strings, then the 210 sp
 random weights make any text, and only the token counts matter here.
 
 Then, for each of `--systems`, one after the other (one model in memory at a time): `ours` (this
-server as it starts by default: one request at a time), `ours_batch` (with continuous batching,
-`--decode-concurrency` as mlx-lm's default) and `mlxlm` (mlx-lm's server, which batches):
+server as it starts by default: continuous batching), `ours_queue` (one request at a time,
+`--decode-concurrency 1`) and `mlxlm` (mlx-lm's server, which batches):
 - `generate`'s decode tokens/s: `python -m hunyuan_mlx.generate` / `python -m mlx_lm generate`,
   greedy, `--gen` tokens after a `--prompt-tokens` prompt, as their `--verbose` output reports it
   (once per project);
@@ -50,7 +50,6 @@ import mlx.core as mx
 from mlx.utils import tree_flatten
 
 from benchmarks import a13b as bg
-from hunyuan_mlx.serve.engine import BATCH_DECODE_CONCURRENCY
 from hunyuan_mlx.tokenizer import TIKTOKEN_FILE, write_tokenizer_json
 from hunyuan_mlx.tokenizer.hunyuan import SPECIAL_TOKEN_NAMES
 
@@ -72,11 +71,8 @@ CONNECT_ATTEMPTS = 10
 JSON_HEADERS = {"Content-Type": "application/json"}
 # system -> (server command, the project whose `generate` it is compared with)
 SYSTEMS = {
-    "ours": (["hunyuan_mlx.server", "--decode-concurrency", "1"], "ours"),
-    "ours_batch": (
-        ["hunyuan_mlx.server", "--decode-concurrency", str(BATCH_DECODE_CONCURRENCY)],
-        "ours",
-    ),
+    "ours": (["hunyuan_mlx.server"], "ours"),  # batching, as it starts by default
+    "ours_queue": (["hunyuan_mlx.server", "--decode-concurrency", "1"], "ours"),
     "mlxlm": (["mlx_lm", "server"], "mlxlm"),
 }
 STATS_RE = re.compile(r"Generation: (\d+) tokens, ([\d.]+) tokens-per-sec")
@@ -305,7 +301,7 @@ def main() -> None:
     ap.add_argument("--tiny", action="store_true", help=f"CPU-sized defaults: {TINY}")
     ap.add_argument("--prompt-tokens", type=int, default=512)
     ap.add_argument("--gen", type=int, default=128, help="tokens generated per request")
-    ap.add_argument("--clients", default="1,4,16", help="concurrent clients per measurement")
+    ap.add_argument("--clients", default="1,2,4,8,16", help="concurrent clients per measurement")
     ap.add_argument("--systems", default=",".join(SYSTEMS), help=f"of {', '.join(SYSTEMS)}")
     ap.add_argument("--tokenizer-dir", default=None, help="the release's tokenizer files")
     ap.add_argument("--work-dir", default=None, help="where the checkpoint goes (default: tmp)")

@@ -41,16 +41,31 @@ def tokenizer_dir(tmp_path_factory) -> Path:
     return tokenizer_files(tmp_path_factory.mktemp("tokenizer"))
 
 
-@pytest.fixture(scope="session")
-def tiny_release(tmp_path_factory, tokenizer_dir) -> Path:
-    """A tiny random model with the release's tokenizer and generation config (the real
-    128,167-token vocabulary where present, else the tiny fixture's)."""
-    path = tmp_path_factory.mktemp("tiny_release")
-    vocab = vocab_size(tokenizer_dir)
-    save_checkpoint(build_torch_model(**RELEASE_VOCAB_GENERATE, vocab_size=vocab), path)
+# The chat template's tool-mode instructions take about 350 tokens.
+TOOL_MODE_CONTEXT = 1024
+
+
+def release_model(path: Path, tokenizer_dir: Path, **overrides: Any) -> Path:
+    """A tiny random model in `path` with the tokenizer and generation config of
+    `tokenizer_dir` (the real 128,167-token vocabulary where present, else the tiny fixture's)."""
+    config = {**RELEASE_VOCAB_GENERATE, **overrides}
+    save_checkpoint(build_torch_model(**config, vocab_size=vocab_size(tokenizer_dir)), path)
     for name in RELEASE_FILES:
         shutil.copyfile(tokenizer_dir / name, path / name)
     return path
+
+
+@pytest.fixture(scope="session")
+def tiny_release(tmp_path_factory, tokenizer_dir) -> Path:
+    """A tiny random model with the release's tokenizer and generation config."""
+    return release_model(tmp_path_factory.mktemp("tiny_release"), tokenizer_dir)
+
+
+@pytest.fixture(scope="session")
+def roomy_release(tmp_path_factory, tokenizer_dir) -> Path:
+    """`tiny_release` with room for a tool-mode prompt."""
+    path = tmp_path_factory.mktemp("roomy_release")
+    return release_model(path, tokenizer_dir, max_position_embeddings=TOOL_MODE_CONTEXT)
 
 
 @pytest.fixture(scope="session")

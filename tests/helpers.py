@@ -173,6 +173,12 @@ def serve(command: list[str], log: Path) -> Iterator[str]:
     """Run a server `command` (ending in `python -m hunyuan_mlx.server ... --port 0`, perhaps
     under mlx.launch) as a process importing this checkout; yields its base URL once it says it
     serves, and terminates it when closed."""
+    for _, url in serve_process(command, log):
+        yield url
+
+
+def serve_process(command: list[str], log: Path) -> Iterator[tuple[subprocess.Popen, str]]:
+    """`serve`, yielding the process too (for a test that signals it)."""
     path = os.pathsep.join([str(ROOT), os.environ.get("PYTHONPATH", "")])
     env = {**os.environ, "PYTHONPATH": path}
     with open(log, "w") as sink:  # its own process group: mlx.launch passes no signal on
@@ -185,9 +191,10 @@ def serve(command: list[str], log: Path) -> Iterator[str]:
             assert process.poll() is None, f"server exited:\n{log.read_text()}"
             assert time.monotonic() < deadline, f"server did not start:\n{log.read_text()}"
             time.sleep(0.1)
-        yield found.group(1)
+        yield process, found.group(1)
     finally:  # SIGTERM to every process of the group, as a terminal's Ctrl-C reaches them all
-        os.killpg(process.pid, signal.SIGTERM)
+        if process.poll() is None:
+            os.killpg(process.pid, signal.SIGTERM)
         process.wait(timeout=30)
 
 

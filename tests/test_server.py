@@ -5,13 +5,14 @@ from __future__ import annotations
 
 import http.client
 import json
+import signal
 import urllib.error
 import urllib.request
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
 import pytest
-from helpers import serve, server_command
+from helpers import serve, serve_process, server_command
 
 from hunyuan_mlx.cli.server import build_parser
 from hunyuan_mlx.generation.settings import GenerationSettings
@@ -33,15 +34,22 @@ def start_server(tiny_release, log: Path, *flags: str):
 
 @pytest.fixture(scope="module")
 def server(tiny_release, tmp_path_factory):
-    """A server as it starts by default (one request at a time)."""
+    """A server as it starts by default (continuous batching)."""
     yield from start_server(tiny_release, tmp_path_factory.mktemp("server") / "server.log")
 
 
 @pytest.fixture(scope="module")
-def batching_server(tiny_release, tmp_path_factory):
-    """A server with continuous batching."""
-    log = tmp_path_factory.mktemp("batching") / "server.log"
-    yield from start_server(tiny_release, log, "--decode-concurrency", "8")
+def queue_server(tiny_release, tmp_path_factory):
+    """A server serving one request at a time."""
+    log = tmp_path_factory.mktemp("queue") / "server.log"
+    yield from start_server(tiny_release, log, "--decode-concurrency", "1")
+
+
+@pytest.fixture(scope="module")
+def rotating_server(tiny_release, tmp_path_factory):
+    """A server batching rotating KV caches (--max-kv-size), shorter than prompt and reply."""
+    log = tmp_path_factory.mktemp("rotating") / "server.log"
+    yield from start_server(tiny_release, log, "--max-kv-size", "24")
 
 
 @pytest.fixture(scope="module")
@@ -157,9 +165,9 @@ def test_text_completions_stream_and_not(server):
     assert text == choice["text"]
 
 
-@pytest.mark.parametrize("kind", ["queue", "batch"])
+@pytest.mark.parametrize("kind", ["queue_server", "server", "rotating_server"])
 def test_eight_concurrent_clients_each_get_their_own_reply(request, kind):
-    url, model = request.getfixturevalue("server" if kind == "queue" else "batching_server")
+    url, model = request.getfixturevalue(kind)
     client = openai.OpenAI(base_url=f"{url}/v1", api_key=API_KEY, max_retries=0)
     questions = [f"Question number {i}: what is {i} plus {i}?" for i in range(8)]
     with ThreadPoolExecutor(8) as pool:
@@ -194,7 +202,15 @@ BAD_REQUESTS = [
     ),
     ({"messages": [{"role": "user", "content": "hi"}], "max_tokens": 0}, 400, "max_tokens"),
     ({"messages": [{"role": "user", "content": "hi"}], "max_tokens": "5"}, 400, "max_tokens"),
-    ({"messages": [{"role": "user", "content": "hi"}], "n": 2}, 400, "n"),
+    ({"messages": [{"role": "user", "content": "hi"}], "n": 0}, 400, "n"),
+    ({"messages": [{"role": "user", "content": "hi"}], "n": 17}, 400, "n"),
+    # The tiny model's context is 256 tokens: the prompt and max_tokens must fit in it.
+    ({"messages": [{"role": "user", "content": "hi"}], "max_tokens": 10**8}, 400, "max_tokens"),
+    (
+        {"messages": [{"role": "user", "content": "hi"}], "max_completion_tokens": 255},
+        400,
+        "max_completion_tokens",
+    ),
     ({"messages": [{"role": "user", "content": "hi"}], "seed": -1}, 400, "seed"),
     ({"messages": [{"role": "user", "content": "hi"}], "stop": ["a"] * 5}, 400, "stop"),
     (
@@ -312,6 +328,12 @@ def test_a_seed_makes_sampling_repeat(server, client):
     runs = [chat(client, model, "Pick words.", seed=s, **sampled) for s in (7, 7, 8)]
     texts = [r.choices[0].message.content for r in runs]
     assert texts[0] == texts[1] != texts[2]
+    # In a batch with other sampled requests, a seeded one still repeats: its key is its own.
+    with ThreadPoolExecutor(4) as pool:
+        crowd = [pool.submit(chat, client, model, f"Other {i}.", **sampled) for i in range(3)]
+        seeded = chat(client, model, "Pick words.", seed=7, **sampled)
+        [c.result() for c in crowd]
+    assert seeded.choices[0].message.content == texts[0]
 
 
 def test_chat_template_args_are_checked_at_startup(capsys):
@@ -332,3 +354,52 @@ def test_bad_port_is_refused_before_loading(port):
     args = build_parser().parse_args(["--model", "/no/such/model", "--port", port])
     with pytest.raises(ValueError, match=f"--port must be in 0..65535, got {port}"):
         build_service(args)
+
+
+def test_n_choices_differ_when_sampled_and_agree_when_greedy(server, client):
+    _, model = server
+    greedy = chat(client, model, "Name three fruits.", n=3)
+    assert [c.index for c in greedy.choices] == [0, 1, 2]
+    texts = {c.message.content for c in greedy.choices}
+    assert len(texts) == 1 and texts.pop() == chat(client, model, "Name three fruits.").choices[
+        0
+    ].message.content
+    assert greedy.usage.completion_tokens == 3 * GREEDY["max_tokens"]
+    sampled = {"temperature": 1.0, "seed": 5, "n": 3}
+    runs = [chat(client, model, "Pick words.", **sampled) for _ in range(2)]
+    first, second = ([c.message.content for c in r.choices] for r in runs)
+    assert len(set(first)) == 3 and first == second  # each choice repeats with the seed
+    content = [""] * 3
+    for chunk in client.chat.completions.create(
+        model=model,
+        messages=[{"role": "user", "content": "Pick words."}],
+        stream=True,
+        **{**GREEDY, **sampled},
+    ):
+        for choice in chunk.choices:
+            content[choice.index] += choice.delta.content or ""
+    assert content == first
+
+
+@pytest.mark.parametrize("signum", [signal.SIGINT, signal.SIGTERM])
+def test_a_signal_mid_request_ends_it_and_the_server_cleanly(tiny_release, tmp_path, signum):
+    """Ctrl-C or SIGTERM while a reply streams: the client gets an error event and [DONE],
+    the process exits with 128 + the signal's number, without an abort."""
+    log = tmp_path / "server.log"
+    for process, url in serve_process(server_command(tiny_release), log):
+        body = {
+            "messages": [{"role": "user", "content": "Write at length."}],
+            "max_tokens": 200,
+            "temperature": 0.0,
+            "stream": True,
+        }
+        request = urllib.request.Request(url + "/v1/chat/completions", json.dumps(body).encode())
+        with urllib.request.urlopen(request) as response:
+            events = [response.readline()]  # the first chunk: generation is under way
+            process.send_signal(signum)
+            events += response.read().splitlines()
+        events = [e.decode()[6:] for e in events if e.strip()]
+        assert events[-1] == "[DONE]"
+        assert json.loads(events[-2])["error"]["code"] == "server_stopping"
+        assert process.wait(timeout=60) == 128 + signum
+        assert "Aborted" not in log.read_text() and "terminate called" not in log.read_text()

@@ -2,7 +2,7 @@
 
 Chat and text completions (JSON or streamed), with Hunyuan's reasoning and tool calls parsed out,
 a prompt cache across requests, and one worker thread that owns the model and serves concurrent
-requests one at a time or, with --decode-concurrency > 1, with continuous batching. Under
+requests with continuous batching (or, with --decode-concurrency 1, one at a time). Under
 `mlx.launch` every rank loads its share of the model and rank 0 serves (tensor mode, or
 `--pipeline`).
 """
@@ -19,6 +19,8 @@ from typing import Any
 import mlx.core as mx
 
 from ..distributed import init_group, shared_seed, together
+from ..generation.settings import GenerationSettings
+from ..interrupts import signals_as_interrupts
 from ..loading import load, resolve_model_path
 from ..serve.app import DEFAULT_HOST, DEFAULT_MAX_REQUEST_BYTES, DEFAULT_PORT, Server, Service
 from ..serve.engine import (
@@ -89,9 +91,8 @@ def build_parser(prog: str | None = None) -> argparse.ArgumentParser:
         "--decode-concurrency",
         type=int,
         default=DEFAULT_DECODE_CONCURRENCY,
-        help="Decode up to this many requests in one batch (continuous batching, e.g. 32); 1 "
-        "serves them one at a time, as does a quantized or rotating KV cache "
-        "(default: %(default)s)",
+        help="Decode up to this many requests in one batch (continuous batching); 1 serves "
+        "them one at a time, as do --kv-bits and mlx.launch (default: %(default)s)",
     )
     parser.add_argument(
         "--prompt-concurrency",
@@ -123,11 +124,20 @@ def check_flags(args: argparse.Namespace, group: mx.distributed.Group | None) ->
             raise ValueError(f"--{flag.replace('_', '-')} must be >= 1")
     if not 0 <= args.port <= MAX_PORT:  # checked before the model loads, not when binding
         raise ValueError(f"--port must be in 0..{MAX_PORT}, got {args.port}")
-    if args.decode_concurrency > 1 and group is not None and group.size() > 1:
-        raise ValueError(
-            "--decode-concurrency > 1 (continuous batching) is not supported under mlx.launch, "
-            "whose ranks serve one request at a time together: leave it at 1"
-        )
+
+
+def queue_reason(
+    decode_concurrency: int, defaults: GenerationSettings, group: mx.distributed.Group | None
+) -> str | None:
+    """Why requests are served one at a time rather than batched (None: they are batched)."""
+    if decode_concurrency == 1:
+        return "--decode-concurrency 1"
+    if defaults.kv_bits is not None:
+        return "--kv-bits (mlx-lm has no batched quantized KV cache)"
+    if group is not None and group.size() > 1:
+        # Every rank would have to admit and drop the same jobs at the same step.
+        return "under mlx.launch the ranks run one shared request at a time"
+    return None
 
 
 def build_service(args: argparse.Namespace, group: mx.distributed.Group | None = None) -> Service:
@@ -146,8 +156,10 @@ def build_service(args: argparse.Namespace, group: mx.distributed.Group | None =
     )
     cache = PromptCache(args.prompt_cache_size, args.prompt_cache_bytes)
     seed = shared_seed(group, args.seed)
-    # mlx-lm's batch generator batches plain KV caches only.
-    if args.decode_concurrency > 1 and defaults.kv_bits is None and defaults.max_kv_size is None:
+    queue_only = queue_reason(args.decode_concurrency, defaults, group)
+    if queue_only:
+        logging.getLogger(__name__).info("Serving one request at a time: %s", queue_only)
+    if queue_only is None:
         engine: Engine = BatchEngine(
             model,
             tokenizer,
@@ -180,7 +192,9 @@ def main(argv: Sequence[str] | None = None, prog: str | None = None) -> None:
     logging.basicConfig(
         level=getattr(logging, args.log_level), format="%(asctime)s - %(levelname)s - %(message)s"
     )
-    with run_main(parser.prog, args.debug):
+    # A signal while serving ends the running requests (each with a last chunk or an error),
+    # then the engine's thread, then the process with 128 + its number (Ctrl-C: 130).
+    with run_main(parser.prog, args.debug), signals_as_interrupts():
         group = init_group()  # size 1 unless run by mlx.launch
         service = build_service(args, group)
         # Rank 0 serves; a port it cannot bind stops every rank.

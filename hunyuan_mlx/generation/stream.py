@@ -13,7 +13,7 @@ import mlx.core as mx
 import mlx.nn as nn
 from mlx_lm.generate import GenerationResponse
 from mlx_lm.generate import stream_generate as mlx_lm_stream_generate
-from mlx_lm.sample_utils import LogitsProcessor
+from mlx_lm.sample_utils import LogitsProcessor, Sampler
 
 from ..models import HunYuanMoEV1ForCausalLM
 from ..tokenizer import HunYuanTokenizer
@@ -76,6 +76,7 @@ def stream_generate(
     logits_processors: Sequence[LogitsProcessor] = (),
     draft_model: nn.Module | None = None,
     num_draft_tokens: int = DEFAULT_NUM_DRAFT_TOKENS,
+    sampler: Sampler | None = None,
 ) -> Iterator[GenerationResponse]:
     """Yield mlx-lm `GenerationResponse`s (text segment, token, timing) until an eos id or
     `max_tokens`. A string prompt is encoded as is: use `build_prompt` for the chat template.
@@ -84,7 +85,8 @@ def stream_generate(
     (updated in place): its owner knows what the cache holds. `eos_token_ids` replaces the
     tokenizer's stop ids; `logits_processors` run after the repetition penalty. A `draft_model`
     (same tokenizer) drafts `num_draft_tokens` at a time for speculative decoding; a given
-    `prompt_cache` then holds the model's layers followed by the draft's.
+    `prompt_cache` then holds the model's layers followed by the draft's. `sampler` replaces
+    `settings.sampler()` (the server's: one with a PRNG key of its own).
     """
     settings = settings or GenerationSettings()
     ids = tokenizer.encode(prompt) if isinstance(prompt, str) else list(prompt)
@@ -105,7 +107,7 @@ def stream_generate(
         wrapper,
         mx.array(ids),
         max_tokens=settings.max_tokens,
-        sampler=settings.sampler(),
+        sampler=sampler or settings.sampler(),
         logits_processors=[*settings.logits_processors(), *logits_processors],
         prompt_cache=prompt_cache,
         prefill_step_size=settings.prefill_step_size,

@@ -1,5 +1,5 @@
 """The generation engines: one worker thread owns the model and does all MLX work (prompt cache
-lookups, prefill, decoding, log-probabilities); HTTP threads only submit jobs and read their
+lookups, prefill, decoding, log-probabilities); the HTTP routes only submit jobs and read their
 events. A job whose client has gone is skipped, or stopped at its next token (under mlx.launch,
 at the ranks' next check: `CANCEL_CHECK_TOKENS`).
 
@@ -25,21 +25,22 @@ from typing import Any
 
 import mlx.core as mx
 from mlx_lm.generate import DEFAULT_PREFILL_STEP_SIZE, BatchGenerator, generation_stream
+from mlx_lm.sample_utils import LogitsProcessor, Sampler, apply_min_p, apply_top_k, apply_top_p
 
 from ..distributed import broadcast_json
 from ..generation.settings import GenerationSettings
 from ..generation.stream import stream_generate
 from ..tokenizer import HunYuanTokenizer
+from .grammar import Grammars
 from .prompt_cache import PromptCache
 from .protocol import TokenLogprob
+from .reasoning import ThinkingBudget
 
-# mlx-lm's server batches by default (32). Here batching is opt-in: the batched caches' attention
-# mask takes the model off its compiled single-token decode step, and a lone sequence decoded
-# slower in mlx-lm's batch generator than in `stream_generate` (CPU, tiny model, interleaved runs:
-# 0.58-0.86x in 5 of 6, 1.05x in one); benchmarks/bench_server.py measures both on a GPU.
-DEFAULT_DECODE_CONCURRENCY = 1
+# Batching is on by default, as in mlx-lm's server: a lone sequence decodes as fast in mlx-lm's
+# batch generator as in `stream_generate` (CPU, reduced shape, 64 tokens: 186.6 vs 184.4 tok/s),
+# and more clients share each step. benchmarks/bench_server.py measures both.
+DEFAULT_DECODE_CONCURRENCY = 32  # mlx-lm server's --decode-concurrency
 DEFAULT_PROMPT_CONCURRENCY = 8  # mlx-lm server's --prompt-concurrency
-BATCH_DECODE_CONCURRENCY = 32  # mlx-lm server's --decode-concurrency
 # Under mlx.launch the ranks agree every this many tokens whether rank 0's job was cancelled, so
 # all stop at the same step: each check waits for the step in flight (a collective on the
 # host), which every token would make a decode-speed cost; a cancelled job runs on for at most
@@ -70,14 +71,24 @@ class Token:
     logprob: TokenLogprob | None
 
 
+class EngineClosed(Exception):
+    """A job's last event when the server stops before the job has ended."""
+
+    def __init__(self) -> None:
+        super().__init__("The server is stopping; the request was ended")
+
+
 @dataclass
 class Job:
-    """One request's work; its events are `Started`, then `Token`s, then None (or an exception)."""
+    """One request's work; its events are `Started`, then `Token`s, then None (or an exception:
+    `EngineClosed` when the server stops first). `events` is anything with a thread-safe `put`."""
 
     prompt: list[int]
     settings: GenerationSettings
     seed: int | None = None
     top_logprobs: int | None = None  # None: no log-probabilities
+    grammar: str | None = None  # a Lark grammar the output must follow (serve.grammar)
+    thinking_budget: int | None = None  # tokens of thinking before its closing is forced
     events: queue.Queue = field(default_factory=queue.Queue)
     cancelled: threading.Event = field(default_factory=threading.Event)
 
@@ -97,6 +108,7 @@ class Engine:
         self.model = model
         self.tokenizer = tokenizer
         self.prompt_cache = prompt_cache
+        self.grammars = Grammars(tokenizer)
         self._seed = seed
         self.group = group if group is not None and group.size() > 1 else None
         self._jobs: queue.Queue[Job | None] = queue.Queue()
@@ -112,13 +124,19 @@ class Engine:
         self._jobs.put(None)
         self._thread.join()
 
+    def stopping(self) -> None:
+        """End the running and queued jobs at their next token, with `EngineClosed` (safe in a
+        signal handler: it only sets a flag)."""
+        self._closing.set()
+
     def close(self) -> None:
-        """Cancel the running and queued jobs and end the worker thread. Under mlx.launch, wait
-        (up to `FOLLOW_GRACE_SECONDS`: a rank that died would keep it in a collective) for its
-        last word, which ends the other ranks' `follow`."""
+        """Cancel the running and queued jobs and end the worker thread, waiting for it (up to
+        `FOLLOW_GRACE_SECONDS`: under mlx.launch a rank that died would keep it in a collective)
+        so that the process never exits in the middle of its MLX work; under mlx.launch its
+        last word ends the other ranks' `follow`."""
         self._closing.set()
         self._jobs.put(None)
-        if self.group is not None:
+        if self._thread.is_alive():
             wait_for(self._thread, FOLLOW_GRACE_SECONDS)
 
     def submit(self, job: Job) -> None:
@@ -130,7 +148,7 @@ class Engine:
             mx.random.seed(self._seed)
         while (job := self._jobs.get()) is not None:
             if self._dropped(job):
-                job.events.put(None)
+                self._end(job)
                 continue
             self._hand_out(job)
             try:
@@ -138,8 +156,13 @@ class Engine:
             except Exception as e:  # reported to the request's thread, the engine goes on
                 job.events.put(e)
             else:
-                job.events.put(None)
+                self._end(job)
         self._hand_out(None)
+
+    def _end(self, job: Job) -> None:
+        """Tell `job`'s request that it has ended: with `EngineClosed` if the server stopped it."""
+        stopped = self._closing.is_set() and not job.cancelled.is_set()
+        job.events.put(EngineClosed() if stopped else None)
 
     def _hand_out(self, job: Job | None) -> None:
         """Under mlx.launch: give the other ranks `job` (None: the engine stops)."""
@@ -149,6 +172,8 @@ class Engine:
                 "settings": dataclasses.asdict(job.settings),
                 "seed": job.seed,
                 "top_logprobs": job.top_logprobs,
+                "grammar": job.grammar,
+                "thinking_budget": job.thinking_budget,
             }
             self._agree(message)
 
@@ -184,20 +209,34 @@ class Engine:
 
     def _open(self, job: Job) -> tuple[list[Any], int]:
         """The job's KV cache (from the prompt cache if it holds a prefix) and how many prompt
-        tokens it holds; tells the job it started and seeds the PRNG as it asks."""
+        tokens it holds; tells the job it started."""
         cache, cached = self.prompt_cache.fetch(job.prompt)
         if cache is None:
             cache = job.settings.make_cache(self.model)
         job.events.put(Started(cached))
-        if job.seed is not None:
-            mx.random.seed(job.seed)
         return cache, cached
+
+    def _constraints(self, job: Job) -> list[LogitsProcessor]:
+        """The job's grammar and thinking budget as logits processors (fresh: they hold the
+        job's state); the budget last, so that what it forces wins."""
+        processors: list[LogitsProcessor] = []
+        if job.grammar is not None:
+            processors.append(self.grammars.processor(job.grammar))
+        if job.thinking_budget is not None:
+            processors.append(ThinkingBudget(job.thinking_budget, self.tokenizer))
+        return processors
 
     def _run(self, job: Job) -> None:
         cache, cached = self._open(job)
         tokens = list(job.prompt)
         responses = stream_generate(
-            self.model, self.tokenizer, job.prompt[cached:], job.settings, prompt_cache=cache
+            self.model,
+            self.tokenizer,
+            job.prompt[cached:],
+            job.settings,
+            prompt_cache=cache,
+            sampler=seeded_sampler(job.settings, job.seed),
+            logits_processors=self._constraints(job),
         )
         for n, response in enumerate(responses, 1):
             tokens.append(response.token)
@@ -220,6 +259,28 @@ class Engine:
     def _dropped(self, job: Job) -> bool:
         """Whether `job` is to end now: its client has gone, or the engine is closing."""
         return job.cancelled.is_set() or self._closing.is_set()
+
+
+def seeded_sampler(settings: GenerationSettings, seed: int | None) -> Sampler:
+    """`settings.sampler()`, but with a `seed` drawing from a PRNG key of its own rather than the
+    process's, so that a job's samples repeat whatever else shares the batch: mlx-lm's filters
+    in mlx-lm's order, then the categorical draw with the job's next key."""
+    if seed is None or settings.temp == 0:
+        return settings.sampler()
+    key = mx.random.key(seed)
+
+    def sample(logprobs: mx.array) -> mx.array:
+        nonlocal key
+        key, draw = mx.random.split(key)
+        if 0 < settings.top_p < 1:
+            logprobs = apply_top_p(logprobs, settings.top_p)
+        if settings.min_p != 0:
+            logprobs = apply_min_p(logprobs, settings.min_p)
+        if settings.top_k > 0:
+            logprobs = apply_top_k(logprobs, settings.top_k)
+        return mx.random.categorical(logprobs * (1 / settings.temp), key=draw)
+
+    return sample
 
 
 def wait_for(thread: threading.Thread, timeout: float | None = None) -> None:
@@ -254,15 +315,16 @@ class BatchEngine(Engine):
     """Runs jobs together with mlx-lm's `BatchGenerator`: up to `decode_concurrency` decode in
     one batch, up to `prompt_concurrency` prefill together (each in `prefill_step_size` chunks).
 
-    The caches are mlx-lm's plain `KVCache`s (batched as `BatchKVCache`); a quantized or rotating
-    KV cache needs `Engine`. Sampling settings, stop tokens and logits processors are per job, the
-    PRNG is not: a seed makes a job repeatable only when it runs alone.
+    The caches are mlx-lm's `KVCache`s or, with `max_kv_size`, `RotatingKVCache`s (batched as
+    `BatchKVCache` / `BatchRotatingKVCache`); mlx-lm has no batched quantized KV cache, so
+    `kv_bits` needs `Engine`. Sampling settings, stop tokens and logits processors are per job,
+    and so is the PRNG of a job with a seed (`seeded_sampler`): it repeats whatever else runs.
     """
 
     def __init__(
         self,
         *args: Any,
-        decode_concurrency: int = BATCH_DECODE_CONCURRENCY,
+        decode_concurrency: int = DEFAULT_DECODE_CONCURRENCY,
         prompt_concurrency: int = DEFAULT_PROMPT_CONCURRENCY,
         prefill_step_size: int = DEFAULT_PREFILL_STEP_SIZE,
         **kwargs: Any,
@@ -315,7 +377,7 @@ class BatchEngine(Engine):
 
     def _admit(self, batch: BatchGenerator, running: dict[int, _Running], job: Job) -> None:
         if self._dropped(job):
-            job.events.put(None)
+            self._end(job)
             return
         try:
             cache, cached = self._open(job)
@@ -325,8 +387,8 @@ class BatchEngine(Engine):
                 max_tokens=[settings.max_tokens if settings.max_tokens > 0 else sys.maxsize],
                 caches=[cache],
                 all_tokens=[job.prompt[:cached]],
-                samplers=[settings.sampler()],
-                logits_processors=[settings.logits_processors()],
+                samplers=[seeded_sampler(settings, job.seed)],
+                logits_processors=[[*settings.logits_processors(), *self._constraints(job)]],
             )
         except Exception as e:  # reported to the request's thread, the engine goes on
             job.events.put(e)
@@ -363,4 +425,4 @@ class BatchEngine(Engine):
         sampled token has not been run yet)."""
         if cache:
             self.prompt_cache.insert(run.tokens[: cache[0].offset], cache)
-        run.job.events.put(None)
+        self._end(run.job)

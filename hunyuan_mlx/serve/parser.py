@@ -224,6 +224,7 @@ class StopStrings:
 
     def __init__(self, stops: list[str]) -> None:
         self.stops = tuple(stops)
+        self.matched: str | None = None  # the stop string reached, once one is
         self._buf = ""
 
     def feed(self, text: str) -> tuple[str, bool]:
@@ -232,8 +233,9 @@ class StopStrings:
         if not self.stops:
             out, self._buf = self._buf, ""
             return out, False
-        i, _ = find_first(self._buf, self.stops)
+        i, stop = find_first(self._buf, self.stops)
         if i >= 0:
+            self.matched = stop
             out, self._buf = self._buf[:i], ""
             return out, True
         keep = partial_suffix(self._buf, self.stops)

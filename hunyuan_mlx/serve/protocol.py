@@ -11,12 +11,15 @@ from dataclasses import dataclass, field
 from typing import Any
 
 from .parser import Delta, ToolCall
+from .reasoning import REASONING_EFFORT_BUDGETS
 
 ROLES = ("system", "developer", "user", "assistant", "tool")
-TOOL_CHOICES = ("auto", "none")
+TOOL_CHOICES = ("auto", "none", "required")
+RESPONSE_FORMATS = ("text", "json_object", "json_schema")
 MAX_STOP_STRINGS = 4  # OpenAI's limit
 MAX_TOP_LOGPROBS = 20  # chat; the legacy completions API allows 5
 MAX_COMPLETION_LOGPROBS = 5
+MAX_CHOICES = 16  # n: the choices of one request, decoded together in the batch
 MAX_SEED = 2**64 - 1  # mx.random.seed takes an unsigned 64-bit integer
 # Request field -> (GenerationSettings field, lowest, highest, integer, open low end).
 SAMPLING_FIELDS: dict[str, tuple[str, float, float, bool, bool]] = {
@@ -70,6 +73,8 @@ class Request:
     chat: bool
     stream: bool = False
     include_usage: bool = False
+    n: int = 1
+    max_tokens_field: str | None = None  # the field that set max_tokens, if one did
     sampling: dict[str, Any] = field(default_factory=dict)
     stop: list[str] = field(default_factory=list)
     seed: int | None = None
@@ -78,6 +83,12 @@ class Request:
     tools: list[dict[str, Any]] | None = None
     template_kwargs: dict[str, Any] = field(default_factory=dict)
     prompt: str | list[int] | None = None
+    # Structured output: "json" (`json_schema`, None for any object) or "tools" (a tool block
+    # under `tool_choice`: "auto" constrains only when a tool is strict, "required", or a name).
+    structured: str | None = None
+    json_schema: dict[str, Any] | None = None
+    tool_choice: str = "auto"
+    thinking_budget: int | None = None  # tokens of thinking before its closing is forced
 
 
 def _is_int(value: Any) -> bool:
@@ -120,12 +131,12 @@ def _common(body: dict[str, Any], request: Request) -> None:
         if not request.stream:
             raise invalid("stream_options", "stream_options is only allowed with stream: true")
         request.include_usage = _bool(options, "include_usage")
-    n = body.get("n")
-    if n is not None and n != 1:
-        raise invalid("n", f"Only n = 1 is supported, got {n!r}")
+    if body.get("n") is not None:
+        request.n = _number(body, "n", 1, MAX_CHOICES, True, False)
     for name in ("max_completion_tokens", "max_tokens"):
         if body.get(name) is not None:
             request.sampling["max_tokens"] = _number(body, name, 1, math.inf, True, False)
+            request.max_tokens_field = name
             break
     for name, (setting, low, high, integer, open_low) in SAMPLING_FIELDS.items():
         if body.get(name) is not None:
@@ -201,11 +212,15 @@ def _messages(value: Any) -> list[dict[str, Any]]:
     return out
 
 
-def _tools(value: Any) -> list[dict[str, Any]] | None:
-    if value is None:
-        return None
-    if not isinstance(value, list):
+def tool_list(value: Any) -> list[Any]:
+    """A request's `tools`: a list, or nothing (None) as an empty one."""
+    if value is not None and not isinstance(value, list):
         raise invalid("tools", "tools must be a list")
+    return value or []
+
+
+def _tools(value: Any) -> list[dict[str, Any]] | None:
+    value = tool_list(value)
     for i, tool in enumerate(value):
         is_function = isinstance(tool, dict) and tool.get("type", "function") == "function"
         function = tool.get("function") if is_function else None
@@ -222,11 +237,14 @@ def parse_chat(body: dict[str, Any]) -> Request:
     _common(body, request)
     request.messages = _messages(body.get("messages"))
     tools = _tools(body.get("tools"))
-    choice = body.get("tool_choice", "auto")
-    if choice not in TOOL_CHOICES:
-        raise invalid("tool_choice", f"tool_choice must be one of {', '.join(TOOL_CHOICES)}")
+    choice = _tool_choice(body.get("tool_choice", "auto"), tools)
     # "none" leaves the tools out of the prompt, so the model is not in tool mode at all.
-    request.tools = tools if choice == "auto" else None
+    request.tools = tools if choice != "none" else None
+    request.tool_choice = choice
+    if request.tools is not None:
+        request.structured = "tools"
+    _response_format(body.get("response_format"), request)
+    request.thinking_budget = _thinking_budget(body)
     if _bool(body, "logprobs"):
         top = body.get("top_logprobs")
         request.top_logprobs = (
@@ -243,7 +261,62 @@ def parse_chat(body: dict[str, Any]) -> Request:
                 "chat_template_kwargs.enable_thinking", "enable_thinking must be true or false"
             )
         request.template_kwargs = dict(kwargs)
+    if body.get("enable_thinking") is not None:  # as vLLM and SGLang take it, beside the kwargs
+        request.template_kwargs["enable_thinking"] = _bool(body, "enable_thinking")
     return request
+
+
+def _tool_choice(value: Any, tools: list[dict[str, Any]] | None) -> str:
+    """OpenAI's `tool_choice` as "auto", "none", "required" or the name of the tool to call."""
+    if isinstance(value, dict):
+        function = value.get("function")
+        name = function.get("name") if isinstance(function, dict) else None
+        if value.get("type") != "function" or not isinstance(name, str):
+            raise invalid("tool_choice", "A named tool_choice is {'type': 'function', "
+                          "'function': {'name': ...}}")  # fmt: skip
+        if name not in [t["function"]["name"] for t in tools or []]:
+            raise invalid("tool_choice.function.name", f"No tool named {name!r} in tools")
+        return name
+    if value not in TOOL_CHOICES:
+        raise invalid("tool_choice", f"tool_choice must be one of {', '.join(TOOL_CHOICES)} "
+                      "or a named function")  # fmt: skip
+    if value == "required" and not tools:
+        raise invalid("tool_choice", "tool_choice 'required' needs tools")
+    return value
+
+
+def _response_format(value: Any, request: Request) -> None:
+    """OpenAI's `response_format`: plain text, any JSON object, or JSON under a schema."""
+    if value is None:
+        return
+    kind = value.get("type") if isinstance(value, dict) else None
+    if kind not in RESPONSE_FORMATS:
+        raise invalid("response_format.type", f"response_format.type must be one of "
+                      f"{', '.join(RESPONSE_FORMATS)}")  # fmt: skip
+    if kind == "text":
+        return
+    if request.structured == "tools":
+        raise invalid("response_format", "response_format cannot be combined with tools")
+    request.structured = "json"
+    if kind == "json_schema":
+        spec = value.get("json_schema")
+        schema = spec.get("schema") if isinstance(spec, dict) else None
+        if not isinstance(schema, dict):
+            raise invalid("response_format.json_schema.schema", "json_schema needs a schema object")
+        request.json_schema = schema
+
+
+def _thinking_budget(body: dict[str, Any]) -> int | None:
+    """`max_thinking_tokens`, or OpenAI's `reasoning_effort` as a budget."""
+    if body.get("max_thinking_tokens") is not None:
+        return _number(body, "max_thinking_tokens", 0, math.inf, True, False)
+    effort = body.get("reasoning_effort")
+    if effort is None:
+        return None
+    if effort not in REASONING_EFFORT_BUDGETS:
+        raise invalid("reasoning_effort", f"reasoning_effort must be one of "
+                      f"{', '.join(REASONING_EFFORT_BUDGETS)}")  # fmt: skip
+    return REASONING_EFFORT_BUDGETS[effort]
 
 
 def parse_completion(body: dict[str, Any]) -> Request:
@@ -297,11 +370,17 @@ def tool_call(call: ToolCall, streamed: bool) -> dict[str, Any]:
     return out
 
 
+def reasoning_fields(text: str) -> dict[str, str]:
+    """The thinking under both names clients read: `reasoning_content` (DeepSeek's, vLLM's
+    older) and `reasoning` (vLLM's and OpenRouter's)."""
+    return {"reasoning_content": text, "reasoning": text}
+
+
 def message(delta: Delta) -> dict[str, Any]:
     """The assistant message of a whole reply."""
     out: dict[str, Any] = {"role": "assistant", "content": delta.content or None}
     if delta.reasoning:
-        out["reasoning_content"] = delta.reasoning
+        out.update(reasoning_fields(delta.reasoning))
     if delta.tool_calls:
         out["tool_calls"] = [tool_call(c, streamed=False) for c in delta.tool_calls]
     return out
@@ -311,7 +390,7 @@ def delta_chunks(delta: Delta) -> list[dict[str, Any]]:
     """Stream deltas of a parsed piece: reasoning, content, then each tool call."""
     out: list[dict[str, Any]] = []
     if delta.reasoning:
-        out.append({"reasoning_content": delta.reasoning})
+        out.append(reasoning_fields(delta.reasoning))
     if delta.content:
         out.append({"content": delta.content})
     out += [{"tool_calls": [tool_call(c, streamed=True)]} for c in delta.tool_calls]
