@@ -24,7 +24,9 @@ def build_parser(prog: str | None = None) -> argparse.ArgumentParser:
     parser.add_argument(
         "--dequantize",
         action="store_true",
-        help="Write unquantized weights (from a quantized base).",
+        help="Write unquantized weights (from a quantized base): exactly base + adapters. "
+        "Without it a quantized base is re-quantized after folding, so the fused text can differ "
+        "(see docs/fine-tuning.md#fuse for the measured KL). Default: off",
     )
     add_force_argument(parser)
     add_debug_argument(parser)
