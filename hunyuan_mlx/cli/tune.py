@@ -11,6 +11,7 @@ import mlx.core as mx
 
 from ..models import thresholds
 from ..models.probe import ProbeShape, tune
+from ..models.quantization import DEFAULT_Q_MODE, quant_params
 from . import run_main
 from .options import add_debug_argument, command_parser
 
@@ -23,10 +24,26 @@ def build_parser(prog: str | None = None) -> argparse.ArgumentParser:
         "tune", prog, "Measure gathered against padded experts here and cache the thresholds."
     )
     parser.add_argument(
-        "--dtype", nargs="+", choices=DTYPES, default=["bfloat16"], help="Rows' dtypes to probe."
+        "--dtype",
+        nargs="+",
+        choices=DTYPES,
+        default=["bfloat16"],
+        help="Rows' dtypes to probe (default: %(default)s).",
     )
-    parser.add_argument("--bits", nargs="+", type=int, default=[4], help="Experts' bits.")
-    parser.add_argument("--group-size", type=int, default=64, help="Quantization group size.")
+    quantization = quant_params(None, None, DEFAULT_Q_MODE)  # the converter's defaults
+    parser.add_argument(
+        "--bits",
+        nargs="+",
+        type=int,
+        default=[quantization["bits"]],
+        help="Experts' bits (default: %(default)s).",
+    )
+    parser.add_argument(
+        "--group-size",
+        type=int,
+        default=quantization["group_size"],
+        help="Quantization group size (default: %(default)s).",
+    )
     add_debug_argument(parser)
     for field in dataclasses.fields(ProbeShape):  # the probed experts' shape
         if field.name != "top_k":
