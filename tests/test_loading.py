@@ -63,12 +63,14 @@ def checkpoint(tiny_checkpoint, tmp_path):
     return shutil.copytree(path, tmp_path / "ckpt"), torch_model
 
 
-def test_release_layout(tmp_path):
-    """model_type "hunyuan", attention_head_dim, rope_scaling alpha, a head though tied."""
+def release_checkpoint(path, **config):
+    """A tiny checkpoint written as the release is: its config's names and list-valued fields."""
     torch_model = build_torch_model(
-        tie_word_embeddings=True, rope_scaling={"type": "dynamic", "alpha": 1000.0, "factor": 1.0}
+        tie_word_embeddings=True,
+        rope_scaling={"type": "dynamic", "alpha": 1000.0, "factor": 1.0},
+        **config,
     )
-    path = save_checkpoint(torch_model, tmp_path / "release")
+    path = save_checkpoint(torch_model, path)
     layers = torch_model.config.num_hidden_layers
     rewrite_as_release_config(
         path,
@@ -79,6 +81,12 @@ def test_release_layout(tmp_path):
         use_cla=False,
         cla_share_factor=2,
     )
+    return torch_model, path
+
+
+def test_release_layout(tmp_path):
+    """model_type "hunyuan", attention_head_dim, rope_scaling alpha, a head though tied."""
+    torch_model, path = release_checkpoint(tmp_path / "release")
     tensors = read_tensors(path)  # per-expert names, as the release
     tensors["lm_head.weight"] = tensors["model.embed_tokens.weight"] + 1.0  # must be ignored
     rewrite(path, tensors)
@@ -107,21 +115,8 @@ def test_mlx_lm_quantized_checkpoint_loads_with_its_quantized_router(
     """What mlx-lm's convert -q writes (its load, quantize and save, from a release-layout
     checkpoint): the router is quantized too. It loads as it is, with the same logits as the
     router dequantized to float32, and generate --verbose says what a quantized router costs."""
-    torch_model = build_torch_model(
-        vocab_size=vocab_size(tokenizer_dir),
-        tie_word_embeddings=True,
-        rope_scaling={"type": "dynamic", "alpha": 1000.0, "factor": 1.0},
-    )
-    release = save_checkpoint(torch_model, tmp_path / "release")
-    layers = torch_model.config.num_hidden_layers
-    rewrite_as_release_config(
-        release,
-        moe_intermediate_size=[torch_model.config.intermediate_size] * layers,
-        num_shared_expert=[1] * layers,
-        use_mixed_mlp_moe=True,
-        use_qk_norm=True,
-        use_cla=False,
-        cla_share_factor=2,
+    torch_model, release = release_checkpoint(
+        tmp_path / "release", vocab_size=vocab_size(tokenizer_dir)
     )
     model, config = mlx_lm.utils.load_model(release)
     model, config = mlx_lm.utils.quantize_model(model, config, group_size=32, bits=4)
@@ -140,7 +135,7 @@ def test_mlx_lm_quantized_checkpoint_loads_with_its_quantized_router(
     dequantized = tmp_path / "dequantized-router"
     shutil.copytree(path, dequantized)
     tensors = read_tensors(path)
-    for layer in range(layers):
+    for layer in range(torch_model.config.num_hidden_layers):
         name = f"model.layers.{layer}.mlp.gate.wg"
         wg = mx.array(tensors.pop(f"{name}.weight"))
         scales, biases = (mx.array(tensors.pop(f"{name}.{k}")) for k in ("scales", "biases"))
