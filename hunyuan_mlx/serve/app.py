@@ -64,6 +64,10 @@ RESERVED_TEMPLATE_KWARGS = ("messages", "tools", "tokenize", "return_dict", "str
 # How long a stopping server waits for its open requests (ended at their next token) to send
 # their last words before it closes their connections.
 SHUTDOWN_GRACE_SECONDS = 10
+# How long an idle keep-alive connection stays open: longer than clients keep one in their pool
+# (httpx, under the openai and anthropic clients: 5 s, as uvicorn's default), so that the client
+# closes it first and a request never goes out on a connection the server is closing (a reset).
+KEEP_ALIVE_SECONDS = 75
 
 log = logging.getLogger(__name__)
 
@@ -669,6 +673,7 @@ class Server:
             build_app(service),
             log_config=None,
             timeout_graceful_shutdown=SHUTDOWN_GRACE_SECONDS,
+            timeout_keep_alive=KEEP_ALIVE_SECONDS,
         )
         self._server = _Uvicorn(config, service.engine)
         self._serving = threading.Event()

@@ -16,10 +16,12 @@ tokens stay alike.
 from __future__ import annotations
 
 import dataclasses
+import logging
 import queue
 import sys
 import threading
 import time
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -35,6 +37,8 @@ from .grammar import Grammars
 from .prompt_cache import PromptCache
 from .protocol import TokenLogprob
 from .reasoning import ThinkingBudget
+
+log = logging.getLogger(__name__)
 
 # Batching is on by default, as in mlx-lm's server: a lone sequence decodes as fast in mlx-lm's
 # batch generator as in `stream_generate` (CPU, reduced shape, 64 tokens: 186.6 vs 184.4 tok/s),
@@ -113,7 +117,10 @@ class Engine:
         self.group = group if group is not None and group.size() > 1 else None
         self._jobs: queue.Queue[Job | None] = queue.Queue()
         self._closing = threading.Event()
-        self._thread = threading.Thread(target=self._loop, name="hunyuan-mlx-engine", daemon=True)
+        self._done = threading.Event()  # the worker's work has ended (its thread lives on)
+        self._thread = threading.Thread(
+            target=self._settled, args=(self._loop,), name="hunyuan-mlx-engine", daemon=True
+        )
 
     def start(self) -> None:
         """Start the worker thread."""
@@ -122,7 +129,7 @@ class Engine:
     def stop(self) -> None:
         """Finish the queued jobs, then end the worker thread."""
         self._jobs.put(None)
-        self._thread.join()
+        self._done.wait()
 
     def stopping(self) -> None:
         """End the running and queued jobs at their next token, with `EngineClosed` (safe in a
@@ -137,11 +144,30 @@ class Engine:
         self._closing.set()
         self._jobs.put(None)
         if self._thread.is_alive():
-            wait_for(self._thread, FOLLOW_GRACE_SECONDS)
+            wait_for(self._done, FOLLOW_GRACE_SECONDS)
 
     def submit(self, job: Job) -> None:
         """Queue `job`; its events follow on `job.events`."""
         self._jobs.put(job)
+
+    def _settled(self, work: Callable[[], None]) -> None:
+        """Run `work` on the worker thread, then keep the thread for the rest of the process.
+
+        It waits first for what `work` left in flight (mlx-lm evaluates the next step ahead,
+        `async_eval`, on this thread's own stream). Then it parks rather than ends: an ending
+        thread destroys MLX's per-thread compile cache, which takes the GIL, and if the main
+        thread is by then finalizing the interpreter, that aborts the process ("terminate
+        called without an active exception"; Python's join returns before a thread's C++
+        thread-locals are destroyed)."""
+        try:
+            work()
+        except Exception:
+            log.exception("The engine stopped")
+        finally:
+            mx.synchronize(generation_stream)
+            mx.synchronize()
+            self._done.set()
+        threading.Event().wait()  # for ever: the process ends with the thread parked
 
     def _loop(self) -> None:
         if self._seed is not None:
@@ -189,12 +215,14 @@ class Engine:
         They run on the worker thread while this one waits, so that a signal still reaches
         this process: in a collective waiting for a rank 0 that died, the thread would wait
         for ever, and a signal handler runs on the main thread only between Python steps."""
-        self._thread = threading.Thread(target=self._follow, name="hunyuan-mlx-engine", daemon=True)
+        self._thread = threading.Thread(
+            target=self._settled, args=(self._follow,), name="hunyuan-mlx-engine", daemon=True
+        )
         self._thread.start()
         try:
-            wait_for(self._thread)
+            wait_for(self._done)
         except BaseException:  # a signal: rank 0, which got it too, is stopping the jobs
-            self._thread.join(FOLLOW_GRACE_SECONDS)
+            self._done.wait(FOLLOW_GRACE_SECONDS)
             raise
 
     def _follow(self) -> None:
@@ -283,12 +311,12 @@ def seeded_sampler(settings: GenerationSettings, seed: int | None) -> Sampler:
     return sample
 
 
-def wait_for(thread: threading.Thread, timeout: float | None = None) -> None:
-    """Join `thread` (for at most `timeout` seconds) in short waits, between which the main
-    thread acts on signals."""
+def wait_for(done: threading.Event, timeout: float | None = None) -> None:
+    """Wait until `done` is set (for at most `timeout` seconds) in short waits, between which
+    the main thread acts on signals."""
     end = None if timeout is None else time.monotonic() + timeout
-    while thread.is_alive() and (end is None or time.monotonic() < end):
-        thread.join(JOIN_POLL_SECONDS)
+    while not done.wait(JOIN_POLL_SECONDS) and (end is None or time.monotonic() < end):
+        pass
 
 
 def token_logprob(logprobs: mx.array, token: int, top: int) -> TokenLogprob:
