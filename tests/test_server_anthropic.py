@@ -138,3 +138,19 @@ def test_errors_take_anthropic_s_shape_and_name_the_field(client):
     with pytest.raises(anthropic.AuthenticationError) as e:
         wrong_key.messages.create(model="default_model", messages=ASK, max_tokens=4)
     assert e.value.body["error"]["type"] == "authentication_error"
+
+
+def test_count_tokens_gives_the_prompt_a_reply_bills(client):
+    """`messages.count_tokens` (agent tools ask it before sending) counts the prompt the same
+    conversation is billed for, tools and system included; a bad body names its field."""
+    conversation = dict(
+        model="default_model", system="You are terse.", messages=ASK, tools=[WEATHER]
+    )
+    counted = client.messages.count_tokens(**conversation).input_tokens
+    reply = client.messages.create(**conversation, max_tokens=2, extra_body={"temperature": 0.0})
+    assert counted == reply.usage.input_tokens + reply.usage.cache_read_input_tokens
+    assert client.messages.count_tokens(model="default_model", messages=ASK).input_tokens < counted
+    with pytest.raises(anthropic.BadRequestError) as e:
+        client.messages.count_tokens(model="default_model", messages=[])
+    assert e.value.body["error"]["type"] == "invalid_request_error"
+    assert "messages" in e.value.body["error"]["message"]

@@ -198,6 +198,20 @@ def parse_messages(body: dict[str, Any]) -> Request:
         if not isinstance(stops, list) or not all(isinstance(s, str) and s for s in stops):
             raise invalid("stop_sequences", "stop_sequences must be a list of non-empty strings")
         request.stop = stops
+    _conversation(body, request)
+    return request
+
+
+def parse_count_tokens(body: dict[str, Any]) -> Request:
+    """A /v1/messages/count_tokens body (a Messages request's conversation: no max_tokens),
+    validated, as the internal chat request whose prompt is counted."""
+    request = Request(chat=True)
+    _conversation(body, request)
+    return request
+
+
+def _conversation(body: dict[str, Any], request: Request) -> None:
+    """What makes the prompt: system and messages, tools and tool_choice, thinking."""
     request.messages = _messages(body)
     tools = _tools(body.get("tools"))
     request.tool_choice = _tool_choice(body.get("tool_choice"), tools)
@@ -205,7 +219,6 @@ def parse_messages(body: dict[str, Any]) -> Request:
     if request.tools is not None:
         request.structured = "tools"
     _thinking(body.get("thinking"), request)
-    return request
 
 
 def stop_reason(finish_reason: str | None, stop_sequence: str | None) -> str | None:

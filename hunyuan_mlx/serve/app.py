@@ -546,6 +546,16 @@ async def messages(http: HTTPRequest) -> Response:
     return await respond(http, anthropic.parse_messages, anthropic_message, anthropic_events)
 
 
+async def count_tokens(http: HTTPRequest) -> dict[str, int]:
+    """POST /v1/messages/count_tokens: how many tokens a Messages request's prompt takes (agent
+    tools ask before they send a long conversation)."""
+    service: Service = http.app.state.service
+    body = parse_json(await read_body(http, service.max_request_bytes))
+    request = anthropic.parse_count_tokens(body)
+    service.check_model(body.get("model"))
+    return {"input_tokens": len(service.prompt(request))}
+
+
 def anthropic_usage(reply: Reply) -> dict[str, int]:
     return anthropic.usage(len(reply.job.prompt), reply.cached_tokens, reply.completion_tokens)
 
@@ -643,6 +653,7 @@ def build_app(service: Service) -> FastAPI:
     api.post("/v1/chat/completions")(chat_completions)
     api.post("/v1/completions")(completions)
     api.post(MESSAGES_ROUTE)(messages)
+    api.post(MESSAGES_ROUTE + "/count_tokens")(count_tokens)
     app.include_router(api)
     return app
 
