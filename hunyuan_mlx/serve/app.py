@@ -455,6 +455,18 @@ async def read_body(http: HTTPRequest, limit: int) -> bytes:
     return bytes(body)
 
 
+async def read_request(
+    http: HTTPRequest, parse: Callable[[dict[str, Any]], Request]
+) -> tuple[Service, Request]:
+    """The server's service and the request's body validated with `parse`, refused if it names
+    a model this server does not serve."""
+    service: Service = http.app.state.service
+    body = parse_json(await read_body(http, service.max_request_bytes))
+    request = parse(body)
+    service.check_model(body.get("model"))
+    return service, request
+
+
 async def respond(
     http: HTTPRequest,
     parse: Callable[[dict[str, Any]], Request],
@@ -463,10 +475,7 @@ async def respond(
 ) -> Response:
     """Validate a generation request with `parse`, run its jobs and reply: `whole` builds a
     whole reply, `events` a stream's (OpenAI's by default)."""
-    service: Service = http.app.state.service
-    body = parse_json(await read_body(http, service.max_request_bytes))
-    request = parse(body)
-    service.check_model(body.get("model"))
+    service, request = await read_request(http, parse)
     channel = Channel()
     jobs = service.jobs(request, channel)
     for job in jobs:
@@ -549,10 +558,7 @@ async def messages(http: HTTPRequest) -> Response:
 async def count_tokens(http: HTTPRequest) -> dict[str, int]:
     """POST /v1/messages/count_tokens: how many tokens a Messages request's prompt takes (agent
     tools ask before they send a long conversation)."""
-    service: Service = http.app.state.service
-    body = parse_json(await read_body(http, service.max_request_bytes))
-    request = anthropic.parse_count_tokens(body)
-    service.check_model(body.get("model"))
+    service, request = await read_request(http, anthropic.parse_count_tokens)
     return {"input_tokens": len(service.prompt(request))}
 
 

@@ -127,7 +127,7 @@ class Engine:
         self._thread.start()
 
     def stop(self) -> None:
-        """Finish the queued jobs, then end the worker thread."""
+        """Finish the queued jobs, then wait until the worker has ended its work."""
         self._jobs.put(None)
         self._done.wait()
 
