@@ -10,7 +10,9 @@ random weights make any text, and only the token counts matter here.
 
 Then, for each of `--systems`, one after the other (one model in memory at a time): `ours` (this
 server as it starts by default: continuous batching), `ours_queue` (one request at a time,
-`--decode-concurrency 1`) and `mlxlm` (mlx-lm's server, which batches):
+`--decode-concurrency 1`), `mlxlm` (mlx-lm's server, which batches, running mlx-lm's model) and
+`mlxlm_ours` (mlx-lm's server running this project's model: the same shards, under a config
+naming this project's model file, `--trust-remote-code`):
 - `generate`'s decode tokens/s: `python -m hunyuan_mlx.generate` / `python -m mlx_lm generate`,
   greedy, `--gen` tokens after a `--prompt-tokens` prompt, as their `--verbose` output reports it
   (once per project);
@@ -50,6 +52,7 @@ import mlx.core as mx
 from mlx.utils import tree_flatten
 
 from benchmarks import a13b as bg
+from hunyuan_mlx.mlx_lm_model import add_model_file
 from hunyuan_mlx.tokenizer import TIKTOKEN_FILE, write_tokenizer_json
 from hunyuan_mlx.tokenizer.hunyuan import SPECIAL_TOKEN_NAMES
 
@@ -69,12 +72,16 @@ SYNTHETIC_TEMPLATE = (
 LETTERS = b"abcdefghijklmnopqrstuvwxyz"
 CONNECT_ATTEMPTS = 10
 JSON_HEADERS = {"Content-Type": "application/json"}
-# system -> (server command, the project whose `generate` it is compared with)
+# system -> (server command, the `generate` it is compared with: the project and its checkpoint)
 SYSTEMS = {
     "ours": (["hunyuan_mlx.server"], "ours"),  # batching, as it starts by default
     "ours_queue": (["hunyuan_mlx.server", "--decode-concurrency", "1"], "ours"),
     "mlxlm": (["mlx_lm", "server"], "mlxlm"),
+    "mlxlm_ours": (["mlx_lm", "server", "--trust-remote-code"], "mlxlm_ours"),
 }
+# The checkpoint directory of each `generate` project: mlx-lm's server refuses a config naming a
+# model file unless trusted, so this project's model for it lives in a directory of its own.
+MODEL_DIRS = {"ours": "model", "mlxlm": "model", "mlxlm_ours": "model_ours_for_mlxlm"}
 STATS_RE = re.compile(r"Generation: (\d+) tokens, ([\d.]+) tokens-per-sec")
 
 
@@ -141,6 +148,17 @@ def write_checkpoint(directory: Path, cfg: dict, args) -> float:
     return size / bg.GB
 
 
+def with_model_file(source: Path, directory: Path) -> None:
+    """`source`'s checkpoint in `directory` (its files linked, not copied) under a config naming
+    this project's model file, for mlx-lm's tools (`hunyuan_mlx.mlx_lm_model`)."""
+    directory.mkdir(exist_ok=True)
+    for file in source.iterdir():
+        if file.name != "config.json":
+            (directory / file.name).symlink_to(file)
+    shutil.copyfile(source / "config.json", directory / "config.json")
+    add_model_file(directory)
+
+
 def prompt_text(client: int, n_tokens: int) -> str:
     """A distinct prompt of about `n_tokens` tokens (three-letter words: one token each with the
     synthetic tokenizer, about one with the release's)."""
@@ -154,6 +172,8 @@ def prompt_text(client: int, n_tokens: int) -> str:
 def run_generate(project: str, model_dir: Path, args) -> dict:
     """`generate`'s decode speed, from its verbose report."""
     module = ["hunyuan_mlx.generate", "--verbose"] if project == "ours" else ["mlx_lm", "generate"]
+    if project == "mlxlm_ours":
+        module.append("--trust-remote-code")
     command = [
         sys.executable,
         "-m",
@@ -304,7 +324,12 @@ def main() -> None:
     ap.add_argument("--clients", default="1,2,4,8,16", help="concurrent clients per measurement")
     ap.add_argument("--systems", default=",".join(SYSTEMS), help=f"of {', '.join(SYSTEMS)}")
     ap.add_argument("--tokenizer-dir", default=None, help="the release's tokenizer files")
-    ap.add_argument("--work-dir", default=None, help="where the checkpoint goes (default: tmp)")
+    ap.add_argument(
+        "--work-dir",
+        default=None,
+        help="where the checkpoint goes and is kept (default: a temporary directory); one "
+        "written there by an earlier run is used again",
+    )
     ap.add_argument("--startup-timeout", type=float, default=1800)
     ap.add_argument("--out", default=None, help="also write the JSON lines here")
     if ap.parse_known_args()[0].tiny:
@@ -320,28 +345,33 @@ def main() -> None:
     head = {"device": bg.device_name(), "versions": bg.versions(), "argv": sys.argv[1:]}
     bg.log({"kind": "setup", **head, "shape": {k: cfg[k] for k in bg.PER_LAYER_LISTS}}, sink)
 
-    t = time.perf_counter()
-    size = write_checkpoint(model_dir, cfg, args)
-    source = Path(args.tokenizer_dir) if args.tokenizer_dir else None
-    write_tokenizer(model_dir, cfg["vocab_size"], source)
-    bg.log({"kind": "checkpoint", "gb": size, "s": time.perf_counter() - t}, sink)
+    if (work / MODEL_DIRS["mlxlm_ours"]).exists():  # an earlier run's, in --work-dir
+        bg.log({"kind": "checkpoint", "reused": str(model_dir)}, sink)
+    else:
+        t = time.perf_counter()
+        size = write_checkpoint(model_dir, cfg, args)
+        source = Path(args.tokenizer_dir) if args.tokenizer_dir else None
+        write_tokenizer(model_dir, cfg["vocab_size"], source)
+        with_model_file(model_dir, work / MODEL_DIRS["mlxlm_ours"])
+        bg.log({"kind": "checkpoint", "gb": size, "s": time.perf_counter() - t}, sink)
 
     clients = [int(c) for c in args.clients.split(",")]
     found: dict[tuple[str, str, int], dict] = {}
     try:
         for system in args.systems.split(","):
             project = SYSTEMS[system][1]
+            system_dir = work / MODEL_DIRS[project]
             if (project, "generate", 1) not in found:
-                record = run_generate(project, model_dir, args)
+                record = run_generate(project, system_dir, args)
                 found[(project, "generate", 1)] = record
                 bg.log({"kind": "generate", "system": project, **record}, sink)
             port = free_port()
             log_file = work / f"{system}_server.log"
-            process = start_server(system, model_dir, port, log_file, args.startup_timeout)
+            process = start_server(system, system_dir, port, log_file, args.startup_timeout)
             try:
-                stream_completion(port, str(model_dir), prompt_text(999, args.prompt_tokens), 8)
+                stream_completion(port, str(system_dir), prompt_text(999, args.prompt_tokens), 8)
                 for round_index, n in enumerate(clients):
-                    record = measure_clients(port, str(model_dir), n, args, round_index)
+                    record = measure_clients(port, str(system_dir), n, args, round_index)
                     found[(system, "server", n)] = record
                     bg.log({"kind": "server", "system": system, "clients": n, **record}, sink)
             finally:

@@ -12,6 +12,7 @@ import pytest
 import torch
 from helpers import FAST_PATHS_CONFIG
 from mlx.utils import tree_flatten, tree_unflatten
+from mlx_lm.models.cache import BatchKVCache
 
 from hunyuan_mlx import load_model
 from hunyuan_mlx.models import FastPaths, HunYuanMoEV1Config, HunYuanMoEV1ForCausalLM
@@ -165,6 +166,28 @@ def test_chunked_prefill_and_decode_logits_equal_plain(quantized, always_fast, s
 
     fast = run()
     assert any(spy)
+    assert all(layer._decode_fns is not None for layer in model.layers)  # compiled decode ran
+    with fp.using(model, PLAIN):
+        plain = run()
+    assert max_diff(fast, plain) <= ATOL
+
+
+@pytest.mark.parametrize("quantized", [False, True])
+def test_batched_decode_is_compiled_and_equals_plain(quantized):
+    """The server's batched decode (mlx-lm's BatchKVCache: left padding, an offset per sequence,
+    an array mask) takes the compiled step and gives the plain path's logits."""
+    model = tiny_model(quantized)
+    prompts = [mx.random.randint(0, 200, (n,)).tolist() for n in (9, 14)]
+    steps = mx.random.randint(0, 200, (4, 2, 1))
+
+    def run():
+        cache = [BatchKVCache(left_padding=[5, 0]) for _ in model.layers]
+        ids = mx.array([[0] * 5 + prompts[0], prompts[1]])
+        out = [model(ids, cache=cache)[:, -1:]]
+        out += [model(step, cache=cache) for step in steps]
+        return mx.concatenate(out, axis=1)
+
+    fast = run()
     assert all(layer._decode_fns is not None for layer in model.layers)  # compiled decode ran
     with fp.using(model, PLAIN):
         plain = run()

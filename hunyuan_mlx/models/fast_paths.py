@@ -178,10 +178,14 @@ def using(model: nn.Module, policy: FastPaths) -> Iterator[None]:
         set_fast_paths(model, previous)
 
 
-def compiled_decode_step(layer: nn.Module, x: mx.array, cache: Any) -> tuple[mx.array, Any]:
-    """A decoder layer's single-token step, computed as `layer(x, None, cache)`: its attention
+def compiled_decode_step(
+    layer: nn.Module, x: mx.array, cache: Any, mask: mx.array | None = None
+) -> tuple[mx.array, Any]:
+    """A decoder layer's single-token step, computed as `layer(x, mask, cache)`: its attention
     half (`attention_block`) split around the cache update and attention, which stay outside the
-    two compiled functions, then its feed-forward half (`mlp_block`).
+    two compiled functions, then its feed-forward half (`mlp_block`). A batch of sequences
+    (mlx-lm's `BatchKVCache`: an offset per sequence, `mask` for their left padding) takes it
+    too, so the server's batched decode is compiled like a lone sequence's.
 
     The layer's parameters are the compiled functions' implicit inputs, so new weights (loading,
     adapters) are picked up; a changed structure traces anew. They are kept on the layer under a
@@ -197,7 +201,7 @@ def compiled_decode_step(layer: nn.Module, x: mx.array, cache: Any) -> tuple[mx.
     keys, values = cache.update_and_fetch(keys, values)
     attn = layer.self_attn
     out = scaled_dot_product_attention(
-        queries, keys, values, cache=cache, scale=attn.scale, mask=None
+        queries, keys, values, cache=cache, scale=attn.scale, mask=mask
     )
     return post(x, out), shared_kv
 

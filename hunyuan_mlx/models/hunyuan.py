@@ -250,11 +250,12 @@ class HunYuanMoEV1DecoderLayer(nn.Module):
         position_ids: mx.array | None,
     ) -> bool:
         """Whether the call `self(x, mask, cache, shared_kv, position_ids)` can run as
-        `compiled_decode_step`: one token with a cache, causal, no shared K/V, no explicit
-        positions, a rotation that does not depend on the length, in eval mode."""
+        `compiled_decode_step`: one token with a cache, causal or an array mask (a batch's
+        padding), no shared K/V, no explicit positions, a rotation that does not depend on the
+        length, in eval mode."""
         return (
             x.shape[1] == 1
-            and mask is None
+            and (mask is None or isinstance(mask, mx.array))
             and cache is not None
             and shared_kv is None
             and position_ids is None
@@ -313,7 +314,7 @@ class HunYuanMoEV1Model(nn.Module):
             if self.fast_paths.compiled_decode and layer.compiles_decode(
                 h, mask, layer_cache, shared_kv, position_ids
             ):
-                h, shared_kv = compiled_decode_step(layer, h, layer_cache)
+                h, shared_kv = compiled_decode_step(layer, h, layer_cache, mask)
             else:
                 h, shared_kv = layer(h, mask, layer_cache, shared_kv, position_ids)
         if self.pipeline_group is not None:
