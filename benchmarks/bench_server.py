@@ -20,7 +20,8 @@ naming this project's model file, `--trust-remote-code`):
   warm-up request, for each of `--clients`, that many clients at once each stream a completion of
   `--gen` tokens after a distinct prompt: one client's decode tokens/s (tokens after the first,
   over the time from the first streamed token to the last) and the aggregate tokens/s (all
-  clients' completion tokens over the wall time from the first request to the last reply).
+  clients' completion tokens over the wall time from the first request to the last reply), and
+  the clients' times to first token (mean and max: how long the last admitted waits).
 
 One JSON line per measurement on stdout (and in `--out`), then one summary line. Full shape, GPU:
 
@@ -305,9 +306,12 @@ def measure_clients(port: int, model: str, clients: int, args, round_index: int)
         for r in results
         if r["last"] is not None and r["last"] > r["first"]
     ]
+    ttft = [r["first"] - r["start"] for r in results if r["first"] is not None]
     return {
         "aggregate_tps": total / wall,
         "client_decode_tps_mean": sum(decode) / len(decode) if decode else None,
+        "ttft_s_mean": sum(ttft) / len(ttft) if ttft else None,
+        "ttft_s_max": max(ttft, default=None),
         "completion_tokens": total,
         "prompt_tokens": results[0]["prompt_tokens"],
         "wall_s": wall,
