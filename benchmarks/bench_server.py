@@ -16,9 +16,10 @@ naming this project's model file, `--trust-remote-code`):
 - `generate`'s decode tokens/s: `python -m hunyuan_mlx.generate` / `python -m mlx_lm generate`,
   greedy, `--gen` tokens after a `--prompt-tokens` prompt, as their `--verbose` output reports it
   (once per project);
-- the server (`python -m hunyuan_mlx.server` / `python -m mlx_lm server`) on a free port; after a
-  warm-up request, for each of `--clients`, that many clients at once each stream a completion of
-  `--gen` tokens after a distinct prompt: one client's decode tokens/s (tokens after the first,
+- the server (`python -m hunyuan_mlx.server` / `python -m mlx_lm server`) on a free port; after
+  an untimed round at the most clients (a GPU compiles kernels for each new batch shape at first
+  use), for each of `--clients`, that many clients at once each stream a completion of `--gen`
+  tokens after a distinct prompt: one client's decode tokens/s (tokens after the first,
   over the time from the first streamed token to the last) and the aggregate tokens/s (all
   clients' completion tokens over the wall time from the first request to the last reply), and
   the clients' times to first token (mean and max: how long the last admitted waits).
@@ -373,7 +374,9 @@ def main() -> None:
             log_file = work / f"{system}_server.log"
             process = start_server(system, system_dir, port, log_file, args.startup_timeout)
             try:
-                stream_completion(port, str(system_dir), prompt_text(999, args.prompt_tokens), 8)
+                # Warm-up: one untimed round at the most clients, so that no timed round pays
+                # for the kernels a new batch shape compiles (a GPU compiles them at first use).
+                measure_clients(port, str(system_dir), max(clients), args, len(clients))
                 for round_index, n in enumerate(clients):
                     record = measure_clients(port, str(system_dir), n, args, round_index)
                     found[(system, "server", n)] = record
