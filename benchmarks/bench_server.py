@@ -328,6 +328,7 @@ def main() -> None:
     ap.add_argument("--gen", type=int, default=128, help="tokens generated per request")
     ap.add_argument("--clients", default="1,2,4,8,16", help="concurrent clients per measurement")
     ap.add_argument("--systems", default=",".join(SYSTEMS), help=f"of {', '.join(SYSTEMS)}")
+    ap.add_argument("--no-generate", action="store_true", help="the servers only")
     ap.add_argument("--tokenizer-dir", default=None, help="the release's tokenizer files")
     ap.add_argument(
         "--work-dir",
@@ -366,7 +367,7 @@ def main() -> None:
         for system in args.systems.split(","):
             project = SYSTEMS[system][1]
             system_dir = work / MODEL_DIRS[project]
-            if (project, "generate", 1) not in found:
+            if not args.no_generate and (project, "generate", 1) not in found:
                 record = run_generate(project, system_dir, args)
                 found[(project, "generate", 1)] = record
                 bg.log({"kind": "generate", "system": project, **record}, sink)
