@@ -20,7 +20,8 @@ naming this project's model file, `--trust-remote-code`):
   an untimed round at the most clients (a GPU compiles kernels for each new batch shape at first
   use), for each of `--clients`, that many clients at once each stream a completion of `--gen`
   tokens after a distinct prompt: one client's decode tokens/s (tokens after the first,
-  over the time from the first streamed token to the last) and the aggregate tokens/s (all
+  over the time from the first streamed token to the last; their sum, and its ratio to one
+  client's in the summary) and the aggregate tokens/s (all
   clients' completion tokens over the wall time from the first request to the last reply), and
   the clients' times to first token (mean and max: how long the last admitted waits).
 
@@ -311,6 +312,7 @@ def measure_clients(port: int, model: str, clients: int, args, round_index: int)
     return {
         "aggregate_tps": total / wall,
         "client_decode_tps_mean": sum(decode) / len(decode) if decode else None,
+        "decode_tps_sum": sum(decode),  # the clients' decode speeds together
         "ttft_s_mean": sum(ttft) / len(ttft) if ttft else None,
         "ttft_s_max": max(ttft, default=None),
         "completion_tokens": total,
@@ -399,9 +401,12 @@ def main() -> None:
             )
         for n in clients:
             if (system, "server", n) in found:
-                summary[f"{system}_aggregate_tps_{n}"] = found[(system, "server", n)][
-                    "aggregate_tps"
-                ]
+                record = found[(system, "server", n)]
+                summary[f"{system}_aggregate_tps_{n}"] = record["aggregate_tps"]
+                if one and one["decode_tps_sum"]:  # issue 24's scaling: against one client
+                    summary[f"{system}_decode_vs_one_client_{n}"] = (
+                        record["decode_tps_sum"] / one["decode_tps_sum"]
+                    )
     bg.log(summary, sink)
 
 
