@@ -19,11 +19,11 @@ naming this project's model file, `--trust-remote-code`):
 - the server (`python -m hunyuan_mlx.server` / `python -m mlx_lm server`) on a free port; after
   an untimed round at the most clients (a GPU compiles kernels for each new batch shape at first
   use), for each of `--clients`, that many clients at once each stream a completion of `--gen`
-  tokens after a distinct prompt: one client's decode tokens/s (tokens after the first,
-  over the time from the first streamed token to the last; their sum, and its ratio to one
-  client's in the summary) and the aggregate tokens/s (all
-  clients' completion tokens over the wall time from the first request to the last reply), and
-  the clients' times to first token (mean and max: how long the last admitted waits).
+  tokens after a distinct prompt: one client's decode tokens/s (tokens after the first, over
+  the time from the first streamed token to the last; their sum, and its ratio to one client's
+  in the summary), the aggregate tokens/s (all clients' completion tokens over the wall time
+  from the first request to the last reply), and the clients' times to first token (mean and
+  max: how long the last admitted waits).
 
 One JSON line per measurement on stdout (and in `--out`), then one summary line. Full shape, GPU:
 
