@@ -235,6 +235,33 @@ def test_compile_takes_the_gathered_path(always_fast, spy):
     assert spy and not any(spy)  # tried, declined: no host read inside mx.compile
 
 
+@pytest.mark.parametrize("quantized", [False, True])
+def test_gathered_experts_in_pieces_equal_one_graph_within_less_memory(quantized):
+    """A long inference call of the gathered experts goes in pieces, each evaluated before the
+    next: the same outputs, a fraction of one graph's working memory; inside mx.compile (which
+    cannot evaluate) one graph, still equal."""
+    glu = tiny_model(quantized).layers[0].mlp.experts
+    x = mx.random.normal((1, 1024, glu.gate_up_proj.dims[1]))
+    indices, weights = routing(1024)
+    mx.eval(x, indices, weights)
+
+    def peak_and_out(pieces: int | None) -> tuple[int, mx.array]:
+        fp.set_fast_paths(glu, FastPaths(gathered_piece_rows=pieces))
+        mx.clear_cache()
+        mx.reset_peak_memory()
+        base = mx.get_active_memory()
+        out = glu(x, indices, weights)
+        mx.eval(out)
+        return mx.get_peak_memory() - base, out
+
+    whole, expected = peak_and_out(None)
+    pieces, out = peak_and_out(512)
+    assert max_diff(out, expected) <= 1e-5
+    assert pieces < whole / 2
+    compiled = mx.compile(lambda x: glu(x, indices, weights))
+    assert max_diff(compiled(x), expected) <= 1e-5
+
+
 def test_foreign_wrapper_takes_the_gathered_path(always_fast, spy):
     """A wrapper around a projection without a padded product (`batched`) sees its own call."""
 

@@ -413,7 +413,26 @@ class GatheredGLU(nn.Module):
             )
             if out is not None:
                 return weighted_sum(out, weights)
+        pieces = self.fast_paths.gathered_piece_rows
+        if not self.training and pieces is not None and indices.size > pieces:
+            return self.in_pieces(x, indices, weights, pieces)
         return self.gathered(x, indices, weights)
+
+    def in_pieces(self, x: mx.array, indices: mx.array, weights: mx.array, rows: int) -> mx.array:
+        """`gathered` on about `rows` routed rows of whole tokens at a time, each piece evaluated
+        before the next is built, which bounds the kernel's working arrays to one piece's; one
+        graph inside `mx.compile`, which cannot evaluate."""
+        k = indices.shape[-1]
+        step = max(rows // k, 1)
+        flat = x.reshape(-1, x.shape[-1]), indices.reshape(-1, k), weights.reshape(-1, k)
+        pieces = []
+        for start in range(0, len(flat[0]), step):
+            pieces.append(self.gathered(*(a[start : start + step] for a in flat)))
+            try:
+                mx.eval(pieces[-1])
+            except ValueError:  # "eval during function transformations": MLX's sign of tracing
+                pass
+        return mx.concatenate(pieces).reshape(x.shape)
 
     def gathered(self, x: mx.array, indices: mx.array, weights: mx.array) -> mx.array:
         """The gathered kernel (the plain path), arguments as `__call__`'s."""

@@ -54,6 +54,13 @@ PADDED_EXPERT_GROUP = 32
 # peaked 52.0 GB with 8, 55.6 with 16, 61.7 with 32, at 719 / 903 / 919 tokens/s (BENCHMARKS.md,
 # results/2026-11-26_h100_lora_memory_steps.jsonl): 8 keeps the step within weights + 6 GB.
 PADDED_TRAINING_EXPERT_GROUP = 8
+# Routed rows an inference call of the gathered experts runs at once: a longer one goes in pieces
+# of whole tokens, each run before the next is built, as the padded path's expert groups are (a
+# GPU frees a kernel's working arrays only once it has run). On an H100, MLX 0.32.4's sorted
+# gather_qmm held about 14 GB over A13B's weights for a 2,048-token prefill chunk (16,384 rows;
+# BENCHMARKS.md, results/2026-12-06_h100_prefill_metal_policy_a13b.jsonl); a quarter of that is
+# within the 10% over weights and KV cache that prefill may take.
+GATHERED_PIECE_ROWS = 4096
 # Backends where the whole model's decode graph (decode.py) was measured to beat each layer's
 # compiled step. Not CUDA: MLX 0.32.4's CUDA attention has no fused kernel for an array mask, so
 # the graph's masked attention runs as a dozen unfused ops a layer (1,649 nodes a token against
@@ -88,6 +95,9 @@ class FastPaths:
     # The whole model's single-token step as one compiled graph over the KV buffers (decode.py);
     # where a call cannot take it, `compiled_decode` applies.
     decode_graph: bool = False
+    # Routed rows an inference call of the gathered experts runs at once, each piece evaluated
+    # before the next is built (`GATHERED_PIECE_ROWS`); None: the whole call as one graph.
+    gathered_piece_rows: int | None = None
     # Unquantized experts avoid sorted gather_mm (padded instead), for MLX's bug above.
     avoid_sorted_gather_mm: bool = False
     # QLoRA's step goes a decoder layer at a time (`tuner/layerwise.py`): what bounds its memory
@@ -113,6 +123,7 @@ class FastPaths:
             padded_float32=backend_ not in PADDED_HALF_PRECISION_ONLY,
             compiled_decode=True,
             decode_graph=backend_ in DECODE_GRAPH_BACKENDS,
+            gathered_piece_rows=GATHERED_PIECE_ROWS,
             avoid_sorted_gather_mm=backend_ == "cuda"
             and mlx_version in SORTED_GATHER_MM_BROKEN_ON_CUDA,
             layerwise_training=True,
