@@ -58,8 +58,9 @@ PADDED_TRAINING_EXPERT_GROUP = 8
 # of whole tokens, each run before the next is built, as the padded path's expert groups are (a
 # GPU frees a kernel's working arrays only once it has run). On an H100, MLX 0.32.4's sorted
 # gather_qmm held about 14 GB over A13B's weights for a 2,048-token prefill chunk (16,384 rows;
-# BENCHMARKS.md, results/2026-12-06_h100_prefill_metal_policy_a13b.jsonl); a quarter of that is
-# within the 10% over weights and KV cache that prefill may take.
+# BENCHMARKS.md, results/2026-12-06_h100_prefill_metal_policy_a13b.jsonl); a quarter of that (if
+# it scales with the rows; not measured) would be within the 10% over weights and KV cache that
+# prefill may take. On the CPU the pieces cost no time (34 s either way for a 2,048-token call).
 GATHERED_PIECE_ROWS = 4096
 # Backends where the whole model's decode graph (decode.py) was measured to beat each layer's
 # compiled step. Not CUDA: MLX 0.32.4's CUDA attention has no fused kernel for an array mask, so
