@@ -1,0 +1,89 @@
+"""Host cost of a batched decode step (the server's), and why batching cannot pay on a CPU.
+
+- `step`: a model built as `bench_generate` builds it (float32), a batch of `--batches` sequences
+  prefilled into mlx-lm's `BatchKVCache` (left-padded, as the server's batches are), then one
+  decode step under the default policy (each layer's compiled step) and with `compiled_decode`
+  off (the uncompiled step batches took before the compiled one accepted their array mask):
+  graph nodes and the median time to build the step's graph (no evaluation);
+- `rows`: a 4-bit `quantized_matmul` of `--rows` rows against one weight matrix, median time:
+  on a CPU it grows in proportion to the rows, so a batch of B sequences costs B steps there.
+
+    python -m benchmarks.batch_decode --layers 32 --width-scale 0.0625 --experts 16 --vocab 4096
+"""
+
+from __future__ import annotations
+
+import argparse
+import dataclasses
+import statistics
+import sys
+import time
+
+import mlx.core as mx
+from mlx_lm.models.cache import BatchKVCache
+
+from benchmarks import a13b as bg
+from benchmarks.profile_decode import primitives
+from hunyuan_mlx.models import FastPaths
+from hunyuan_mlx.models.fast_paths import using
+
+BUILDS = 20  # steps built per measurement; the first few (tracing) are left out
+TRACED = 5
+
+
+def build_ms(model, step: mx.array, cache: list) -> tuple[float, int]:
+    """Median milliseconds to build one decode step's graph, and its graph nodes."""
+    times = []
+    for _ in range(BUILDS):
+        tic = time.perf_counter()
+        out = model(step, cache=cache)
+        times.append((time.perf_counter() - tic) * 1e3)
+        mx.eval(out)
+    return statistics.median(times[TRACED:]), sum(primitives(model(step, cache=cache)).values())
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    bg.add_model_args(ap)
+    ap.add_argument("--batches", default="1,8", help="sequences per batch")
+    ap.add_argument("--prompt", type=int, default=40, help="prompt tokens per sequence")
+    ap.add_argument("--rows", default="1,2,4,8,16", help="rows of the quantized_matmul")
+    ap.add_argument("--out", default=None, help="also write the JSON lines here")
+    args = ap.parse_args()
+    sink = open(args.out, "w") if args.out else None
+    mx.random.seed(args.seed)
+    cfg = bg.release_config(args)
+    args._layers = cfg["num_hidden_layers"]
+    model = bg.build_ours(cfg, args)
+    model.set_dtype(mx.float32)
+    model.eval()
+    mx.eval(model.parameters())
+    head = {"device": bg.device_name(), "dtype": "float32", "layers": cfg["num_hidden_layers"]}
+    bg.log({"kind": "setup", **head, "argv": sys.argv[1:], "versions": bg.versions()}, sink)
+
+    default = FastPaths.default()
+    for b in (int(n) for n in args.batches.split(",")):
+        for policy in (default, dataclasses.replace(default, compiled_decode=False)):
+            cache = [BatchKVCache(left_padding=[3] * (b - 1) + [0]) for _ in model.layers]
+            with using(model, policy):
+                mx.eval(model(mx.ones((b, args.prompt), mx.int32), cache=cache))
+                ms, nodes = build_ms(model, mx.ones((b, 1), mx.int32), cache)
+            record = {"kind": "step", **head, "batch": b, "compiled": policy.compiled_decode}
+            bg.log({**record, "build_ms": ms, "nodes": nodes}, sink)
+
+    weight = mx.random.normal((cfg["vocab_size"], cfg["hidden_size"]))
+    packed = mx.quantize(weight, args.group_size, args.bits)
+    for rows in (int(n) for n in args.rows.split(",")):
+        x = mx.random.normal((rows, cfg["hidden_size"]))
+
+        def product(x: mx.array = x) -> mx.array:
+            return mx.quantized_matmul(x, *packed, True, args.group_size, args.bits)
+
+        mx.eval(product())
+        shape = list(weight.shape)
+        record = {"kind": "rows", **head, "rows": rows, "weight": shape, "bits": args.bits}
+        bg.log({**record, "ms": bg.median_ms(product, 50)}, sink)
+
+
+if __name__ == "__main__":
+    main()
