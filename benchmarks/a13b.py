@@ -40,6 +40,14 @@ def log(record: dict, sink) -> None:
         sink.flush()
 
 
+def int_list(text: str) -> list[int]:
+    """An argparse type: comma-separated integers ("1,4,16")."""
+    try:
+        return [int(part) for part in text.split(",")]
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"not comma-separated integers: {text!r}") from None
+
+
 def median_ms(fn: Callable[[], Any], reps: int) -> float:
     """Median milliseconds of `reps` evaluated calls of `fn`, each between two synchronisations
     (warm it first)."""

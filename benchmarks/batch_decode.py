@@ -45,9 +45,11 @@ def build_ms(model, step: mx.array, cache: list) -> tuple[float, int]:
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     bg.add_model_args(ap)
-    ap.add_argument("--batches", default="1,8", help="sequences per batch")
+    ap.add_argument("--batches", type=bg.int_list, default=[1, 8], help="sequences per batch")
     ap.add_argument("--prompt", type=int, default=40, help="prompt tokens per sequence")
-    ap.add_argument("--rows", default="1,2,4,8,16", help="rows of the quantized_matmul")
+    ap.add_argument(
+        "--rows", type=bg.int_list, default=[1, 2, 4, 8, 16], help="rows of the quantized_matmul"
+    )
     ap.add_argument("--out", default=None, help="also write the JSON lines here")
     args = ap.parse_args()
     sink = open(args.out, "w") if args.out else None
@@ -62,7 +64,7 @@ def main() -> None:
     bg.log({"kind": "setup", **head, "argv": sys.argv[1:], "versions": bg.versions()}, sink)
 
     default = FastPaths.default()
-    for b in (int(n) for n in args.batches.split(",")):
+    for b in args.batches:
         for policy in (default, dataclasses.replace(default, compiled_decode=False)):
             cache = [BatchKVCache(left_padding=[3] * (b - 1) + [0]) for _ in model.layers]
             with using(model, policy):
@@ -73,7 +75,7 @@ def main() -> None:
 
     weight = mx.random.normal((cfg["vocab_size"], cfg["hidden_size"]))
     packed = mx.quantize(weight, args.group_size, args.bits)
-    for rows in (int(n) for n in args.rows.split(",")):
+    for rows in args.rows:
         x = mx.random.normal((rows, cfg["hidden_size"]))
 
         def product(x: mx.array = x) -> mx.array:

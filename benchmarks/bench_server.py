@@ -328,7 +328,12 @@ def main() -> None:
     ap.add_argument("--tiny", action="store_true", help=f"CPU-sized defaults: {TINY}")
     ap.add_argument("--prompt-tokens", type=int, default=512)
     ap.add_argument("--gen", type=int, default=128, help="tokens generated per request")
-    ap.add_argument("--clients", default="1,2,4,8,16", help="concurrent clients per measurement")
+    ap.add_argument(
+        "--clients",
+        type=bg.int_list,
+        default=[1, 2, 4, 8, 16],
+        help="concurrent clients per measurement",
+    )
     ap.add_argument("--systems", default=",".join(SYSTEMS), help=f"of {', '.join(SYSTEMS)}")
     ap.add_argument("--no-generate", action="store_true", help="the servers only")
     ap.add_argument("--tokenizer-dir", default=None, help="the release's tokenizer files")
@@ -343,6 +348,9 @@ def main() -> None:
     if ap.parse_known_args()[0].tiny:
         ap.set_defaults(**TINY)  # flags given explicitly still win
     args = ap.parse_args()
+    unknown = set(args.systems.split(",")) - set(SYSTEMS)
+    if unknown:
+        ap.error(f"--systems: unknown {', '.join(sorted(unknown))} (of {', '.join(SYSTEMS)})")
     sink = open(args.out, "w") if args.out else None
     mx.random.seed(args.seed)
     cfg = bg.release_config(args)
@@ -363,7 +371,7 @@ def main() -> None:
         with_model_file(model_dir, work / MODEL_DIRS["mlxlm_ours"])
         bg.log({"kind": "checkpoint", "gb": size, "s": time.perf_counter() - t}, sink)
 
-    clients = [int(c) for c in args.clients.split(",")]
+    clients = args.clients
     found: dict[tuple[str, str, int], dict] = {}
     try:
         for system in args.systems.split(","):

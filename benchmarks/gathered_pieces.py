@@ -48,7 +48,7 @@ def measure_call(moe, hidden: int, args, head: dict, sink) -> None:
     weights = mx.softmax(mx.random.normal((1, args.tokens, k)), axis=-1)
     mx.eval(x, indices, weights)
     expected = None
-    for rows in [None] + [int(r) for r in args.piece_rows.split(",")]:
+    for rows in [None, *args.piece_rows]:
         set_fast_paths(experts, FastPaths(gathered_piece_rows=rows))
         _, peak, seconds, out = peak_of(lambda: experts(x, indices, weights))
         expected = out if expected is None else expected
@@ -61,7 +61,7 @@ def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     bg.add_model_args(ap)
     ap.add_argument("--tokens", type=int, default=2048)
-    ap.add_argument("--piece-rows", default=f"{GATHERED_PIECE_ROWS},1024")
+    ap.add_argument("--piece-rows", type=bg.int_list, default=[GATHERED_PIECE_ROWS, 1024])
     ap.add_argument("--out", default=None, help="also write the JSON lines here")
     args = ap.parse_args()
     sink = open(args.out, "w") if args.out else None
