@@ -55,6 +55,8 @@ import mlx.core as mx
 from mlx.utils import tree_flatten
 
 from benchmarks import a13b as bg
+from hunyuan_mlx.cli import run_main
+from hunyuan_mlx.interrupts import signals_as_interrupts
 from hunyuan_mlx.mlx_lm_model import add_model_file
 from hunyuan_mlx.tokenizer import TIKTOKEN_FILE, write_tokenizer_json
 from hunyuan_mlx.tokenizer.hunyuan import SPECIAL_TOKEN_NAMES
@@ -294,7 +296,8 @@ def measure_clients(port: int, model: str, clients: int, args, round_index: int)
         prompt = prompt_text(1 + i + 100 * round_index, args.prompt_tokens)
         results[i] = stream_completion(port, model, prompt, args.gen)
 
-    threads = [threading.Thread(target=client, args=(i,)) for i in range(clients)]
+    # Daemons: an interrupted run does not wait for its clients' streams.
+    threads = [threading.Thread(target=client, args=(i,), daemon=True) for i in range(clients)]
     for t in threads:
         t.start()
     for t in threads:
@@ -419,4 +422,7 @@ def main() -> None:
 
 
 if __name__ == "__main__":
-    main()
+    # Ctrl-C, SIGTERM and SIGHUP run the clean-up (the server process stopped, the temporary
+    # checkpoint removed) and end in one line, as this project's commands do.
+    with run_main("bench_server"), signals_as_interrupts():
+        main()
