@@ -170,6 +170,18 @@ def build_ours(
     return model
 
 
+def build_float32(args) -> tuple[HunYuanMoEV1ForCausalLM, dict]:
+    """`build_ours`'s model of `args`'s shape cast to float32 (the CPU's dtype), in eval mode,
+    and its config."""
+    cfg = release_config(args)
+    args._layers = cfg["num_hidden_layers"]
+    model = build_ours(cfg, args)
+    model.set_dtype(mx.float32)
+    model.eval()
+    mx.eval(model.parameters())
+    return model, cfg
+
+
 QSUFFIX = ("weight", "scales", "biases")
 PLACEHOLDER = mx.zeros((1,), dtype=mx.uint32)
 

@@ -54,12 +54,7 @@ def main() -> None:
     args = ap.parse_args()
     sink = open(args.out, "w") if args.out else None
     mx.random.seed(args.seed)
-    cfg = bg.release_config(args)
-    args._layers = cfg["num_hidden_layers"]
-    model = bg.build_ours(cfg, args)
-    model.set_dtype(mx.float32)
-    model.eval()
-    mx.eval(model.parameters())
+    model, cfg = bg.build_float32(args)
     head = {"device": bg.device_name(), "dtype": "float32", "layers": cfg["num_hidden_layers"]}
     bg.log({"kind": "setup", **head, "argv": sys.argv[1:], "versions": bg.versions()}, sink)
 
