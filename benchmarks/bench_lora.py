@@ -140,6 +140,9 @@ def build(
                     padded_training_expert_group=args.expert_group,
                 ),
             )
+        if impl != "hunyuan_mlx_plain" and args.piece_rows is not None:
+            rows = args.piece_rows or None
+            set_fast_paths(model, dataclasses.replace(model.fast_paths, gathered_piece_rows=rows))
         model.set_dtype(mx.bfloat16)
         for layer in model.layers:  # the router stays float32, as a loaded checkpoint has it
             if "gate" in layer.mlp:
@@ -405,6 +408,13 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--row-timeout", type=float, default=None, help="Seconds per measurement.")
     p.add_argument(
         "--expert-group", type=int, default=None, help="Ours: experts per padded matmul (training)."
+    )
+    p.add_argument(
+        "--piece-rows",
+        type=int,
+        default=None,
+        help="Ours: routed rows per piece of the gathered experts, 0 for one graph "
+        "(FastPaths.gathered_piece_rows; default: the policy's).",
     )
     p.add_argument(
         "--phases", action="store_true", help="Ours: peak memory by phase of one more step."

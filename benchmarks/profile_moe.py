@@ -158,12 +158,37 @@ def main():
         ms, _ = bench(lambda: qmm(nn.silu(qmm(x, sg)) * qmm(x, su), sd), reps)
         p("shared_mlp", ms)
         # Routed experts: baseline
-        ms, ref = bench(lambda: gqmm(xg, gu, ig, sort_flag), reps)
-        p("gather_qmm_gate_up", ms, tflops=flop_gu / ms / 1e9, sorted=sort_flag)
+        ms_gate_up, ref = bench(lambda: gqmm(xg, gu, ig, sort_flag), reps)
+        p("gather_qmm_gate_up", ms_gate_up, tflops=flop_gu / ms_gate_up / 1e9, sorted=sort_flag)
         hid = nn.silu(ref[..., :I]) * ref[..., I:]
         mx.eval(hid)
         ms, ref_dn = bench(lambda: gqmm(hid, dn, ig, sort_flag), reps)
         p("gather_qmm_down", ms, tflops=flop_gu / 2 / ms / 1e9)
+        if 1 < T <= 64:  # a batched decode step's T sequences: every expert on every row
+            p("gather_qmm_per_token", (ms_gate_up + ms) / T)
+            all_rows = mx.arange(E, dtype=mx.uint32)
+            x_rows = x.reshape(T, D)
+            ms, _ = bench(lambda: qmm(x_rows, tuple(a.reshape(E * 2 * I, -1) for a in gu)), reps)
+            p("all_experts_qmm_gate_up", ms, tflops=2 * T * E * 2 * I * D / ms / 1e9)
+            ms, _ = bench(
+                lambda: mx.gather_qmm(
+                    x_rows, *gu, lhs_indices=mx.zeros((E,), mx.uint32), rhs_indices=all_rows,
+                    transpose=True, group_size=64, bits=4,
+                ),
+                reps,
+            )
+            p("all_experts_gather_qmm_gate_up", ms, tflops=2 * T * E * 2 * I * D / ms / 1e9)
+            h_all = mx.random.normal((E, T, I)).astype(mx.bfloat16)
+            mx.eval(h_all)
+            ms, _ = bench(
+                lambda: mx.gather_qmm(
+                    h_all, *dn, lhs_indices=all_rows, rhs_indices=all_rows,
+                    transpose=True, group_size=64, bits=4,
+                ),
+                reps,
+            )
+            p("all_experts_gather_qmm_down", ms, tflops=2 * T * E * I * D / ms / 1e9)
+            continue
         if T == 1:
             ms, _ = bench(lambda: qmm(x, head), reps)
             p("head", ms)

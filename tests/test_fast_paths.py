@@ -317,20 +317,39 @@ def test_lora_training_on_padded_experts_equals_gathered(quantized, checkpointed
         assert max_diff(fast_grads[name], grad) <= 1e-4 * scale, name
 
 
-@pytest.mark.parametrize("metal", [False, True])
-@pytest.mark.parametrize(("dropout", "loss_chunk"), [(0.0, 512), (0.3, 512), (0.0, 5)])
+# Where each tuned layer's vjp goes: this backend's padded experts a group at a time, the Metal
+# policy's gathered experts compiled, or in pieces of 16 tokens (of 66) where the call is longer.
+LAYERWISE_POLICIES = {
+    "padded groups": lambda: FastPaths.default(),
+    "metal": lambda: FastPaths.default(on="metal"),
+    "metal pieces": lambda: dataclasses.replace(
+        FastPaths.default(on="metal"), gathered_piece_rows=64
+    ),
+}
+
+
+@pytest.mark.parametrize(
+    ("policy", "dropout", "loss_chunk"),
+    [
+        (policy, dropout, loss_chunk)
+        for policy in LAYERWISE_POLICIES
+        for dropout, loss_chunk in [(0.0, 512), (0.3, 512), (0.0, 5)]
+        # Pieces draw their dropout masks a piece at a time, the one graph all at once.
+        if not (policy == "metal pieces" and dropout)
+    ],
+)
 def test_layerwise_gradients_equal_value_and_grad(
-    dropout, loss_chunk, metal, always_fast, grouped, monkeypatch
+    dropout, loss_chunk, policy, always_fast, grouped, monkeypatch
 ):
     """The trainer's layer-at-a-time gradients are one `nn.value_and_grad`'s, in float32 to
     1e-4, dropout included: each layer's forward and recomputation draw the same masks; the loss
     in pieces of 5 positions (one piece with no scored position) gives the whole sequence's.
     Under this backend's policy the padded experts go a group at a time (their dropout masks have
     the padded rows' shape in both); under the Metal policy's (gathered experts, the graphs a Mac
-    builds) each layer's vjp is compiled. (Padded against gathered: above.)"""
+    builds) each layer's vjp is compiled, or goes a piece of tokens at a time where the call is
+    longer than `gathered_piece_rows`. (Padded against gathered: above.)"""
     model = tiny_model(quantized=True)
-    if metal:
-        fp.set_fast_paths(model, FastPaths.default(on="metal"))
+    fp.set_fast_paths(model, LAYERWISE_POLICIES[policy]())
     prepare_model(model, "lora", 2, {"rank": 4, "dropout": dropout})
     model.train()
     assert takes_layerwise(model)
@@ -339,9 +358,9 @@ def test_layerwise_gradients_equal_value_and_grad(
     mx.random.seed(7)
     (loss, tokens), grads = layerwise_loss_and_grad(model, batch, lengths, loss_chunk)
     mx.eval(loss, grads)
-    assert grouped == ([] if metal else [True, True])
+    assert grouped == ([] if policy == "metal" else [True, True])
     compiled = [sorted(name for name, *_ in layer.get("_train_fns", {})) for layer in model.layers]
-    assert compiled == [["forward", "vjp"] if metal else []] * 2
+    assert compiled == [["forward", "vjp"] if policy == "metal" else []] * 2
 
     # The reference: one value_and_grad, each layer reseeded as layerwise_loss_and_grad does.
     mx.random.seed(7)

@@ -18,7 +18,7 @@ from __future__ import annotations
 import math
 from collections.abc import Callable
 from dataclasses import dataclass
-from functools import cache
+from functools import cache, partial
 
 import mlx.core as mx
 import mlx.nn as nn
@@ -28,6 +28,9 @@ from .fast_paths import FastPaths
 from .quantization import DEFAULT_Q_MODE, dequantize
 
 Rows = mx.array | None  # which of x's rows each gathered product reads (None: broadcast)
+# A part of one experts call that is run on its own: its slice of the call's rows, and the
+# function from those rows to its outputs (`PaddedGrid.parts`, `TokenPieces.parts`).
+Part = tuple[slice, Callable[[mx.array], mx.array]]
 
 # Sorting rows by expert costs two argsorts and a gather; it pays off once a call routes enough
 # rows that experts repeat, and lets gather_(q)mm read each expert's weights once. mlx-lm's value.
@@ -297,10 +300,52 @@ class PaddedGrid:
             out.append((slice(a, a + size), None if every else experts))
         return out
 
+    def parts(self, experts: GatheredGLU) -> list[Part]:
+        """The groups of `experts.expert_group` blocks: each one's slice of `rows` and its
+        function."""
+        groups = self.groups(experts.expert_group)
+        return [(part, partial(padded_glu, experts, group=group)) for part, group in groups]
+
     def unpad(self, outs: list[mx.array]) -> mx.array:
         """Each routed row's output (..., k, D) from the groups' outputs, in grid order."""
         out = outs[0] if len(outs) == 1 else mx.concatenate(outs)
         out = out.reshape(-1, out.shape[-1])[self.cells]
+        return out.reshape(*self.shape, out.shape[-1])
+
+
+@dataclass(frozen=True)
+class TokenPieces:
+    """One call's tokens in pieces of whole tokens, about `rows` routed rows each, for the
+    gathered kernel run a piece at a time: `PaddedGrid`'s interface (rows, parts, unpad), so
+    the trainer splits either kernel's call alike (`tuner/expert_groups.py`)."""
+
+    indices: mx.array  # (tokens, k): each token's experts
+    step: int  # tokens per piece
+    shape: tuple[int, ...]  # the routing's (..., k)
+
+    @classmethod
+    def plan(cls, indices: mx.array, rows: int) -> TokenPieces:
+        """Pieces of routing `indices` (..., k), each about `rows` routed rows."""
+        k = indices.shape[-1]
+        return cls(indices.reshape(-1, k), max(rows // k, 1), tuple(indices.shape))
+
+    @property
+    def slices(self) -> list[slice]:
+        """Each piece's tokens."""
+        tokens = len(self.indices)
+        return [slice(a, a + self.step) for a in range(0, tokens, self.step)]
+
+    def rows(self, x: mx.array) -> mx.array:
+        """The tokens' rows (tokens, D) from `x` (..., D)."""
+        return x.reshape(-1, x.shape[-1])
+
+    def parts(self, experts: GatheredGLU) -> list[Part]:
+        """Each piece's slice of `rows` and its function: its tokens' routed outputs (n, k, D)."""
+        return [(part, partial(experts.routed, indices=self.indices[part])) for part in self.slices]
+
+    def unpad(self, outs: list[mx.array]) -> mx.array:
+        """Each routed row's output (..., k, D) from the pieces' outputs."""
+        out = mx.concatenate(outs)
         return out.reshape(*self.shape, out.shape[-1])
 
 
@@ -312,14 +357,10 @@ def padded_glu(experts: GatheredGLU, rows: mx.array, group: list[int] | None) ->
 
 
 def padded_experts(
-    experts: GatheredGLU,
-    x: mx.array,
-    indices: mx.array,
-    expert_group: int,
-    run_each_group: bool = False,
+    experts: GatheredGLU, x: mx.array, indices: mx.array, run_each_group: bool = False
 ) -> mx.array | None:
     """Each row's expert output (..., k, D), as batched matmuls over (blocks, capacity, D),
-    `expert_group` blocks at a time. None inside `mx.compile` (`PaddedGrid.plan`).
+    `experts.expert_group` blocks at a time. None inside `mx.compile` (`PaddedGrid.plan`).
 
     `run_each_group` evaluates each group before the next is built: a GPU frees a kernel's inputs
     only once it has run, so unsynchronised groups piled up their dense weights (an A13B layer's
@@ -332,8 +373,8 @@ def padded_experts(
         return None
     rows = grid.rows(x)
     outs = []
-    for part, group in grid.groups(expert_group):
-        outs.append(padded_glu(experts, rows[part], group))
+    for part, run in grid.parts(experts):
+        outs.append(run(rows[part]))
         if run_each_group:
             mx.eval(outs[-1])
     return grid.unpad(outs)
@@ -390,6 +431,25 @@ class GatheredGLU(nn.Module):
         `mx.compile`d (they would fall back to the gathered kernel)."""
         return self.padded_from(dtype) is not None or self.fast_paths.avoid_sorted_gather_mm
 
+    def in_pieces_for(self, rows: int) -> bool:
+        """Whether a gathered call on `rows` routed rows goes in pieces (the policy's
+        `gathered_piece_rows`)."""
+        pieces = self.fast_paths.gathered_piece_rows
+        return pieces is not None and rows > pieces
+
+    def splits(self, rows: int, dtype: mx.Dtype) -> bool:
+        """Whether a call on `rows` routed rows in `dtype` can go in parts run one at a time
+        (`split`), as the trainer runs them: the padded kernel's expert groups, or the gathered
+        kernel's pieces (`in_pieces_for`)."""
+        return self.kernel(rows, dtype) == "padded" or self.in_pieces_for(rows)
+
+    def split(self, indices: mx.array, dtype: mx.Dtype) -> PaddedGrid | TokenPieces:
+        """The parts of a call on routing `indices` in `dtype` that `splits`: the padded grid
+        (reading the routing counts on the host), or the gathered kernel's pieces."""
+        if self.kernel(indices.size, dtype) == "padded":
+            return PaddedGrid.plan(indices, self.gate_up_proj.dims[0])
+        return TokenPieces.plan(indices, self.fast_paths.gathered_piece_rows)
+
     @property
     def expert_group(self) -> int:
         """Experts whose dense weights a padded call holds at once (fewer in training)."""
@@ -408,26 +468,22 @@ class GatheredGLU(nn.Module):
         """
         indices = mx.stop_gradient(indices)
         if self.kernel(indices.size, x.dtype) == "padded":
-            out = padded_experts(
-                self, x, indices, self.expert_group, run_each_group=not self.training
-            )
+            out = padded_experts(self, x, indices, run_each_group=not self.training)
             if out is not None:
                 return weighted_sum(out, weights)
-        pieces = self.fast_paths.gathered_piece_rows
-        if not self.training and pieces is not None and indices.size > pieces:
-            return self.in_pieces(x, indices, weights, pieces)
+        if not self.training and self.in_pieces_for(indices.size):
+            return self.in_pieces(x, indices, weights)
         return self.gathered(x, indices, weights)
 
-    def in_pieces(self, x: mx.array, indices: mx.array, weights: mx.array, rows: int) -> mx.array:
-        """`gathered` on about `rows` routed rows of whole tokens at a time, each piece evaluated
-        before the next is built, which bounds the kernel's working arrays to one piece's; one
-        graph inside `mx.compile`, which cannot evaluate."""
-        k = indices.shape[-1]
-        step = max(rows // k, 1)
-        flat = x.reshape(-1, x.shape[-1]), indices.reshape(-1, k), weights.reshape(-1, k)
+    def in_pieces(self, x: mx.array, indices: mx.array, weights: mx.array) -> mx.array:
+        """`gathered` on about `gathered_piece_rows` routed rows of whole tokens at a time, each
+        piece evaluated before the next is built, which bounds the kernel's working arrays to one
+        piece's; one graph inside `mx.compile`, which cannot evaluate."""
+        plan = TokenPieces.plan(indices, self.fast_paths.gathered_piece_rows)
+        flat = plan.rows(x), plan.indices, weights.reshape(plan.indices.shape)
         pieces = []
-        for start in range(0, len(flat[0]), step):
-            pieces.append(self.gathered(*(a[start : start + step] for a in flat)))
+        for part in plan.slices:
+            pieces.append(self.gathered(*(a[part] for a in flat)))
             try:
                 mx.eval(pieces[-1])
             except ValueError:  # "eval during function transformations": MLX's sign of tracing
@@ -438,9 +494,7 @@ class GatheredGLU(nn.Module):
         """The gathered kernel (the plain path), arguments as `__call__`'s."""
         rows = indices.size
         if rows >= SORT_THRESHOLD:
-            x_rows, row_indices, inverse_order = gather_sort(mx.expand_dims(x, (-2, -3)), indices)
-            out = self.glu(x_rows, row_indices, sorted_indices=True)
-            return weighted_sum(scatter_unsort(out, inverse_order, indices.shape), weights)
+            return weighted_sum(self.routed(x, indices), weights)
         # Few rows (decode). Every graph node costs host time here, so: row indices as constants
         # rather than the arange gather_qmm would build, the weights folded into the down
         # projection's input (it is linear), and one sum over the (k, 1) rows of each token.
@@ -454,6 +508,13 @@ class GatheredGLU(nn.Module):
             scale=weights[..., None, None].astype(x.dtype),
         )
         return out.sum(axis=(-3, -2))
+
+    def routed(self, x: mx.array, indices: mx.array) -> mx.array:
+        """Each routed row's output (..., k, D), not yet weighted: the gathered kernel on rows
+        sorted by expert, each expert's weights read once for its rows."""
+        x_rows, row_indices, inverse_order = gather_sort(mx.expand_dims(x, (-2, -3)), indices)
+        out = self.glu(x_rows, row_indices, sorted_indices=True)
+        return scatter_unsort(out, inverse_order, indices.shape)
 
     def glu(
         self,

@@ -61,6 +61,7 @@ PADDED_TRAINING_EXPERT_GROUP = 8
 # BENCHMARKS.md, results/2026-12-06_h100_prefill_metal_policy_a13b.jsonl); a quarter of that (if
 # it scales with the rows; not measured) would be within the 10% over weights and KV cache that
 # prefill may take. On the CPU the pieces cost no time (34 s either way for a 2,048-token call).
+# The layer-at-a-time trainer takes a longer call's vjp a piece at a time too (`expert_groups.py`).
 GATHERED_PIECE_ROWS = 4096
 # Backends where the whole model's decode graph (decode.py) was measured to beat each layer's
 # compiled step. Not CUDA: MLX 0.32.4's CUDA attention has no fused kernel for an array mask, so
@@ -96,8 +97,9 @@ class FastPaths:
     # The whole model's single-token step as one compiled graph over the KV buffers (decode.py);
     # where a call cannot take it, `compiled_decode` applies.
     decode_graph: bool = False
-    # Routed rows an inference call of the gathered experts runs at once, each piece evaluated
-    # before the next is built (`GATHERED_PIECE_ROWS`); None: the whole call as one graph.
+    # Routed rows a call of the gathered experts runs at once, in inference and in the trainer's
+    # layer vjp, each piece evaluated before the next is built (`GATHERED_PIECE_ROWS`); None:
+    # the whole call as one graph.
     gathered_piece_rows: int | None = None
     # Unquantized experts avoid sorted gather_mm (padded instead), for MLX's bug above.
     avoid_sorted_gather_mm: bool = False

@@ -8,8 +8,10 @@ peaked at weights + 21 GB that way, and the padded experts' host reads would kee
 dequantized experts too (4.8 GB of bf16 at A13B shape). Here the forward runs outside any
 transformation (each layer's graph is freed as it goes; only the tuned layers' inputs are kept),
 the head and loss go a piece at a time, then each layer's `vjp` is taken in turn from the last:
-what gradient checkpointing does, one layer's graph alive at a time. Where the experts read nothing
-on the host (the gathered kernel), each layer's forward and vjp are compiled.
+what gradient checkpointing does, one layer's graph alive at a time. A layer whose experts go in
+parts (the padded kernel's expert groups, the gathered kernel's pieces of a long call) takes its
+vjp a part at a time (`expert_groups.py`); otherwise, where the experts read nothing on the host
+(the gathered kernel), each layer's forward and vjp are compiled.
 """
 
 from __future__ import annotations
@@ -93,7 +95,7 @@ def head_loss_and_grad(
 
 
 def layer_forward(layer: nn.Module, x: mx.array, mask: Any) -> mx.array:
-    """`layer(x, mask)[0]`, evaluated, its padded experts a group at a time where it takes them."""
+    """`layer(x, mask)[0]`, evaluated, its experts a part at a time where they go in parts."""
     if takes_groups(layer, x):
         return grouped_forward(layer, x, mask)[0]
     if compiles(layer, x, mask):
@@ -108,8 +110,8 @@ def layer_vjp(
     layer: nn.Module, x: mx.array, mask: Any, cotangent: mx.array
 ) -> tuple[dict[str, Any], mx.array]:
     """The gradients of `layer`'s trainable parameters and of its input `x`, given the cotangent
-    of its output; in parts where its padded experts go a group at a time (`expert_groups.py`),
-    compiled where its experts read nothing on the host (`compiles`)."""
+    of its output; a part at a time where its experts go in parts (`expert_groups.py`), compiled
+    where its experts read nothing on the host (`compiles`)."""
     if takes_groups(layer, x):
         return grouped_vjp(layer, x, mask, cotangent)
     params, put, tree = trainable_arrays(layer)
