@@ -8,7 +8,8 @@ layer (1.4 GB) at a time; the folder appears whole or not at all.
 peak RSS is that budget's alone), and drives the loaded model through `generate_step`'s loop
 (`a13b.generate`): prefill tokens/s at `--prompt-len` tokens, decode tokens/s, the expert
 cache's hit rate and bytes read per token, the prefetch guess's precision, and the process's
-peak RSS. `--zipf S` replaces every router's weights so that expert e's logit is raised by
+peak RSS and MLX's peak memory (`--memory-limit` also caps MLX's memory at the budget, as on a
+GPU). `--zipf S` replaces every router's weights so that expert e's logit is raised by
 `S * log(1 / (e + 1))`-shaped bias (a synthetic Zipf routing, see `skew_routers`): random
 weights route almost uniformly, the worst case for a cache. The disk's read speed is measured
 on one shard, cold when the page cache can be dropped (root), else said to be warm.
@@ -203,6 +204,8 @@ def measure(args) -> None:
 
     baseline = rss_gb(peak=False)
     cold = drop_page_cache()
+    if args.memory_limit:
+        mx.set_memory_limit(parse_size(args.budget))
     tic = time.perf_counter()
     model = load_model(args.path, memory_budget=args.budget)
     load_s = time.perf_counter() - tic
@@ -245,6 +248,8 @@ def measure(args) -> None:
         "baseline_rss_gb": baseline,
         "rss_after_load_gb": after_load,
         "peak_rss_gb": rss_gb(peak=True),
+        "mlx_peak_gb": mx.get_peak_memory() / GB,
+        "mlx_memory_limit_gb": parse_size(args.budget) / GB if args.memory_limit else None,
         "page_cache": page_cache(cold),
         "prefill_step": args.prompt_len,
         "device": device_name(),
@@ -271,7 +276,8 @@ def run(args) -> None:
     for budget, zipf in runs:
         command = [sys.executable, "-m", "benchmarks.bench_stream", "measure", "--path",
                    str(path), "--budget", budget, "--prompt-len", str(args.prompt_len),
-                   "--gen", str(args.gen), "--zipf", str(zipf), "--seed", str(args.seed)]
+                   "--gen", str(args.gen), "--zipf", str(zipf), "--seed", str(args.seed),
+                   *(["--memory-limit"] if args.memory_limit else [])]
         out = subprocess.run(command, capture_output=True, text=True)
         if out.returncode != 0:
             log({"measurement": "stream_generate", "budget": budget, "zipf": zipf,
@@ -298,6 +304,12 @@ def main() -> None:
         p.add_argument("--prompt-len", type=int, default=512)
         p.add_argument("--gen", type=int, default=16)
         p.add_argument("--seed", type=int, default=0)
+        p.add_argument(
+            "--memory-limit",
+            action="store_true",
+            help="also cap MLX's memory at the budget (mx.set_memory_limit): on a GPU, whose "
+            "memory the process's RSS does not show",
+        )
     m.add_argument("--path", required=True)
     m.add_argument("--budget", required=True)
     m.add_argument("--zipf", type=float, default=0.0)
