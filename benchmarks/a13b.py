@@ -7,6 +7,7 @@ import argparse
 import dataclasses
 import json
 import math
+import os
 import platform
 import statistics
 import time
@@ -343,6 +344,8 @@ def versions() -> dict:
         except metadata.PackageNotFoundError:
             pass
     out["mlx_core"] = getattr(mx, "__version__", None)
+    # MLX's tuning variables (MLX_MAX_OPS_PER_BUFFER, ...) change what a run measures.
+    out["mlx_env"] = {k: v for k, v in sorted(os.environ.items()) if k.startswith("MLX_")}
     return out
 
 

@@ -198,6 +198,7 @@ def main():
                 "step_build_ms": host[0],
                 "step_async_eval_ms": host[1],
                 "step_wait_ms": host[2],
+                "mlx_env": bg.versions()["mlx_env"],
             }
             if rnd == 0:
                 ref_tokens[name] = toks
