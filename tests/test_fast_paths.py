@@ -41,16 +41,17 @@ def always_fast(monkeypatch):
 
 @pytest.fixture
 def spy(monkeypatch):
-    """Records, per experts call, whether the padded path produced the result."""
+    """Records, per experts call that tries the padded path, whether it took it (its grid was
+    planned: not inside mx.compile)."""
     taken = []
-    original = ex.padded_experts
+    original = ex.PaddedGrid.plan
 
-    def padded(*args, **kwargs):
-        out = original(*args, **kwargs)
-        taken.append(out is not None)
-        return out
+    def plan(cls, *args, **kwargs):
+        grid = original(*args, **kwargs)
+        taken.append(grid is not None)
+        return grid
 
-    monkeypatch.setattr(ex, "padded_experts", padded)
+    monkeypatch.setattr(ex.PaddedGrid, "plan", classmethod(plan))
     return taken
 
 
@@ -334,8 +335,6 @@ LAYERWISE_POLICIES = {
         (policy, dropout, loss_chunk)
         for policy in LAYERWISE_POLICIES
         for dropout, loss_chunk in [(0.0, 512), (0.3, 512), (0.0, 5)]
-        # Pieces draw their dropout masks a piece at a time, the one graph all at once.
-        if not (policy == "metal pieces" and dropout)
     ],
 )
 def test_layerwise_gradients_equal_value_and_grad(
@@ -347,7 +346,8 @@ def test_layerwise_gradients_equal_value_and_grad(
     Under this backend's policy the padded experts go a group at a time (their dropout masks have
     the padded rows' shape in both); under the Metal policy's (gathered experts, the graphs a Mac
     builds) each layer's vjp is compiled, or goes a piece of tokens at a time where the call is
-    longer than `gathered_piece_rows`. (Padded against gathered: above.)"""
+    longer than `gathered_piece_rows` (the one graph runs the same pieces, so the same masks).
+    (Padded against gathered: above.)"""
     model = tiny_model(quantized=True)
     fp.set_fast_paths(model, LAYERWISE_POLICIES[policy]())
     prepare_model(model, "lora", 2, {"rank": 4, "dropout": dropout})

@@ -10,6 +10,9 @@
   blocks, one expert's each, run as one batched matmul per projection on weights dequantized a
   group of experts at a time; tests hold it equal to the gathered kernel.
 
+A long call goes in parts, each run before the next is built: the padded kernel's expert groups
+(`PaddedGrid`), or the gathered kernel's pieces of whole tokens (`TokenPieces`).
+
 Routing lives in the MoE block (`hunyuan.py`).
 """
 
@@ -356,30 +359,6 @@ def padded_glu(experts: GatheredGLU, rows: mx.array, group: list[int] | None) ->
     return experts.down_proj.batched(nn.silu(gate) * up, group)
 
 
-def padded_experts(
-    experts: GatheredGLU, x: mx.array, indices: mx.array, run_each_group: bool = False
-) -> mx.array | None:
-    """Each row's expert output (..., k, D), as batched matmuls over (blocks, capacity, D),
-    `experts.expert_group` blocks at a time. None inside `mx.compile` (`PaddedGrid.plan`).
-
-    `run_each_group` evaluates each group before the next is built: a GPU frees a kernel's inputs
-    only once it has run, so unsynchronised groups piled up their dense weights (an A13B layer's
-    padded forward at 2048 tokens on an H100 held 3.7 GB in groups of 32 and 4.5 in groups of 8
-    built as one graph, 0.8 GB in groups of 8 run one at a time). Only outside `mx.grad`, which
-    would keep what it evaluates for the backward.
-    """
-    grid = PaddedGrid.plan(indices, experts.gate_up_proj.dims[0])
-    if grid is None:
-        return None
-    rows = grid.rows(x)
-    outs = []
-    for part, run in grid.parts(experts):
-        outs.append(run(rows[part]))
-        if run_each_group:
-            mx.eval(outs[-1])
-    return grid.unpad(outs)
-
-
 class GatheredGLU(nn.Module):
     """Stacked SwiGLU experts: `down(silu(gate(x)) * up(x))` with gate and up fused in one matmul.
 
@@ -443,9 +422,10 @@ class GatheredGLU(nn.Module):
         kernel's pieces (`in_pieces_for`)."""
         return self.kernel(rows, dtype) == "padded" or self.in_pieces_for(rows)
 
-    def split(self, indices: mx.array, dtype: mx.Dtype) -> PaddedGrid | TokenPieces:
+    def split(self, indices: mx.array, dtype: mx.Dtype) -> PaddedGrid | TokenPieces | None:
         """The parts of a call on routing `indices` in `dtype` that `splits`: the padded grid
-        (reading the routing counts on the host), or the gathered kernel's pieces."""
+        (reading the routing counts on the host; None inside `mx.compile`), or the gathered
+        kernel's pieces."""
         if self.kernel(indices.size, dtype) == "padded":
             return PaddedGrid.plan(indices, self.gate_up_proj.dims[0])
         return TokenPieces.plan(indices, self.fast_paths.gathered_piece_rows)
@@ -461,34 +441,28 @@ class GatheredGLU(nn.Module):
         """x (..., D), expert ids and weights (..., k) -> the weighted sum of the chosen experts'
         outputs, (..., D).
 
-        In inference the padded kernel runs each expert group before building the next (see
-        `padded_experts`); in training the call may be differentiated, and an evaluation under
-        `mx.grad` would keep every group's dense weights for the backward, so the trainer runs
-        the groups itself (`tuner/expert_groups.py`).
+        A call that `splits` goes a part at a time (`split`). In inference each part is run
+        before the next is built: a GPU frees a kernel's inputs only once it has run, so parts
+        built as one graph piled up (an A13B layer's padded forward at 2048 tokens on an H100
+        held 3.7 GB in groups of 32 and 4.5 in groups of 8 built as one graph, 0.8 GB in groups
+        of 8 run one at a time); inside `mx.compile`, which cannot evaluate, they stay one graph.
+        In training the call may be differentiated, and an evaluation under `mx.grad` would keep
+        every part for the backward, so the trainer runs the parts itself
+        (`tuner/expert_groups.py`), drawing the same dropout masks as this one graph.
         """
         indices = mx.stop_gradient(indices)
-        if self.kernel(indices.size, x.dtype) == "padded":
-            out = padded_experts(self, x, indices, run_each_group=not self.training)
-            if out is not None:
-                return weighted_sum(out, weights)
-        if not self.training and self.in_pieces_for(indices.size):
-            return self.in_pieces(x, indices, weights)
-        return self.gathered(x, indices, weights)
-
-    def in_pieces(self, x: mx.array, indices: mx.array, weights: mx.array) -> mx.array:
-        """`gathered` on about `gathered_piece_rows` routed rows of whole tokens at a time, each
-        piece evaluated before the next is built, which bounds the kernel's working arrays to one
-        piece's; one graph inside `mx.compile`, which cannot evaluate."""
-        plan = TokenPieces.plan(indices, self.fast_paths.gathered_piece_rows)
-        flat = plan.rows(x), plan.indices, weights.reshape(plan.indices.shape)
-        pieces = []
-        for part in plan.slices:
-            pieces.append(self.gathered(*(a[part] for a in flat)))
-            try:
-                mx.eval(pieces[-1])
-            except ValueError:  # "eval during function transformations": MLX's sign of tracing
-                pass
-        return mx.concatenate(pieces).reshape(x.shape)
+        split = self.split(indices, x.dtype) if self.splits(indices.size, x.dtype) else None
+        if split is None:
+            return self.gathered(x, indices, weights)
+        rows, outs = split.rows(x), []
+        for part, run in split.parts(self):
+            outs.append(run(rows[part]))
+            if not self.training:
+                try:
+                    mx.eval(outs[-1])
+                except ValueError:  # "eval during function transformations": tracing
+                    pass
+        return weighted_sum(split.unpad(outs), weights)
 
     def gathered(self, x: mx.array, indices: mx.array, weights: mx.array) -> mx.array:
         """The gathered kernel (the plain path), arguments as `__call__`'s."""
