@@ -42,9 +42,9 @@ def log(record: dict, sink) -> None:
 
 
 def int_list(text: str) -> list[int]:
-    """An argparse type: comma-separated integers ("1,4,16")."""
+    """An argparse type: comma-separated integers ("1,4,16"; "" for none)."""
     try:
-        return [int(part) for part in text.split(",")]
+        return [int(part) for part in text.split(",")] if text else []
     except ValueError:
         raise argparse.ArgumentTypeError(f"not comma-separated integers: {text!r}") from None
 
@@ -171,13 +171,14 @@ def build_ours(
     return model
 
 
-def build_float32(args) -> tuple[HunYuanMoEV1ForCausalLM, dict]:
-    """`build_ours`'s model of `args`'s shape cast to float32 (the CPU's dtype), in eval mode,
+def build_eval(args, dtype: mx.Dtype | None) -> tuple[HunYuanMoEV1ForCausalLM, dict]:
+    """`build_ours`'s model of `args`'s shape, cast to `dtype` (None: as built), in eval mode,
     and its config."""
     cfg = release_config(args)
     args._layers = cfg["num_hidden_layers"]
     model = build_ours(cfg, args)
-    model.set_dtype(mx.float32)
+    if dtype is not None:
+        model.set_dtype(dtype)
     model.eval()
     mx.eval(model.parameters())
     return model, cfg

@@ -66,7 +66,7 @@ def main() -> None:
     args = ap.parse_args()
     sink = open(args.out, "w") if args.out else None
     mx.random.seed(args.seed)
-    model, cfg = bg.build_float32(args)
+    model, cfg = bg.build_eval(args, mx.float32)
     weights_mb = mx.get_active_memory() / MB
     head = {"device": bg.device_name(), "dtype": "float32", "tokens": args.tokens}
     bg.log({"kind": "setup", **head, "argv": sys.argv[1:], "versions": bg.versions()}, sink)

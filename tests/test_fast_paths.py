@@ -174,10 +174,40 @@ def test_chunked_prefill_and_decode_logits_equal_plain(quantized, always_fast, s
 
 
 @pytest.mark.parametrize("quantized", [False, True])
-def test_batched_decode_is_compiled_and_equals_plain(quantized):
+@pytest.mark.parametrize("tokens", [1, 2, 13])
+def test_every_expert_on_every_token_equals_gathered(quantized, tokens):
+    """Every expert on every token, scaled by the routing weights (zero where not chosen), is the
+    gathered kernel's sum; quantized experts only (what was measured), unquantized ones keep the
+    gathered kernel."""
+    glu = GatheredGLU(128, 64, 16)
+    if quantized:
+        nn.quantize(glu, 32, 4)
+    glu.eval()
+    x = mx.random.normal((1, tokens, 128))
+    indices, weights = routing(tokens)
+    plain = experts_call(glu, PLAIN)(x, indices, weights)
+    every = experts_call(glu, FastPaths(every_expert_from=4))
+    assert every.kernel(indices.size, x.dtype) == ("every expert" if quantized else "gathered")
+    assert max_diff(every(x, indices, weights), plain) <= 1e-5
+
+
+@pytest.mark.parametrize("quantized", [False, True])
+@pytest.mark.parametrize("policy", ["this backend's", "cuda"])
+def test_batched_decode_is_compiled_and_equals_plain(quantized, policy, monkeypatch):
     """The server's batched decode (mlx-lm's BatchKVCache: left padding, an offset per sequence,
-    an array mask) takes the compiled step and gives the plain path's logits."""
+    an array mask) takes the compiled step and gives the plain path's logits; under the CUDA
+    policy a batch of 2 x top-4 rows runs every expert on every token (from 8 rows here)."""
+    monkeypatch.setitem(fp.EVERY_EXPERT_FROM, "cuda", 8)
     model = tiny_model(quantized)
+    fp.set_fast_paths(model, FastPaths.default(on="cuda" if policy == "cuda" else None))
+    kernels = []
+    original = GatheredGLU.every_expert
+
+    def every_expert(self, *args):
+        kernels.append(True)
+        return original(self, *args)
+
+    monkeypatch.setattr(GatheredGLU, "every_expert", every_expert)
     prompts = [mx.random.randint(0, 200, (n,)).tolist() for n in (9, 14)]
     steps = mx.random.randint(0, 200, (4, 2, 1))
 
@@ -190,6 +220,7 @@ def test_batched_decode_is_compiled_and_equals_plain(quantized):
 
     fast = run()
     assert all(layer._decode_fns is not None for layer in model.layers)  # compiled decode ran
+    assert bool(kernels) == (policy == "cuda" and quantized)
     with fp.using(model, PLAIN):
         plain = run()
     assert max_diff(fast, plain) <= ATOL

@@ -374,12 +374,15 @@ class GatheredGLU(nn.Module):
         self.fast_paths = FastPaths.off()
 
     def kernel(self, rows: int, dtype: mx.Dtype) -> str:
-        """"padded" or "gathered": the kernel a call on `rows` routed rows in `dtype` runs.
+        """"padded", "every expert" or "gathered": the kernel a call on `rows` routed rows in
+        `dtype` runs.
 
         Padded where the policy pads `dtype` from `rows` on, or keeps unquantized experts off
         MLX's broken sorted `gather_mm` (which sorts from `SORT_THRESHOLD` rows); never where a
         projection lacks the padded product `batched` (LoRA adapters add theirs): a foreign
-        wrapper sees its own call. Inside `mx.compile` a padded call runs gathered.
+        wrapper sees its own call. Inside `mx.compile` a padded call runs gathered. Every
+        expert on every token where the policy says so from `rows` on (quantized experts, not
+        wrapped: what was measured).
         """
         policy = self.fast_paths
         projections = (self.gate_up_proj, self.down_proj)
@@ -388,6 +391,10 @@ class GatheredGLU(nn.Module):
         start = self.padded_from(dtype)
         if start is not None and rows >= start:
             return "padded"
+        every = policy.every_expert_from
+        if every is not None and rows >= every:
+            if all(type(p) is QuantizedGatheredLinear for p in projections):
+                return "every expert"
         unquantized = all(type(p) is GatheredLinear for p in projections)
         if policy.avoid_sorted_gather_mm and rows >= SORT_THRESHOLD and unquantized:
             return "padded"
@@ -451,6 +458,8 @@ class GatheredGLU(nn.Module):
         (`tuner/expert_groups.py`), drawing the same dropout masks as this one graph.
         """
         indices = mx.stop_gradient(indices)
+        if self.kernel(indices.size, x.dtype) == "every expert":
+            return self.every_expert(x, indices, weights)
         split = self.split(indices, x.dtype) if self.splits(indices.size, x.dtype) else None
         if split is None:
             return self.gathered(x, indices, weights)
@@ -482,6 +491,22 @@ class GatheredGLU(nn.Module):
             scale=weights[..., None, None].astype(x.dtype),
         )
         return out.sum(axis=(-3, -2))
+
+    def every_expert(self, x: mx.array, indices: mx.array, weights: mx.array) -> mx.array:
+        """The call as every expert on every token, each output scaled by its routing weight
+        (zero where the token did not choose the expert): each expert's weights are read once
+        for all the tokens, where `gather_qmm` on routed rows reads them once a row on CUDA.
+        Arguments and result as `__call__`'s."""
+        k = indices.shape[-1]
+        experts = self.gate_up_proj.dims[0]
+        every = mx.array(np.arange(experts, dtype=np.uint32))
+        tokens = x.reshape(1, -1, x.shape[-1])
+        h = self.gate_up_proj(tokens, every, lhs_indices=mx.zeros((experts,), dtype=mx.uint32))
+        gate, up = mx.split(h, [self.intermediate_size], axis=-1)  # (experts, tokens, I) each
+        chosen = indices.reshape(-1, k)[..., None] == every  # (tokens, k, experts)
+        scale = (weights.reshape(-1, k)[..., None] * chosen).sum(axis=1).T[..., None]
+        h = nn.silu(gate) * up * scale.astype(x.dtype)
+        return self.down_proj(h, every, lhs_indices=every).sum(axis=0).reshape(x.shape)
 
     def routed(self, x: mx.array, indices: mx.array) -> mx.array:
         """Each routed row's output (..., k, D), not yet weighted: the gathered kernel on rows

@@ -63,6 +63,15 @@ PADDED_TRAINING_EXPERT_GROUP = 8
 # prefill may take. On the CPU the pieces cost no time (34 s either way for a 2,048-token call).
 # The layer-at-a-time trainer takes a longer call's vjp a piece at a time too (`expert_groups.py`).
 GATHERED_PIECE_ROWS = 4096
+# Routed rows from which a call below the padded path's rows runs every expert on every token
+# (`GatheredGLU.every_expert`), by backend; None: never. On an H100 (MLX 0.32.4 CUDA, A13B shape,
+# 4-bit g64, bf16; `benchmarks.profile_moe`, BENCHMARKS.md) a layer's routed experts took, at 2 /
+# 4 / 8 / 16 / 32 tokens of top-8, 0.49 / 0.78 / 1.29 / 2.30 / 4.30 ms on the routed rows
+# against 1.30 / 1.29 / 1.30 / 1.31 / 2.21 every expert on every token: CUDA's `gather_qmm` reads
+# an expert's weights once a row, so the routed rows cost more from 64 rows (8 tokens) on; 96 lies
+# between the tie and 1.75x. The CPU computes 8x the products (compute-bound there); Apple GPUs
+# until measured there.
+EVERY_EXPERT_FROM = {"cuda": 96, "cpu": None, "metal": None}
 # Backends where the whole model's decode graph (decode.py) was measured to beat each layer's
 # compiled step. Not CUDA: MLX 0.32.4's CUDA attention has no fused kernel for an array mask, so
 # the graph's masked attention runs as a dozen unfused ops a layer (1,649 nodes a token against
@@ -97,6 +106,9 @@ class FastPaths:
     # The whole model's single-token step as one compiled graph over the KV buffers (decode.py);
     # where a call cannot take it, `compiled_decode` applies.
     decode_graph: bool = False
+    # Routed rows from which a call below the padded rows runs every expert on every token
+    # (`EVERY_EXPERT_FROM`); None: never.
+    every_expert_from: int | None = None
     # Routed rows a call of the gathered experts runs at once, in inference and in the trainer's
     # layer vjp, each piece evaluated before the next is built (`GATHERED_PIECE_ROWS`); None:
     # the whole call as one graph.
@@ -126,6 +138,7 @@ class FastPaths:
             padded_float32=backend_ not in PADDED_HALF_PRECISION_ONLY,
             compiled_decode=True,
             decode_graph=backend_ in DECODE_GRAPH_BACKENDS,
+            every_expert_from=EVERY_EXPERT_FROM.get(backend_),
             gathered_piece_rows=GATHERED_PIECE_ROWS,
             avoid_sorted_gather_mm=backend_ == "cuda"
             and mlx_version in SORTED_GATHER_MM_BROKEN_ON_CUDA,
@@ -162,9 +175,11 @@ class FastPaths:
         measured = ", ".join(
             f"{k} {'never' if r is None else f'from {r} rows'}" for k, r in self.measured_min_rows
         )
+        every = self.every_expert_from
         return (
             f"padded experts {rows}{'' if self.padded_float32 else ' (half precision only)'}"
             f"{f'; measured: {measured}' if measured else ''} [{self.source}]; "
+            f"{'' if every is None else f'every expert on every token from {every} rows; '}"
             f"training {'a layer at a time' if self.layerwise_training else 'in one graph'}"
         )
 
