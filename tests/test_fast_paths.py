@@ -226,6 +226,31 @@ def test_batched_decode_is_compiled_and_equals_plain(quantized, policy, monkeypa
     assert max_diff(fast, plain) <= ATOL
 
 
+def test_a_new_policy_retraces_the_compiled_decode_step(monkeypatch):
+    """The kernels a policy chose are traced into the compiled decode step: a policy given later
+    (`set_fast_paths`, `using`) compiles the step anew rather than keep the old kernels."""
+    model = tiny_model(quantized=True)
+    steps = []
+    original = GatheredGLU.every_expert
+
+    def every_expert(self, *args):
+        steps.append(args[0].shape[1])  # tokens of the call: 1 in a decode step
+        return original(self, *args)
+
+    monkeypatch.setattr(GatheredGLU, "every_expert", every_expert)
+
+    def decode():
+        cache = [BatchKVCache(left_padding=[0, 0]) for _ in model.layers]
+        model(mx.ones((2, 3), mx.int32), cache=cache)
+        return model(mx.ones((2, 1), mx.int32), cache=cache)
+
+    decode()  # this backend's policy: no every-expert kernel, the step compiled
+    assert steps == []
+    with fp.using(model, dataclasses.replace(FastPaths.default(), every_expert_from=8)):
+        decode()
+    assert steps.count(1) == len(model.layers)  # the decode step traced anew, every layer
+
+
 def test_compiled_decode_sees_new_weights():
     """The compiled decode step takes the layer's parameters as inputs: no stale weights."""
     model = tiny_model(quantized=True)

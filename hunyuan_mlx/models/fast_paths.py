@@ -189,11 +189,25 @@ class FastPaths:
         return cls()
 
 
+# Functions that modules compile on first use and keep (each layer's decode step and training
+# forward and vjp, the model's decode graph): the kernels a policy chose are traced into them.
+COMPILED_FUNCTIONS = ("_decode_fns", "_train_fns", "_decode_graphs")
+
+
 def set_fast_paths(model: nn.Module, policy: FastPaths) -> None:
-    """Give `policy` to every module of `model` that holds one."""
-    for _, module in model.named_modules():
+    """Give `policy` to every module of `model` that holds one; where that changes a policy, drop
+    the functions compiled under the old one, which would keep its kernels."""
+    modules = [module for _, module in model.named_modules()]
+    changed = False
+    for module in modules:
         if hasattr(module, "fast_paths"):
+            changed = changed or module.fast_paths != policy
             module.fast_paths = policy
+    if changed:
+        for module in modules:
+            for name in COMPILED_FUNCTIONS:
+                if getattr(module, name, None) is not None:
+                    setattr(module, name, None)
 
 
 @contextlib.contextmanager
