@@ -1,6 +1,6 @@
 """Gathered experts: `num_experts` linears stored as one stacked array, applied per routed row.
 
-`GatheredGLU` applies each token's k SwiGLU experts with one of two kernels, which it picks itself
+`GatheredGLU` applies each token's k SwiGLU experts with one of three kernels, which it picks itself
 (`GatheredGLU.kernel`, from the model's `FastPaths` policy), so that the MoE block just calls it:
 
 - **gathered** (the plain path, the one the transformers parity tests pin): one gathered matmul
@@ -8,7 +8,9 @@
   experts, so no token is ever dropped;
 - **padded** (long prefill chunks and training): the routed rows laid out in a padded grid of
   blocks, one expert's each, run as one batched matmul per projection on weights dequantized a
-  group of experts at a time; tests hold it equal to the gathered kernel.
+  group of experts at a time; tests hold it equal to the gathered kernel;
+- **every expert** (a batch's decode on CUDA): every expert on every token, scaled by the routing
+  weights, zero where not chosen: each expert's weights read once for all the call's tokens.
 
 A long call goes in parts, each run before the next is built: the padded kernel's expert groups
 (`PaddedGrid`), or the gathered kernel's pieces of whole tokens (`TokenPieces`).

@@ -1,12 +1,17 @@
 """Fast paths, chosen by an explicit policy (`FastPaths`) that the model holds.
 
-Two fast paths, each the plain path's computation reordered (tests hold them equal to it):
+The fast paths, each the plain path's computation reordered (tests hold them equal to it):
 - **padded experts** (prefill and training): a long chunk runs the routed experts as one padded
   batched matmul per projection on weights dequantized a group of experts at a time, each group
   run before the next is built; in training the backward dequantizes again instead of keeping
   the dense weights, LoRA adds its own batched product, and the trainer differentiates a layer
   a group at a time (`tuner/expert_groups.py`). The experts pick it themselves from the policy
   (`experts.GatheredGLU.kernel`);
+- **every expert on every token** (a batch's decode on CUDA): each expert's weights read once for
+  all of a call's tokens, where CUDA's `gather_qmm` reads them once a routed row
+  (`experts.GatheredGLU.every_expert`);
+- **gathered pieces**: a long call of the gathered experts a piece of tokens at a time, each run
+  before the next is built, in inference and in the trainer (memory, not speed);
 - **compiled decode step**: a single-token step runs everything but the cache update and
   attention in two `mx.compile`d functions (fewer, fused kernels and no per-op Python).
 
@@ -57,11 +62,12 @@ PADDED_TRAINING_EXPERT_GROUP = 8
 # Routed rows an inference call of the gathered experts runs at once: a longer one goes in pieces
 # of whole tokens, each run before the next is built, as the padded path's expert groups are (a
 # GPU frees a kernel's working arrays only once it has run). On an H100, MLX 0.32.4's sorted
-# gather_qmm held about 14 GB over A13B's weights for a 2,048-token prefill chunk (16,384 rows;
-# BENCHMARKS.md, results/2026-12-06_h100_prefill_metal_policy_a13b.jsonl); a quarter of that (if
-# it scales with the rows; not measured) would be within the 10% over weights and KV cache that
-# prefill may take. On the CPU the pieces cost no time (34 s either way for a 2,048-token call).
-# The layer-at-a-time trainer takes a longer call's vjp a piece at a time too (`expert_groups.py`).
+# gather_qmm held about 14 GB over A13B's weights for a 2,048-token prefill chunk (16,384 rows)
+# built as one graph; in pieces of 4,096 the Metal policy's prefill peaked 2.2% over weights and KV
+# cache at the same speed, and its QLoRA step at weights + 3.3 GB against 6.3 (BENCHMARKS.md,
+# results/2026-12-06_h100_{prefill,lora}_metal_pieces_a13b.jsonl). On the CPU the pieces cost no
+# time (34 s either way for a 2,048-token call). The layer-at-a-time trainer takes a longer call's
+# vjp a piece at a time too (`expert_groups.py`).
 GATHERED_PIECE_ROWS = 4096
 # Routed rows from which a call below the padded path's rows runs every expert on every token
 # (`GatheredGLU.every_expert`), by backend; None: never. On an H100 (MLX 0.32.4 CUDA, A13B shape,

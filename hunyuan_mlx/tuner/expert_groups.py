@@ -13,8 +13,8 @@ outside any transformation, with the parts' outputs as inputs in between:
 2. each part's own vjp, one at a time: its rows' cotangent, its adapters' gradient;
 3. the rows' vjp (attention and the norm up to the parts' rows): the rest of the input's.
 
-Random draws (LoRA dropout) repeat the forward's: each part starts from the key the forward had
-there (the one-graph step's, for the padded groups, which it runs as parts too).
+Random draws (LoRA dropout) repeat the forward's, and the one-graph step's, which runs the same
+parts: each part starts from the key the forward had there.
 """
 
 from __future__ import annotations
