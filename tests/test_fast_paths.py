@@ -92,6 +92,16 @@ def routing(tokens: int, num_experts: int = 16, k: int = 4) -> tuple[mx.array, m
     return indices, mx.softmax(mx.random.normal((1, tokens, k)), axis=-1)
 
 
+def experts_and_call(quantized: bool, tokens: int) -> tuple[GatheredGLU, mx.array, ...]:
+    """Random experts (16 of width 128, 4-bit if `quantized`) in eval mode, and a call's input
+    and routing for `tokens` tokens."""
+    glu = GatheredGLU(128, 64, 16)
+    if quantized:
+        nn.quantize(glu, 32, 4)
+    glu.eval()
+    return glu, mx.random.normal((1, tokens, 128)), *routing(tokens)
+
+
 def max_diff(a: mx.array, b: mx.array) -> float:
     return mx.abs(a.astype(mx.float32) - b.astype(mx.float32)).max().item()
 
@@ -100,12 +110,7 @@ def max_diff(a: mx.array, b: mx.array) -> float:
 @pytest.mark.parametrize("quantized", [False, True])
 @pytest.mark.parametrize("tokens", [2, 7, 64])  # 2 tokens x 4 of 16 experts: some unused
 def test_padded_experts_equal_gathered(quantized, tokens, group, always_fast, spy):
-    glu = GatheredGLU(128, 64, 16)
-    if quantized:
-        nn.quantize(glu, 32, 4)
-    glu.eval()
-    x = mx.random.normal((1, tokens, 128))
-    indices, weights = routing(tokens)
+    glu, x, indices, weights = experts_and_call(quantized, tokens)
     fast = experts_call(glu, dataclasses.replace(FastPaths.default(), padded_expert_group=group))(
         x, indices, weights
     )
@@ -179,12 +184,7 @@ def test_every_expert_on_every_token_equals_gathered(quantized, tokens):
     """Every expert on every token, scaled by the routing weights (zero where not chosen), is the
     gathered kernel's sum; quantized experts only (what was measured), unquantized ones keep the
     gathered kernel."""
-    glu = GatheredGLU(128, 64, 16)
-    if quantized:
-        nn.quantize(glu, 32, 4)
-    glu.eval()
-    x = mx.random.normal((1, tokens, 128))
-    indices, weights = routing(tokens)
+    glu, x, indices, weights = experts_and_call(quantized, tokens)
     plain = experts_call(glu, PLAIN)(x, indices, weights)
     every = experts_call(glu, FastPaths(every_expert_from=4))
     assert every.kernel(indices.size, x.dtype) == ("every expert" if quantized else "gathered")
