@@ -182,13 +182,15 @@ def test_chunked_prefill_and_decode_logits_equal_plain(quantized, always_fast, s
 @pytest.mark.parametrize("tokens", [1, 2, 13])
 def test_every_expert_on_every_token_equals_gathered(quantized, tokens):
     """Every expert on every token, scaled by the routing weights (zero where not chosen), is the
-    gathered kernel's sum; quantized experts only (what was measured), unquantized ones keep the
-    gathered kernel."""
+    gathered kernel's sum; quantized experts in inference only (what was measured), unquantized
+    ones and training keep the gathered kernel."""
     glu, x, indices, weights = experts_and_call(quantized, tokens)
     plain = experts_call(glu, PLAIN)(x, indices, weights)
     every = experts_call(glu, FastPaths(every_expert_from=4))
     assert every.kernel(indices.size, x.dtype) == ("every expert" if quantized else "gathered")
     assert max_diff(every(x, indices, weights), plain) <= 1e-5
+    every.train()  # measured in inference only: training keeps the gathered kernel
+    assert every.kernel(indices.size, x.dtype) == "gathered"
 
 
 @pytest.mark.parametrize("quantized", [False, True])

@@ -383,8 +383,8 @@ class GatheredGLU(nn.Module):
         MLX's broken sorted `gather_mm` (which sorts from `SORT_THRESHOLD` rows); never where a
         projection lacks the padded product `batched` (LoRA adapters add theirs): a foreign
         wrapper sees its own call. Inside `mx.compile` a padded call runs gathered. Every
-        expert on every token where the policy says so from `rows` on (quantized experts, not
-        wrapped: what was measured).
+        expert on every token where the policy says so from `rows` on, in inference, on quantized
+        experts not wrapped: what was measured.
         """
         policy = self.fast_paths
         projections = (self.gate_up_proj, self.down_proj)
@@ -394,7 +394,7 @@ class GatheredGLU(nn.Module):
         if start is not None and rows >= start:
             return "padded"
         every = policy.every_expert_from
-        if every is not None and rows >= every:
+        if every is not None and rows >= every and not self.training:
             if all(type(p) is QuantizedGatheredLinear for p in projections):
                 return "every expert"
         unquantized = all(type(p) is GatheredLinear for p in projections)
