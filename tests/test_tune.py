@@ -22,6 +22,7 @@ from hunyuan_mlx.models.quantization import apply_quantization
 
 TINY = ["--experts", "8", "--hidden", "64", "--intermediate", "64", "--group-size", "32"]
 KEY = thresholds.key(mx.float32, 4, 32)
+EVERY_KEY = thresholds.key(mx.float32, 4, 32, "every expert")
 
 
 def test_choose_takes_the_first_row_count_from_which_padded_never_loses():
@@ -35,17 +36,21 @@ def test_tune_measures_caches_and_default_uses_it(fast_path_cache, capsys):
     assert FastPaths.default().source == "built-in" and not fast_path_cache.exists()
     tune_command.main([*TINY, "--dtype", "float32"])
     out = capsys.readouterr().out
-    assert KEY in out and "gathered" in out and str(fast_path_cache) in out
+    assert KEY in out and EVERY_KEY in out and str(fast_path_cache) in out
+    assert "ms, padded" in out and "ms, every expert" in out  # each probe's timings
     cached = thresholds.cached()
-    assert set(cached) == {KEY}
+    assert set(cached) == {KEY, EVERY_KEY}
+    assert [thresholds.kernel_of(k) for k in (KEY, EVERY_KEY)] == ["padded", "every expert"]
     policy = FastPaths.default()
     assert policy.source == "measured here" and dict(policy.measured_min_rows) == cached
     assert FastPaths.default(on="cpu").source == "forced"  # a named backend: built-in
     assert FastPaths.default(on="cpu").measured_min_rows == ()
     # The experts read the threshold of their own dtype and quantization.
-    forced = dataclasses.replace(policy, measured_min_rows=((KEY, 7),))
+    forced = dataclasses.replace(policy, measured_min_rows=((KEY, 7), (EVERY_KEY, 9)))
     assert forced.padded_from(mx.float32, 4, 32) == 7
     assert forced.padded_from(mx.float32, 3, 32) == policy.padded_from(mx.float32, 3, 32)
+    assert forced.every_expert_rows(mx.float32, 4, 32) == 9
+    assert forced.every_expert_rows(mx.float32, 3, 32) == policy.every_expert_from
 
 
 @pytest.mark.parametrize("content", ["{not json", '{"x": {"y": "many"}}', "[1, 2]", b"\xff\xfe"])
@@ -72,9 +77,11 @@ def test_an_unwritable_cache_never_stops_a_run(tmp_path, monkeypatch, capsys):
     assert list(tmp_path.iterdir()) == [blocker]  # nothing half-written
 
 
-def test_both_choices_give_equal_logits():
-    """A measured threshold of 1 row (padded everywhere) and none (gathered): the same logits
-    in float32, whichever the probe picks."""
+@pytest.mark.parametrize(("key", "kernel"), [(KEY, "padded"), (EVERY_KEY, "every expert")])
+def test_both_choices_give_equal_logits(key, kernel):
+    """A measured threshold of 1 row (the kernel everywhere) and none (gathered), for the padded
+    kernel and for every expert on every token: the same logits in float32, whichever the probe
+    picks."""
     mx.random.seed(0)
     model = HunYuanMoEV1ForCausalLM(HunYuanMoEV1Config(**FAST_PATHS_CONFIG))
     apply_quantization(model, {"group_size": 32, "bits": 4})
@@ -83,8 +90,8 @@ def test_both_choices_give_equal_logits():
     base = FastPaths.default(on="metal")
     logits = []
     for rows in (1, None):
-        set_fast_paths(model, dataclasses.replace(base, measured_min_rows=((KEY, rows),)))
+        set_fast_paths(model, dataclasses.replace(base, measured_min_rows=((key, rows),)))
         kernels = {layer.mlp.experts.kernel(40 * 4, mx.float32) for layer in model.layers}
-        assert kernels == {"padded" if rows else "gathered"}
+        assert kernels == {kernel if rows else "gathered"}
         logits.append(model(tokens))
     assert mx.abs(logits[0] - logits[1]).max().item() <= 1e-4

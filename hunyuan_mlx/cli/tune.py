@@ -21,7 +21,10 @@ DTYPES = {"bfloat16": mx.bfloat16, "float16": mx.float16, "float32": mx.float32}
 def build_parser(prog: str | None = None) -> argparse.ArgumentParser:
     """The tune command's flags."""
     parser = command_parser(
-        "tune", prog, "Measure gathered against padded experts here and cache the thresholds."
+        "tune",
+        prog,
+        "Measure gathered experts against padded ones and every expert on every token here, and "
+        "cache the thresholds.",
     )
     parser.add_argument(
         "--dtype",
@@ -65,8 +68,10 @@ def main(argv: Sequence[str] | None = None, prog: str | None = None) -> None:
         )
         print(f"{thresholds.device_key()}:")
         for key, (threshold, timings) in found.items():
-            chosen = "gathered always" if threshold is None else f"padded from {threshold} rows"
+            kernel = thresholds.kernel_of(key)
+            chosen = "gathered always" if threshold is None else f"{kernel} from {threshold} rows"
             print(f"  {key}: {chosen}")
-            for rows, gathered, padded in timings:
-                print(f"    {rows:>5} rows: gathered {gathered:.2f} ms, padded {padded:.2f} ms")
+            for rows, gathered, candidate in timings:
+                times = f"gathered {gathered:.2f} ms, {kernel} {candidate:.2f} ms"
+                print(f"    {rows:>5} rows: {times}")
         print(f"cached in {thresholds.cache_path()}")

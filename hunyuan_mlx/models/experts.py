@@ -393,7 +393,7 @@ class GatheredGLU(nn.Module):
         start = self.padded_from(dtype)
         if start is not None and rows >= start:
             return "padded"
-        every = policy.every_expert_from
+        every = policy.every_expert_rows(dtype, *self.quantization)
         if every is not None and rows >= every and not self.training:
             if all(type(p) is QuantizedGatheredLinear for p in projections):
                 return "every expert"

@@ -76,7 +76,7 @@ GATHERED_PIECE_ROWS = 4096
 # against 1.30 / 1.29 / 1.30 / 1.31 / 2.21 every expert on every token: CUDA's `gather_qmm` reads
 # an expert's weights once a row, so the routed rows cost more from 64 rows (8 tokens) on; 96 lies
 # between the tie and 1.75x. The CPU computes 8x the products (compute-bound there); Apple GPUs
-# until measured there.
+# until `hunyuan-mlx tune` measures it there (`FastPaths.every_expert_rows`).
 EVERY_EXPERT_FROM = {"cuda": 96, "cpu": None, "metal": None}
 # Backends where the whole model's decode graph (decode.py) was measured to beat each layer's
 # compiled step. Not CUDA: MLX 0.32.4's CUDA attention has no fused kernel for an array mask, so
@@ -125,7 +125,8 @@ class FastPaths:
     # on every backend, whichever experts kernel runs.
     layerwise_training: bool = False
     # Thresholds measured on this machine (`thresholds.py`), (key, rows) by `thresholds.key`:
-    # they replace `padded_min_rows` and `padded_float32` for the experts they name.
+    # they replace `padded_min_rows` and `padded_float32`, or `every_expert_from`, for the
+    # experts they name.
     measured_min_rows: tuple[tuple[str, int | None], ...] = ()
     # Where the padded thresholds came from: "measured here", "built-in", "forced" or "off".
     source: str = field(default="off", compare=False)
@@ -172,6 +173,15 @@ class FastPaths:
         if dtype == mx.float32 and not self.padded_float32:
             return None
         return self.padded_min_rows
+
+    def every_expert_rows(
+        self, dtype: mx.Dtype, bits: int | None, group_size: int | None
+    ) -> int | None:
+        """Routed rows from which experts of `bits` / `group_size` run every expert on every
+        token for `dtype` rows: measured here where `tune` did, else `every_expert_from`."""
+        measured = dict(self.measured_min_rows)
+        key = thresholds.key(dtype, bits, group_size, "every expert")
+        return measured[key] if key in measured else self.every_expert_from
 
     def describe(self) -> str:
         """One line for `--verbose`: the experts' thresholds and where they came from."""

@@ -1,9 +1,10 @@
-"""The padded experts' thresholds measured on this machine (`python -m hunyuan_mlx.tune`), cached
-as JSON under `$XDG_CACHE_HOME/hunyuan_mlx/` (default `~/.cache/hunyuan_mlx/`).
+"""The experts' thresholds measured on this machine (`python -m hunyuan_mlx.tune`), cached as
+JSON under `$XDG_CACHE_HOME/hunyuan_mlx/` (default `~/.cache/hunyuan_mlx/`).
 
-One entry per device and MLX version, mapping `key(dtype, bits, group_size)` to the routed rows
-from which the padded kernel was measured faster (null: never). A cache that cannot be read or
-written never stops a run: it is reported once on stderr and the built-in thresholds apply.
+One entry per device and MLX version, mapping `key(dtype, bits, group_size, kernel)` to the routed
+rows from which that kernel (the padded one, or every expert on every token) was measured faster
+than the gathered one (null: never). A cache that cannot be read or written never stops a run: it
+is reported once on stderr and the built-in thresholds apply.
 """
 
 from __future__ import annotations
@@ -37,12 +38,22 @@ def device_key() -> str:
     return f"{kind} {name} | mlx {mx.__version__}".replace("  ", " ")
 
 
-def key(dtype: mx.Dtype, bits: int | None, group_size: int | None) -> str:
-    """A threshold's key: the rows' dtype and the experts' quantization ("bfloat16 4-bit g64",
-    "float32 unquantized")."""
+# The kernels a threshold is measured for against the gathered one; the padded kernel's keys
+# carry no prefix (the cache's first format).
+KERNELS = ("padded", "every expert")
+
+
+def key(dtype: mx.Dtype, bits: int | None, group_size: int | None, kernel: str = "padded") -> str:
+    """A threshold's key: the kernel (none for the padded one), the rows' dtype and the experts'
+    quantization ("bfloat16 4-bit g64", "every expert: bfloat16 4-bit g64")."""
     dtype_name = str(dtype).removeprefix("mlx.core.")
     quant = "unquantized" if bits is None else f"{bits}-bit g{group_size}"
-    return f"{dtype_name} {quant}"
+    return f"{'' if kernel == 'padded' else f'{kernel}: '}{dtype_name} {quant}"
+
+
+def kernel_of(key_: str) -> str:
+    """The kernel a `key` is measured for."""
+    return next((k for k in KERNELS[1:] if key_.startswith(f"{k}: ")), KERNELS[0])
 
 
 def warn(message: str) -> None:
