@@ -48,13 +48,20 @@ def build_ms(model, step: mx.array, cache: list) -> tuple[float, int]:
     return statistics.median(times[TRACED:]), sum(primitives(model(step, cache=cache)).values())
 
 
+def prefilled(model, batch: int, prompt: int) -> tuple[list, mx.array]:
+    """mlx-lm's `BatchKVCache`s of `batch` sequences of `prompt` tokens, left-padded as the
+    server's batches are, and the prefill's last logits, evaluated."""
+    cache = [BatchKVCache(left_padding=[3] * (batch - 1) + [0]) for _ in model.layers]
+    logits = model(mx.ones((batch, prompt), mx.int32), cache=cache)[:, -1:]
+    mx.eval(logits)
+    return cache, logits
+
+
 def decode_ms(model, batch: int, prompt: int, steps: int) -> float:
     """Median milliseconds of an evaluated greedy decode step of `batch` sequences after a
     left-padded prefill of `prompt` tokens (the first two steps left out: tracing)."""
-    cache = [BatchKVCache(left_padding=[3] * (batch - 1) + [0]) for _ in model.layers]
-    logits = model(mx.ones((batch, prompt), mx.int32), cache=cache)
-    y = mx.argmax(logits[:, -1:], axis=-1)
-    mx.eval(y)
+    cache, logits = prefilled(model, batch, prompt)
+    y = mx.argmax(logits, axis=-1)
     times = []
     for _ in range(steps + 2):
         tic = time.perf_counter()
@@ -68,8 +75,8 @@ def decode_rounds(model, args, head: dict, sink) -> None:
     """`decode_ms` for every batch under the default policy and without every-expert decode,
     interleaved over `--rounds` rounds after an untimed one."""
     default = FastPaths.default()
-    policies = {"default": default, "no every expert": dataclasses.replace(
-        default, every_expert_from=None)}
+    without = dataclasses.replace(default, every_expert_from=None)
+    policies = {"default": default, "no every expert": without}
     for rnd in range(args.rounds + 1):
         for b in args.batches:
             for name, policy in policies.items():
@@ -103,9 +110,8 @@ def main() -> None:
     default = FastPaths.default()
     for b in args.batches:
         for policy in (default, dataclasses.replace(default, compiled_decode=False)):
-            cache = [BatchKVCache(left_padding=[3] * (b - 1) + [0]) for _ in model.layers]
             with using(model, policy):
-                mx.eval(model(mx.ones((b, args.prompt), mx.int32), cache=cache))
+                cache, _ = prefilled(model, b, args.prompt)
                 ms, nodes = build_ms(model, mx.ones((b, 1), mx.int32), cache)
             record = {"kind": "step", **head, "batch": b, "compiled": policy.compiled_decode}
             bg.log({**record, "build_ms": ms, "nodes": nodes}, sink)

@@ -131,18 +131,14 @@ def build(
         apply_quantization(model, quant)
         randomize_quantized(model)
         set_fast_paths(model, FastPaths.named("off" if impl == "hunyuan_mlx_plain" else fast_paths))
-        if impl != "hunyuan_mlx_plain" and args.expert_group:
-            set_fast_paths(
-                model,
-                dataclasses.replace(
-                    model.fast_paths,
-                    padded_expert_group=args.expert_group,
-                    padded_training_expert_group=args.expert_group,
-                ),
-            )
-        if impl != "hunyuan_mlx_plain" and args.piece_rows is not None:
-            rows = args.piece_rows or None
-            set_fast_paths(model, dataclasses.replace(model.fast_paths, gathered_piece_rows=rows))
+        overrides = {}  # --expert-group, --piece-rows
+        if args.expert_group:
+            overrides["padded_expert_group"] = args.expert_group
+            overrides["padded_training_expert_group"] = args.expert_group
+        if args.piece_rows is not None:
+            overrides["gathered_piece_rows"] = args.piece_rows or None
+        if impl != "hunyuan_mlx_plain" and overrides:
+            set_fast_paths(model, dataclasses.replace(model.fast_paths, **overrides))
         model.set_dtype(mx.bfloat16)
         for layer in model.layers:  # the router stays float32, as a loaded checkpoint has it
             if "gate" in layer.mlp:

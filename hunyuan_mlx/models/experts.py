@@ -432,12 +432,14 @@ class GatheredGLU(nn.Module):
         return self.kernel(rows, dtype) == "padded" or self.in_pieces_for(rows)
 
     def split(self, indices: mx.array, dtype: mx.Dtype) -> PaddedGrid | TokenPieces | None:
-        """The parts of a call on routing `indices` in `dtype` that `splits`: the padded grid
+        """The parts of a call on routing `indices` in `dtype` (see `splits`): the padded grid
         (reading the routing counts on the host; None inside `mx.compile`), or the gathered
-        kernel's pieces."""
+        kernel's pieces; None where the call runs as one graph."""
         if self.kernel(indices.size, dtype) == "padded":
             return PaddedGrid.plan(indices, self.gate_up_proj.dims[0])
-        return TokenPieces.plan(indices, self.fast_paths.gathered_piece_rows)
+        if self.in_pieces_for(indices.size):
+            return TokenPieces.plan(indices, self.fast_paths.gathered_piece_rows)
+        return None
 
     @property
     def expert_group(self) -> int:
@@ -462,7 +464,7 @@ class GatheredGLU(nn.Module):
         indices = mx.stop_gradient(indices)
         if self.kernel(indices.size, x.dtype) == "every expert":
             return self.every_expert(x, indices, weights)
-        split = self.split(indices, x.dtype) if self.splits(indices.size, x.dtype) else None
+        split = self.split(indices, x.dtype)
         if split is None:
             return self.gathered(x, indices, weights)
         rows, outs = split.rows(x), []

@@ -59,7 +59,7 @@ PADDED_EXPERT_GROUP = 32
 # peaked 52.0 GB with 8, 55.6 with 16, 61.7 with 32, at 719 / 903 / 919 tokens/s (BENCHMARKS.md,
 # results/2026-11-26_h100_lora_memory_steps.jsonl): 8 keeps the step within weights + 6 GB.
 PADDED_TRAINING_EXPERT_GROUP = 8
-# Routed rows an inference call of the gathered experts runs at once: a longer one goes in pieces
+# Routed rows a call of the gathered experts runs at once: a longer one goes in pieces
 # of whole tokens, each run before the next is built, as the padded path's expert groups are (a
 # GPU frees a kernel's working arrays only once it has run). On an H100, MLX 0.32.4's sorted
 # gather_qmm held about 14 GB over A13B's weights for a 2,048-token prefill chunk (16,384 rows)

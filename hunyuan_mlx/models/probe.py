@@ -24,8 +24,8 @@ from . import thresholds
 from .experts import GatheredGLU
 from .fast_paths import FastPaths, set_fast_paths
 
-# Routed rows (tokens x k) measured, in order; the probe stops once the padded kernel has won at
-# two in a row (it only gets better with more rows).
+# Routed rows (tokens x k) measured, in order; the probe stops once the candidate kernel has won
+# at two in a row (it only gets better with more rows).
 PROBE_ROWS = (16, 32, 64, 128, 256, 512, 1024, 2048, 4096)
 # Every expert on every token is for a batch's decode: 1 to 64 tokens of top-8.
 EVERY_EXPERT_PROBE_ROWS = (8, 16, 32, 64, 128, 256, 512)
