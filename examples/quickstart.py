@@ -105,7 +105,10 @@ def run(path: Path, layers: int, hidden: int, tokens: int) -> None:
           f"in {time.perf_counter() - start:.2f} s")  # fmt: skip
 
     start = time.perf_counter()
-    model, tokenizer = hunyuan_mlx.load(path)
+    if (path / "hy.tiktoken").is_file():  # copied from the release when it is there
+        model, tokenizer = hunyuan_mlx.load(path)
+    else:  # `load` refuses a folder without a tokenizer; the model alone runs on token ids
+        model, tokenizer = hunyuan_mlx.load_model(path), None
     n_params = sum(v.size for _, v in tree_flatten(model.parameters()))
     print(f"Loaded {n_params / 1e6:.1f}M parameters in {time.perf_counter() - start:.2f} s")
 

@@ -77,6 +77,16 @@ def test_quickstart_saves_a_checkpoint_the_commands_run_on(tmp_path, capsys):
     assert exit_info.value.code == 1 and "already exists" in err and err.count("\n") == 1
 
 
+def test_quickstart_runs_without_the_release_files(tmp_path, monkeypatch, capsys):
+    """On a fresh machine without `../shared/hunyuan-a13b/` (the README's first command), the
+    quickstart still writes, loads and decodes its checkpoint, on raw token ids."""
+    quickstart = load_example("quickstart.py")
+    monkeypatch.setattr(quickstart, "RELEASE", tmp_path / "absent")
+    quickstart.main(["--layers", "2", "--hidden", "64", "--tokens", "2"])
+    out = capsys.readouterr().out
+    assert "(no tokenizer:" in out and "Greedy tokens" in out
+
+
 @pytest.mark.parametrize("command", list(cli.COMMANDS))
 def test_every_flag_says_what_it_does_and_its_default(command):
     """Issue 25 item 15: each option's help is more than its default, and names the default
