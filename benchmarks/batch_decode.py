@@ -30,6 +30,8 @@ from mlx_lm.models.cache import BatchKVCache
 
 from benchmarks import a13b as bg
 from benchmarks.profile_decode import primitives
+from hunyuan_mlx.cli import run_main
+from hunyuan_mlx.interrupts import signals_as_interrupts
 from hunyuan_mlx.models import FastPaths
 from hunyuan_mlx.models.fast_paths import using
 
@@ -134,4 +136,6 @@ def main() -> None:
 
 
 if __name__ == "__main__":
-    main()
+    # Ctrl-C, SIGTERM and SIGHUP end it in one line, as this project's commands do.
+    with run_main("batch_decode"), signals_as_interrupts():
+        main()

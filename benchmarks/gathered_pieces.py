@@ -23,6 +23,8 @@ import time
 import mlx.core as mx
 
 from benchmarks import a13b as bg
+from hunyuan_mlx.cli import run_main
+from hunyuan_mlx.interrupts import signals_as_interrupts
 from hunyuan_mlx.models import FastPaths
 from hunyuan_mlx.models.fast_paths import GATHERED_PIECE_ROWS, set_fast_paths
 
@@ -96,4 +98,6 @@ def main() -> None:
 
 
 if __name__ == "__main__":
-    main()
+    # Ctrl-C, SIGTERM and SIGHUP end it in one line, as this project's commands do.
+    with run_main("gathered_pieces"), signals_as_interrupts():
+        main()
