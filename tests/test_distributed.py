@@ -17,6 +17,7 @@ import shutil
 import socket
 import subprocess
 import sys
+from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
 import mlx.core as mx
@@ -195,7 +196,8 @@ def stop_at(text: str) -> int:
 @pytest.mark.parametrize(("ranks", "flags"), [(2, []), (3, ["--pipeline"])])
 def test_the_server_under_mlx_launch_answers_as_one_process(release_model, tmp_path, ranks, flags):
     """Rank 0 serves, every rank computes: the same replies as a single-process server, also
-    after a request that a stop string cancels mid-generation (the ranks must stop together)."""
+    after a request that a stop string cancels mid-generation (the ranks must stop together),
+    and for clients at once, batched on every rank alike."""
     openai = pytest.importorskip("openai")
     launcher = [*ring(ranks), "--"]
     server = contextlib.contextmanager(serve)
@@ -220,11 +222,15 @@ def test_the_server_under_mlx_launch_answers_as_one_process(release_model, tmp_p
             cut = chat(stop=[greedy[at : at + 3]])
             again = chat()  # the prompt cache's copy, after the cancel
             sampled = chat(temperature=1.0, seed=7)
-            replies.append((greedy, cut, again, sampled))
-    (greedy, cut, again, sampled), launched = replies
+            # Clients at once: they join and leave one batch (a short one leaves it first).
+            with ThreadPoolExecutor(4) as pool:
+                together = list(pool.map(lambda m: chat(max_tokens=m), (24, 6, 24, 16)))
+            replies.append((greedy, cut, again, sampled, together))
+    (greedy, cut, again, sampled, together), launched = replies
     assert cut == greedy[: stop_at(greedy)] and again == greedy, replies
-    assert launched == replies[0], replies  # batched on one process, one at a time on the ranks
-    assert "Serving one request at a time: under mlx.launch" in (tmp_path / "ranks.log").read_text()
+    assert together[0] == greedy and together[1] == greedy[: len(together[1])], replies
+    assert launched == replies[0], replies
+    assert "one request at a time" not in (tmp_path / "ranks.log").read_text()
 
 
 def test_the_plans_split_what_they_say(models):

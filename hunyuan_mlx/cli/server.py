@@ -92,7 +92,7 @@ def build_parser(prog: str | None = None) -> argparse.ArgumentParser:
         type=int,
         default=DEFAULT_DECODE_CONCURRENCY,
         help="Decode up to this many requests in one batch (continuous batching); 1 serves "
-        "them one at a time, as do --kv-bits and mlx.launch (default: %(default)s)",
+        "them one at a time, as does --kv-bits (default: %(default)s)",
     )
     parser.add_argument(
         "--prompt-concurrency",
@@ -126,17 +126,12 @@ def check_flags(args: argparse.Namespace, group: mx.distributed.Group | None) ->
         raise ValueError(f"--port must be in 0..{MAX_PORT}, got {args.port}")
 
 
-def queue_reason(
-    decode_concurrency: int, defaults: GenerationSettings, group: mx.distributed.Group | None
-) -> str | None:
+def queue_reason(decode_concurrency: int, defaults: GenerationSettings) -> str | None:
     """Why requests are served one at a time rather than batched (None: they are batched)."""
     if decode_concurrency == 1:
         return "--decode-concurrency 1"
     if defaults.kv_bits is not None:
         return "--kv-bits (mlx-lm has no batched quantized KV cache)"
-    if group is not None and group.size() > 1:
-        # Every rank would have to admit and drop the same jobs at the same step.
-        return "under mlx.launch the ranks run one shared request at a time"
     return None
 
 
@@ -156,7 +151,7 @@ def build_service(args: argparse.Namespace, group: mx.distributed.Group | None =
     )
     cache = PromptCache(args.prompt_cache_size, args.prompt_cache_bytes)
     seed = shared_seed(group, args.seed)
-    queue_only = queue_reason(args.decode_concurrency, defaults, group)
+    queue_only = queue_reason(args.decode_concurrency, defaults)
     if queue_only:
         logging.getLogger(__name__).info("Serving one request at a time: %s", queue_only)
     if queue_only is None:
@@ -165,6 +160,7 @@ def build_service(args: argparse.Namespace, group: mx.distributed.Group | None =
             tokenizer,
             cache,
             seed=seed,
+            group=group,
             decode_concurrency=args.decode_concurrency,
             prompt_concurrency=args.prompt_concurrency,
             prefill_step_size=defaults.prefill_step_size,

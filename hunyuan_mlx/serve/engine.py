@@ -9,8 +9,8 @@ it arrives and leaves it when it ends.
 
 Under `mlx.launch` every rank holds a share of the model, so every rank must run every step:
 rank 0's engine hands each job to the others (`Engine.follow`), which run it as rank 0 does and
-drop its events. Same jobs in the same order, same seeds: the ranks' prompt caches and sampled
-tokens stay alike.
+drop its events; a batch's jobs join and leave it at the same step on every rank. Same jobs in
+the same order, same seeds: the ranks' prompt caches and sampled tokens stay alike.
 """
 
 from __future__ import annotations
@@ -193,15 +193,7 @@ class Engine:
     def _hand_out(self, job: Job | None) -> None:
         """Under mlx.launch: give the other ranks `job` (None: the engine stops)."""
         if self.group is not None:
-            message = None if job is None else {
-                "prompt": job.prompt,
-                "settings": dataclasses.asdict(job.settings),
-                "seed": job.seed,
-                "top_logprobs": job.top_logprobs,
-                "grammar": job.grammar,
-                "thinking_budget": job.thinking_budget,
-            }
-            self._agree(message)
+            self._agree(None if job is None else job_message(job))
 
     def _agree(self, value: Any) -> Any:
         """Rank 0's `value` on every rank, through collectives on the stream generation runs on:
@@ -229,9 +221,8 @@ class Engine:
         if self._seed is not None:
             mx.random.seed(self._seed)
         while (message := self._agree(None)) is not None:
-            settings = GenerationSettings(**message.pop("settings"))
             try:
-                self._run(Job(settings=settings, **message))
+                self._run(job_from_message(message))
             except Exception:  # rank 0 met the same error and reports it
                 pass
 
@@ -287,6 +278,23 @@ class Engine:
     def _dropped(self, job: Job) -> bool:
         """Whether `job` is to end now: its client has gone, or the engine is closing."""
         return job.cancelled.is_set() or self._closing.is_set()
+
+
+def job_message(job: Job) -> dict[str, Any]:
+    """What the other ranks of mlx.launch need to run `job` as rank 0 does (JSON)."""
+    return {
+        "prompt": job.prompt,
+        "settings": dataclasses.asdict(job.settings),
+        "seed": job.seed,
+        "top_logprobs": job.top_logprobs,
+        "grammar": job.grammar,
+        "thinking_budget": job.thinking_budget,
+    }
+
+
+def job_from_message(message: dict[str, Any]) -> Job:
+    """Rank 0's job on another rank, whose events nobody reads."""
+    return Job(**{**message, "settings": GenerationSettings(**message["settings"])})
 
 
 def seeded_sampler(settings: GenerationSettings, seed: int | None) -> Sampler:
@@ -373,25 +381,35 @@ class BatchEngine(Engine):
         )
 
     def _loop(self) -> None:
+        self._batches(lead=True)
+
+    def _follow(self) -> None:
+        self._batches(lead=False)
+
+    def _batches(self, lead: bool) -> None:
+        """The batch's loop. Rank 0 (`lead`) takes the jobs that arrive and drops those whose
+        clients went. Under mlx.launch every rank runs this loop, and rank 0 tells the others
+        which jobs join and leave at the ranks' checks: whenever the batch is empty, and every
+        `CANCEL_CHECK_TOKENS` steps (a check waits for the step in flight), so that every rank
+        admits and drops the same jobs at the same step and the batches stay alike."""
         if self._seed is not None:
             mx.random.seed(self._seed)
         batch = self._new_batch()
         running: dict[int, _Running] = {}
+        pending: list[Job] = []
         stopping = False
-        while running or not stopping:
-            # Wait for work only when there is none; otherwise take what has arrived.
-            wait = not running
-            while not stopping:
-                try:
-                    job = self._jobs.get(block=wait)
-                except queue.Empty:
-                    break
-                wait = False
-                if job is None:
-                    stopping = True
-                else:
+        steps = 0
+        while True:
+            if lead and not stopping:
+                stopping = self._arrivals(pending, wait=not running and not pending)
+            if self.group is None or not running or steps % CANCEL_CHECK_TOKENS == 0:
+                joining, gone, stopping = self._check(lead, pending, running, stopping)
+                self._remove(batch, running, gone)
+                for job in joining:
                     self._admit(batch, running, job)
             if not running:
+                if stopping:
+                    break
                 continue
             try:
                 self._step(batch, running)
@@ -401,12 +419,42 @@ class BatchEngine(Engine):
                 running.clear()
                 batch.close()
                 batch = self._new_batch()
+            steps += 1
         batch.close()
 
+    def _arrivals(self, pending: list[Job], wait: bool) -> bool:
+        """Move the jobs that have arrived to `pending`, waiting for one if `wait`; whether the
+        engine was told to stop."""
+        while True:
+            try:
+                job = self._jobs.get(block=wait)
+            except queue.Empty:
+                return False
+            if job is None:
+                return True
+            pending.append(job)
+            wait = False
+
+    def _check(
+        self, lead: bool, pending: list[Job], running: dict[int, _Running], stopping: bool
+    ) -> tuple[list[Job], list[int], bool]:
+        """The jobs that join the batch now, the uids that leave it and whether the engine
+        stops: rank 0's word, on every rank."""
+        if lead:
+            joining = [job for job in pending if not self._dropped(job)]
+            for job in pending:
+                if self._dropped(job):
+                    self._end(job)
+            pending.clear()
+            gone = [uid for uid, run in running.items() if self._dropped(run.job)]
+            if self.group is not None:
+                self._agree({"jobs": [job_message(j) for j in joining], "gone": gone,
+                             "stop": stopping})
+            return joining, gone, stopping
+        word = self._agree(None)
+        return [job_from_message(m) for m in word["jobs"]], word["gone"], word["stop"]
+
     def _admit(self, batch: BatchGenerator, running: dict[int, _Running], job: Job) -> None:
-        if self._dropped(job):
-            self._end(job)
-            return
         try:
             cache, cached = self._open(job)
             settings = job.settings
@@ -423,14 +471,14 @@ class BatchEngine(Engine):
             return
         running[uid] = _Running(job, self.tokenizer.detokenizer, list(job.prompt))
 
-    def _step(self, batch: BatchGenerator, running: dict[int, _Running]) -> None:
-        gone = [uid for uid, run in running.items() if self._dropped(run.job)]
+    def _remove(self, batch: BatchGenerator, running: dict[int, _Running], gone: list[int]) -> None:
+        """End the jobs `gone` before their last token, keeping their KV caches."""
         if gone:
             caches = batch.remove(gone, return_prompt_caches=True)
             for uid in gone:
                 self._finish(running.pop(uid), caches[uid][0] if uid in caches else None)
-        if not running:
-            return
+
+    def _step(self, batch: BatchGenerator, running: dict[int, _Running]) -> None:
         _, responses = batch.next()
         for r in responses:
             run = running[r.uid]
