@@ -18,9 +18,12 @@ from hunyuan_mlx.models import (
     thresholds,
 )
 from hunyuan_mlx.models.fast_paths import set_fast_paths
+from hunyuan_mlx.models.probe import ms_per_token
 from hunyuan_mlx.models.quantization import apply_quantization
 
 TINY = ["--experts", "8", "--hidden", "64", "--intermediate", "64", "--group-size", "32"]
+TINY += ["--decode-layers", "3", "--decode-hidden", "64", "--decode-intermediate", "64"]
+TINY += ["--decode-vocab", "256"]
 KEY = thresholds.key(mx.float32, 4, 32)
 EVERY_KEY = thresholds.key(mx.float32, 4, 32, "every expert")
 
@@ -32,17 +35,31 @@ def test_choose_takes_the_first_row_count_from_which_padded_never_loses():
     assert probe.choose([(16, 2.0, 1.0), (32, 2.0, 1.0)]) == 16
 
 
-def test_tune_measures_caches_and_default_uses_it(fast_path_cache, capsys):
+def test_tune_measures_caches_and_default_uses_it(fast_path_cache, capsys, monkeypatch):
     assert FastPaths.default().source == "built-in" and not fast_path_cache.exists()
+    decode_steps = []  # (the policy's decode graph, whether the model built one) per timing
+
+    def spied(model, prompt):
+        ms = ms_per_token(model, prompt)
+        graphs = model.model._decode_graphs
+        decode_steps.append((model.fast_paths.decode_graph, graphs is not None))
+        return ms
+
+    monkeypatch.setattr(probe, "ms_per_token", spied)
     tune_command.main([*TINY, "--dtype", "float32"])
     out = capsys.readouterr().out
     assert KEY in out and EVERY_KEY in out and str(fast_path_cache) in out
     assert "ms, padded" in out and "ms, every expert" in out  # each probe's timings
+    assert "ms, one graph" in out  # and decode's
+    # Decode was timed both ways, interleaved, and the graph's rounds ran the graph.
+    assert decode_steps == [(False, False), (True, True)] * probe.DECODE_ROUNDS
     cached = thresholds.cached()
-    assert set(cached) == {KEY, EVERY_KEY}
+    assert set(cached) == {KEY, EVERY_KEY, thresholds.DECODE_GRAPH}
     assert [thresholds.kernel_of(k) for k in (KEY, EVERY_KEY)] == ["padded", "every expert"]
     policy = FastPaths.default()
+    graph = cached.pop(thresholds.DECODE_GRAPH)
     assert policy.source == "measured here" and dict(policy.measured_min_rows) == cached
+    assert policy.decode_graph == (graph is not None)
     assert FastPaths.default(on="cpu").source == "forced"  # a named backend: built-in
     assert FastPaths.default(on="cpu").measured_min_rows == ()
     # The experts read the threshold of their own dtype and quantization.
@@ -51,6 +68,17 @@ def test_tune_measures_caches_and_default_uses_it(fast_path_cache, capsys):
     assert forced.padded_from(mx.float32, 3, 32) == policy.padded_from(mx.float32, 3, 32)
     assert forced.every_expert_rows(mx.float32, 4, 32) == 9
     assert forced.every_expert_rows(mx.float32, 3, 32) == policy.every_expert_from
+
+
+@pytest.mark.parametrize(("choice", "graph"), [(1, True), (None, False)])
+def test_decode_takes_the_step_measured_faster_here(fast_path_cache, choice, graph):
+    assert not FastPaths.default().decode_graph  # built in: a layer at a time on the CPU
+    thresholds.store({thresholds.DECODE_GRAPH: choice})
+    policy = FastPaths.default()
+    assert policy.decode_graph == graph and policy.source == "measured here"
+    assert policy.measured_min_rows == ()  # not an experts' threshold
+    assert ("decode as one graph" in policy.describe()) == graph
+    assert not FastPaths.default(on="cpu").decode_graph  # a named backend: built-in
 
 
 @pytest.mark.parametrize("content", ["{not json", '{"x": {"y": "many"}}', "[1, 2]", b"\xff\xfe"])

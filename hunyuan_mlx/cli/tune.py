@@ -1,5 +1,5 @@
-"""Measure the experts' kernels on this machine and cache the thresholds the fast paths use:
-`python -m hunyuan_mlx.tune` (see `models/probe.py` for why this runs only when asked)."""
+"""Measure the experts' kernels and decode's step on this machine and cache what the fast paths
+use: `python -m hunyuan_mlx.tune` (see `models/probe.py` for why this runs only when asked)."""
 
 from __future__ import annotations
 
@@ -10,7 +10,7 @@ from collections.abc import Sequence
 import mlx.core as mx
 
 from ..models import thresholds
-from ..models.probe import ProbeShape, tune
+from ..models.probe import DecodeProbeShape, ProbeShape, tune
 from ..models.quantization import DEFAULT_Q_MODE, quant_params
 from . import run_main
 from .options import add_debug_argument, command_parser
@@ -24,7 +24,7 @@ def build_parser(prog: str | None = None) -> argparse.ArgumentParser:
         "tune",
         prog,
         "Measure gathered experts against padded ones and every expert on every token here, and "
-        "cache the thresholds.",
+        "decode a layer at a time against the whole model as one graph; cache the choices.",
     )
     parser.add_argument(
         "--dtype",
@@ -52,6 +52,9 @@ def build_parser(prog: str | None = None) -> argparse.ArgumentParser:
         if field.name != "top_k":
             help_ = "Probed experts' shape (default: %(default)s)."
             parser.add_argument(f"--{field.name}", type=int, default=field.default, help=help_)
+    for field in dataclasses.fields(DecodeProbeShape):  # the decode probe's model
+        help_ = "The decode probe's model (default: %(default)s)."
+        parser.add_argument(f"--decode-{field.name}", type=int, default=field.default, help=help_)
     return parser
 
 
@@ -61,12 +64,17 @@ def main(argv: Sequence[str] | None = None, prog: str | None = None) -> None:
     args = parser.parse_args(argv)
     with run_main(parser.prog, args.debug):
         shape = ProbeShape(args.experts, args.hidden, args.intermediate)
+        decode_shape = DecodeProbeShape(
+            *(getattr(args, f"decode_{f.name}") for f in dataclasses.fields(DecodeProbeShape))
+        )
         found = tune(
             [DTYPES[d] for d in args.dtype],
             [(bits, args.group_size) for bits in args.bits],
             shape=shape,
+            decode_shape=decode_shape,
         )
         print(f"{thresholds.device_key()}:")
+        decode_choice, decode_timings = found.pop(thresholds.DECODE_GRAPH)
         for key, (threshold, timings) in found.items():
             kernel = thresholds.kernel_of(key)
             chosen = "gathered always" if threshold is None else f"{kernel} from {threshold} rows"
@@ -74,4 +82,8 @@ def main(argv: Sequence[str] | None = None, prog: str | None = None) -> None:
             for rows, gathered, candidate in timings:
                 times = f"gathered {gathered:.2f} ms, {kernel} {candidate:.2f} ms"
                 print(f"    {rows:>5} rows: {times}")
+        chosen = "the whole model as one graph" if decode_choice else "a layer at a time"
+        print(f"  {thresholds.DECODE_GRAPH}: {chosen}")
+        for round_, layer, graph in decode_timings:
+            print(f"    round {round_}: a layer at a time {layer:.2f} ms, one graph {graph:.2f} ms")
         print(f"cached in {thresholds.cache_path()}")

@@ -128,7 +128,8 @@ class FastPaths:
     # they replace `padded_min_rows` and `padded_float32`, or `every_expert_from`, for the
     # experts they name.
     measured_min_rows: tuple[tuple[str, int | None], ...] = ()
-    # Where the padded thresholds came from: "measured here", "built-in", "forced" or "off".
+    # Where the thresholds and decode's choice came from: "measured here", "built-in", "forced"
+    # or "off".
     source: str = field(default="off", compare=False)
 
     @classmethod
@@ -140,18 +141,22 @@ class FastPaths:
         measured = {} if on is not None else thresholds.cached()
         backend_ = on or backend()
         mlx_version = mlx_version or mx.__version__
+        source = "forced" if on is not None else "measured here" if measured else "built-in"
+        decode_graph = backend_ in DECODE_GRAPH_BACKENDS
+        if thresholds.DECODE_GRAPH in measured:  # 1: the graph was faster here; null: not
+            decode_graph = measured.pop(thresholds.DECODE_GRAPH) is not None
         return cls(
             padded_min_rows=PADDED_MIN_ROWS.get(backend_),
             padded_float32=backend_ not in PADDED_HALF_PRECISION_ONLY,
             compiled_decode=True,
-            decode_graph=backend_ in DECODE_GRAPH_BACKENDS,
+            decode_graph=decode_graph,
             every_expert_from=EVERY_EXPERT_FROM.get(backend_),
             gathered_piece_rows=GATHERED_PIECE_ROWS,
             avoid_sorted_gather_mm=backend_ == "cuda"
             and mlx_version in SORTED_GATHER_MM_BROKEN_ON_CUDA,
             layerwise_training=True,
             measured_min_rows=tuple(sorted(measured.items())),
-            source="forced" if on is not None else "measured here" if measured else "built-in",
+            source=source,
         )
 
     @classmethod
@@ -184,7 +189,8 @@ class FastPaths:
         return measured[key] if key in measured else self.every_expert_from
 
     def describe(self) -> str:
-        """One line for `--verbose`: the experts' thresholds and where they came from."""
+        """One line for `--verbose`: the experts' thresholds, decode's step and where they came
+        from."""
         if self == FastPaths.off():
             return "fast paths off: the plain path (gathered experts, one-graph training step)"
         rows = "never" if self.padded_min_rows is None else f"from {self.padded_min_rows} rows"
@@ -196,6 +202,7 @@ class FastPaths:
             f"padded experts {rows}{'' if self.padded_float32 else ' (half precision only)'}"
             f"{f'; measured: {measured}' if measured else ''} [{self.source}]; "
             f"{'' if every is None else f'every expert on every token from {every} rows; '}"
+            f"{'decode as one graph; ' if self.decode_graph else ''}"
             f"training {'a layer at a time' if self.layerwise_training else 'in one graph'}"
         )
 

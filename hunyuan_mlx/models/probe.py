@@ -1,6 +1,8 @@
 """A short measurement of the experts' kernels on this machine: the routed rows from which
 dequantize-and-pad beats gathered `gather_qmm`, and (quantized experts) from which every expert on
-every token does, the thresholds `FastPaths.default()` then uses (cached by `thresholds.py`).
+every token does, the thresholds `FastPaths.default()` then uses (cached by `thresholds.py`); and
+whether greedy decode runs faster with the whole model's step as one compiled graph than with each
+layer's compiled step (`decode.py`).
 
 When it runs: only when asked (`python -m hunyuan_mlx.tune`), never on load. A load must not take
 seconds more, nor dequantize a group of experts beside a model that may already fill the memory,
@@ -9,20 +11,28 @@ tell; without a measurement the built-in thresholds apply, and `--verbose` says 
 
 The crossover in rows hardly depends on the widths (dequantizing, or every expert, costs
 experts x I x D once, the gathered products rows x I x D), so the probe runs A13B's expert count
-at reduced widths.
+at reduced widths. Decode's choice is one of host time (graph nodes, which follow the layers,
+heads and experts) against the graph's attention over a whole buffer (a mask where a backend's
+single-token kernel takes one, else several nodes a layer): the probe runs A13B's layers, heads
+and experts at narrow widths.
 """
 
 from __future__ import annotations
 
+import statistics
 import time
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 
 import mlx.core as mx
 import mlx.nn as nn
+from mlx_lm.generate import generate_step
 
 from . import thresholds
+from .config import HunYuanMoEV1Config
 from .experts import GatheredGLU
 from .fast_paths import FastPaths, set_fast_paths
+from .hunyuan import HunYuanMoEV1ForCausalLM
+from .quantization import apply_quantization
 
 # Routed rows (tokens x k) measured, in order; the probe stops once the candidate kernel has won
 # at two in a row (it only gets better with more rows).
@@ -44,6 +54,25 @@ class ProbeShape:
     hidden: int = 1024
     intermediate: int = 768
     top_k: int = 8
+
+
+@dataclass(frozen=True)
+class DecodeProbeShape:
+    """The model the decode probe runs: A13B's layers (and its heads, experts and top-k, from
+    `ProbeShape`) at narrow widths, about 0.6 GB to build."""
+
+    layers: int = 32
+    hidden: int = 512
+    intermediate: int = 128
+    vocab: int = 4096
+
+
+# The decode probe's greedy run in each round: a prompt, then tokens after the first few (the
+# first after a policy change traces its step anew), timed one by one.
+DECODE_PROMPT_TOKENS = 128
+DECODE_UNTIMED_TOKENS = 4
+DECODE_TIMED_TOKENS = 24
+DECODE_ROUNDS = 3  # interleaved: the two steps alternate, so drift hits both
 
 
 def median_ms(fn, reps: int) -> float:
@@ -106,18 +135,79 @@ def probe(
     return choose(timings), timings
 
 
+def ms_per_token(model: nn.Module, prompt: mx.array) -> float:
+    """Median milliseconds between greedy tokens of mlx-lm's generation loop after `prompt`,
+    leaving out the first `DECODE_UNTIMED_TOKENS`."""
+    times = []
+    steps = generate_step(prompt, model, max_tokens=DECODE_UNTIMED_TOKENS + DECODE_TIMED_TOKENS)
+    for _ in steps:  # each token is read back (`item`): the time between them is a token's
+        times.append(time.perf_counter())
+    timed = times[DECODE_UNTIMED_TOKENS:]
+    return statistics.median(b - a for a, b in zip(timed, timed[1:])) * 1e3
+
+
+def decode_probe(
+    dtype: mx.Dtype,
+    bits: int | None,
+    group_size: int | None,
+    shape: ProbeShape = ProbeShape(),
+    decode_shape: DecodeProbeShape = DecodeProbeShape(),
+) -> tuple[int | None, list[tuple[int, float, float]]]:
+    """Greedy decode on a random model (`decode_shape`, `bits`-bit, weights in `dtype`) with each
+    layer's compiled step and with the whole model's graph, in `DECODE_ROUNDS` interleaved rounds:
+    1 if the graph's median ms a token was lower (the cache's value: take it), else None; and
+    each round's (round, layer ms, graph ms)."""
+    mx.random.seed(0)
+    config = HunYuanMoEV1Config(
+        vocab_size=decode_shape.vocab,
+        hidden_size=decode_shape.hidden,
+        intermediate_size=decode_shape.intermediate,
+        num_hidden_layers=decode_shape.layers,
+        num_attention_heads=32,  # A13B's heads: the graph's attention nodes are per head group
+        num_key_value_heads=8,
+        head_dim=128,
+        num_experts=shape.experts,
+        moe_topk=shape.top_k,
+        max_position_embeddings=DECODE_PROMPT_TOKENS + 2 * DECODE_TIMED_TOKENS,
+        tie_word_embeddings=True,
+    )
+    model = HunYuanMoEV1ForCausalLM(config)
+    if bits is not None:
+        apply_quantization(model, {"bits": bits, "group_size": group_size, "mode": "affine"})
+    model.set_dtype(dtype)
+    model.eval()
+    mx.eval(model.parameters())
+    prompt = mx.random.randint(0, decode_shape.vocab, (DECODE_PROMPT_TOKENS,))
+    policy = FastPaths.default()
+    timings = []
+    for round_ in range(1, DECODE_ROUNDS + 1):
+        row = [round_]
+        for graph in (False, True):
+            set_fast_paths(model, replace(policy, decode_graph=graph))
+            row.append(round(ms_per_token(model, prompt), 3))
+        timings.append(tuple(row))
+    layer, graph = (statistics.median(t[i] for t in timings) for i in (1, 2))
+    return (1 if graph < layer else None), timings
+
+
 def tune(
-    dtypes: list[mx.Dtype], quantizations: list[tuple[int | None, int | None]], **kw
+    dtypes: list[mx.Dtype],
+    quantizations: list[tuple[int | None, int | None]],
+    shape: ProbeShape = ProbeShape(),
+    decode_shape: DecodeProbeShape = DecodeProbeShape(),
 ) -> dict[str, tuple[int | None, list[tuple[int, float, float]]]]:
     """Probe every dtype and (bits, group size), for the padded kernel and (quantized experts)
-    every expert on every token, cache the thresholds for this device and MLX version, and return
-    them with their timings by `thresholds.key`."""
+    every expert on every token, and decode (the first dtype and quantization); cache the
+    results for this device and MLX version, and return them with their timings by
+    `thresholds.key` (and `thresholds.DECODE_GRAPH`)."""
     found = {
-        thresholds.key(dtype, bits, group, kernel): probe(dtype, bits, group, kernel=kernel, **kw)
+        thresholds.key(dtype, bits, group, kernel): probe(dtype, bits, group, shape, kernel)
         for dtype in dtypes
         for bits, group in quantizations
         for kernel in CANDIDATES
         if kernel == "padded" or bits is not None
     }
+    bits, group = quantizations[0]
+    found[thresholds.DECODE_GRAPH] = decode_probe(dtypes[0], bits, group, shape, decode_shape)
     thresholds.store({k: threshold for k, (threshold, _) in found.items()})
     return found

@@ -3,8 +3,9 @@ JSON under `$XDG_CACHE_HOME/hunyuan_mlx/` (default `~/.cache/hunyuan_mlx/`).
 
 One entry per device and MLX version, mapping `key(dtype, bits, group_size, kernel)` to the routed
 rows from which that kernel (the padded one, or every expert on every token) was measured faster
-than the gathered one (null: never). A cache that cannot be read or written never stops a run: it
-is reported once on stderr and the built-in thresholds apply.
+than the gathered one (null: never), and `DECODE_GRAPH` to 1 where decode was measured faster as
+the whole model's graph than a layer at a time (null: it was not). A cache that cannot be read or
+written never stops a run: it is reported once on stderr and the built-in thresholds apply.
 """
 
 from __future__ import annotations
@@ -41,6 +42,7 @@ def device_key() -> str:
 # The kernels a threshold is measured for against the gathered one; the padded kernel's keys
 # carry no prefix (the cache's first format).
 KERNELS = ("padded", "every expert")
+DECODE_GRAPH = "decode graph"  # the decode probe's key (`probe.decode_probe`)
 
 
 def key(dtype: mx.Dtype, bits: int | None, group_size: int | None, kernel: str = "padded") -> str:
