@@ -123,3 +123,12 @@ def test_both_choices_give_equal_logits(key, kernel):
         assert kernels == {kernel if rows else "gathered"}
         logits.append(model(tokens))
     assert mx.abs(logits[0] - logits[1]).max().item() <= 1e-4
+
+
+@pytest.mark.parametrize("flag", ["--experts", "--decode-layers"])
+def test_a_probe_shape_below_one_is_refused_naming_its_flag(flag, fast_path_cache, capsys):
+    with pytest.raises(SystemExit) as exit_:
+        tune_command.main([flag, "0"])
+    assert exit_.value.code == 2
+    assert f"argument {flag}: must be a positive integer, got '0'" in capsys.readouterr().err
+    assert not fast_path_cache.exists()

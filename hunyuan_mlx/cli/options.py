@@ -28,6 +28,17 @@ from ..tokenizer import HunYuanTokenizer
 TRUE_WORDS, FALSE_WORDS = ("true", "t", "yes", "1"), ("false", "f", "no", "0")
 
 
+def positive_int(text: str) -> int:
+    """An argparse type: an integer of at least 1 (argparse names the flag in its error)."""
+    try:
+        value = int(text)
+    except ValueError:
+        value = 0
+    if value < 1:
+        raise argparse.ArgumentTypeError(f"must be a positive integer, got {text!r}")
+    return value
+
+
 def command_prog(command: str) -> str:
     """`command` as the user ran it, for usage lines and errors: its console script
     (`hunyuan-mlx-<command>`) when run as one, else `python -m hunyuan_mlx.<command>`; the

@@ -13,7 +13,7 @@ from ..models import thresholds
 from ..models.probe import DecodeProbeShape, ProbeShape, tune
 from ..models.quantization import DEFAULT_Q_MODE, quant_params
 from . import run_main
-from .options import add_debug_argument, command_parser
+from .options import add_debug_argument, command_parser, positive_int
 
 DTYPES = {"bfloat16": mx.bfloat16, "float16": mx.float16, "float32": mx.float32}
 
@@ -48,13 +48,16 @@ def build_parser(prog: str | None = None) -> argparse.ArgumentParser:
         help="Quantization group size (default: %(default)s).",
     )
     add_debug_argument(parser)
-    for field in dataclasses.fields(ProbeShape):  # the probed experts' shape
-        if field.name != "top_k":
-            help_ = "Probed experts' shape (default: %(default)s)."
-            parser.add_argument(f"--{field.name}", type=int, default=field.default, help=help_)
-    for field in dataclasses.fields(DecodeProbeShape):  # the decode probe's model
-        help_ = "The decode probe's model (default: %(default)s)."
-        parser.add_argument(f"--decode-{field.name}", type=int, default=field.default, help=help_)
+    shapes = (
+        (ProbeShape, "", "Probed experts' shape"),
+        (DecodeProbeShape, "decode-", "The decode probe's model"),
+    )
+    for shape, prefix, what in shapes:
+        for field in dataclasses.fields(shape):
+            if field.name != "top_k":  # A13B's
+                help_ = f"{what} (default: %(default)s)."
+                flag = f"--{prefix}{field.name}"
+                parser.add_argument(flag, type=positive_int, default=field.default, help=help_)
     return parser
 
 
