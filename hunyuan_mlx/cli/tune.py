@@ -9,6 +9,7 @@ from collections.abc import Sequence
 
 import mlx.core as mx
 
+from ..loading import compute_dtype
 from ..models import thresholds
 from ..models.probe import DecodeProbeShape, ProbeShape, tune
 from ..models.quantization import DEFAULT_Q_MODE, quant_params
@@ -70,11 +71,15 @@ def main(argv: Sequence[str] | None = None, prog: str | None = None) -> None:
         decode_shape = DecodeProbeShape(
             *(getattr(args, f"decode_{f.name}") for f in dataclasses.fields(DecodeProbeShape))
         )
+        # Decode runs in what a loaded model computes in here: float32 on the CPU, else the
+        # release's bfloat16.
+        decode_dtype = compute_dtype() or mx.bfloat16
         found = tune(
             [DTYPES[d] for d in args.dtype],
             [(bits, args.group_size) for bits in args.bits],
             shape=shape,
             decode_shape=decode_shape,
+            decode_dtype=decode_dtype,
         )
         print(f"{thresholds.device_key()}:")
         decode_choice, decode_timings = found.pop(thresholds.DECODE_GRAPH)
@@ -86,7 +91,8 @@ def main(argv: Sequence[str] | None = None, prog: str | None = None) -> None:
                 times = f"gathered {gathered:.2f} ms, {kernel} {candidate:.2f} ms"
                 print(f"    {rows:>5} rows: {times}")
         chosen = "the whole model as one graph" if decode_choice else "a layer at a time"
-        print(f"  {thresholds.DECODE_GRAPH}: {chosen}")
+        decode_quant = thresholds.key(decode_dtype, args.bits[0], args.group_size)
+        print(f"  {thresholds.DECODE_GRAPH} ({decode_quant}): {chosen}")
         for round_, layer, graph in decode_timings:
             print(f"    round {round_}: a layer at a time {layer:.2f} ms, one graph {graph:.2f} ms")
         print(f"cached in {thresholds.cache_path()}")

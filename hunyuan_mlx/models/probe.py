@@ -195,11 +195,12 @@ def tune(
     quantizations: list[tuple[int | None, int | None]],
     shape: ProbeShape = ProbeShape(),
     decode_shape: DecodeProbeShape = DecodeProbeShape(),
+    decode_dtype: mx.Dtype | None = None,
 ) -> dict[str, tuple[int | None, list[tuple[int, float, float]]]]:
     """Probe every dtype and (bits, group size), for the padded kernel and (quantized experts)
-    every expert on every token, and decode (the first dtype and quantization); cache the
-    results for this device and MLX version, and return them with their timings by
-    `thresholds.key` (and `thresholds.DECODE_GRAPH`)."""
+    every expert on every token, and decode (in `decode_dtype`, default the first dtype, and the
+    first quantization); cache the results for this device and MLX version, and return them with
+    their timings by `thresholds.key` (and `thresholds.DECODE_GRAPH`)."""
     found = {
         thresholds.key(dtype, bits, group, kernel): probe(dtype, bits, group, shape, kernel)
         for dtype in dtypes
@@ -208,6 +209,7 @@ def tune(
         if kernel == "padded" or bits is not None
     }
     bits, group = quantizations[0]
-    found[thresholds.DECODE_GRAPH] = decode_probe(dtypes[0], bits, group, shape, decode_shape)
+    decode_dtype = decode_dtype or dtypes[0]
+    found[thresholds.DECODE_GRAPH] = decode_probe(decode_dtype, bits, group, shape, decode_shape)
     thresholds.store({k: threshold for k, (threshold, _) in found.items()})
     return found
