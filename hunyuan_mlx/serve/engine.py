@@ -441,10 +441,12 @@ class BatchEngine(Engine):
         """The jobs that join the batch now, the uids that leave it and whether the engine
         stops: rank 0's word, on every rank."""
         if lead:
-            joining = [job for job in pending if not self._dropped(job)]
-            for job in pending:
+            joining = []
+            for job in pending:  # one look at each: a client may go between two
                 if self._dropped(job):
                     self._end(job)
+                else:
+                    joining.append(job)
             pending.clear()
             gone = [uid for uid, run in running.items() if self._dropped(run.job)]
             if self.group is not None:
