@@ -16,7 +16,13 @@ from helpers import (
 
 from hunyuan_mlx.serve.grammar import Grammars, answer_grammar, json_body, tools_body
 from hunyuan_mlx.serve.parser import OutputParser
-from hunyuan_mlx.serve.reasoning import ThinkingBudget, force_token, thinking_switch
+from hunyuan_mlx.serve.reasoning import (
+    THINKING_CLOSING,
+    THINKING_OPENING,
+    ThinkingBudget,
+    force_token,
+    thinking_switch,
+)
 from hunyuan_mlx.tokenizer import HunYuanTokenizer
 
 jsonschema = pytest.importorskip("jsonschema")
@@ -126,6 +132,31 @@ def test_a_thinking_budget_alone_ends_the_thinking_and_opens_the_answer(tokenize
     reply = parse(text)
     assert text.startswith("<think>\n") and "\n</think>\n<answer>\n" in text
     assert reply.reasoning and reply.content
+
+
+def test_a_budget_waits_for_the_character_a_token_left_open(tokenizer, grammars):
+    """A token can end inside a character (byte tokens): the budget, spent there, lets the
+    character's bytes come before it forces the closing, which a grammar then still matches."""
+    single_bytes = {b: i for i, b in enumerate(tokenizer.token_bytes) if len(b) == 1}
+    character = [single_bytes[bytes([b])] for b in "交".encode()]  # three bytes
+    opening = tokenizer.encode(THINKING_OPENING)
+    budget = ThinkingBudget(len(opening) + 1, tokenizer)  # spent after the first byte
+    grammar = grammars.processor(answer_grammar(json_body(SCHEMA), thinking=True))
+    logits = mx.zeros((1, tokenizer.vocab_size))
+    tokens = [0]  # the prompt's last
+    # The model picks the character's bytes (the second and third past the budget); the budget
+    # forces the opening before them and the closing after them.
+    free = range(len(opening) + 1, len(opening) + len(character) + 1)
+    for planned in [*opening, *character, *tokenizer.encode(THINKING_CLOSING)]:
+        grammar(mx.array(tokens), logits)
+        out = budget(mx.array(tokens), logits)
+        if len(tokens) in free:
+            assert out is logits, tokens
+        else:
+            assert mx.argmax(out).item() == planned, tokens
+        tokens.append(planned)
+    grammar(mx.array(tokens), logits)
+    assert not grammar.matcher.is_error(), grammar.matcher.get_error()
 
 
 def test_a_budget_leaves_a_thinking_that_closed_alone(tokenizer):

@@ -4,6 +4,7 @@ still comes."""
 
 from __future__ import annotations
 
+import codecs
 from typing import Any
 
 import mlx.core as mx
@@ -18,6 +19,9 @@ THINK_SWITCHES = {"/think": True, "/no_think": False}
 THINKING_OPENING = THINK_OPEN + "\n"  # how the model opens its thinking
 THINK_CLOSE_BYTES = THINK_CLOSE.encode()
 THINKING_CLOSING = f"\n{THINK_CLOSE}\n{ANSWER_OPEN}\n"  # and closes it, opening the answer
+# Tokens a budget waits, at most, for a character it would cut (a token may end inside one: a
+# UTF-8 character's bytes after its first).
+MAX_WAIT_FOR_CHARACTER = 3
 
 
 def thinking_switch(messages: list[dict[str, Any]]) -> bool | None:
@@ -53,7 +57,11 @@ class ThinkingBudget:
     """An mlx-lm logits processor for a prompt that leaves the thinking open: forces the model's
     opening `<think>`, and once `budget` tokens are generated with the thinking still open, the
     closing `</think>` and the answer's opening tag. Each call after the first reads the token
-    sampled since."""
+    sampled since.
+
+    A token may end inside a character; the closing then waits for the character's remaining
+    bytes (up to `MAX_WAIT_FOR_CHARACTER` tokens): forced in the middle, it would leave invalid
+    UTF-8, which a grammar (whose thought is text) cannot match, and the reply would end there."""
 
     def __init__(self, budget: int, tokenizer: HunYuanTokenizer) -> None:
         self.budget = budget
@@ -70,8 +78,7 @@ class ThinkingBudget:
         if self._started:
             self._add(tokens[-1].item())
         self._started = True
-        out_of_budget = self._generated >= self.budget
-        if out_of_budget and not (self._closed or self._closing_forced or self._forced):
+        if not (self._closed or self._closing_forced or self._forced) and self._closes_now():
             self._forced = list(self._closing)
             self._closing_forced = True
         if self._forced:
@@ -84,3 +91,14 @@ class ThinkingBudget:
             text = self._tail + self._token_bytes[token]
             self._closed = THINK_CLOSE_BYTES in text
             self._tail = text[1 - len(THINK_CLOSE_BYTES) :]
+
+    def _closes_now(self) -> bool:
+        """Whether the budget is spent and the output does not end inside a character (or has
+        waited for it long enough)."""
+        over = self._generated - self.budget
+        if over < 0:
+            return False
+        decoder = codecs.getincrementaldecoder("utf-8")("replace")
+        decoder.decode(self._tail)
+        mid_character = bool(decoder.getstate()[0])  # bytes held for a character's rest
+        return not mid_character or over >= MAX_WAIT_FOR_CHARACTER
