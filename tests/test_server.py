@@ -14,7 +14,7 @@ from pathlib import Path
 import pytest
 from helpers import serve, serve_process, server_command
 
-from hunyuan_mlx.cli.server import build_parser
+from hunyuan_mlx.cli.server import build_parser, queue_reason
 from hunyuan_mlx.generation.settings import GenerationSettings
 from hunyuan_mlx.serve.app import Service
 
@@ -50,6 +50,15 @@ def rotating_server(tiny_release, tmp_path_factory):
     """A server batching rotating KV caches (--max-kv-size), shorter than prompt and reply."""
     log = tmp_path_factory.mktemp("rotating") / "server.log"
     yield from start_server(tiny_release, log, "--max-kv-size", "24")
+
+
+@pytest.fixture(scope="module")
+def quantized_server(tiny_release, tmp_path_factory):
+    """A server batching KV caches quantized from each sequence's first token."""
+    log = tmp_path_factory.mktemp("quantized") / "server.log"
+    flags = ["--kv-bits", "8", "--kv-group-size", "32", "--quantized-kv-start", "0"]
+    yield from start_server(tiny_release, log, *flags)
+    assert "one request at a time" not in log.read_text()
 
 
 @pytest.fixture(scope="module")
@@ -165,7 +174,9 @@ def test_text_completions_stream_and_not(server):
     assert text == choice["text"]
 
 
-@pytest.mark.parametrize("kind", ["queue_server", "server", "rotating_server"])
+@pytest.mark.parametrize(
+    "kind", ["queue_server", "server", "rotating_server", "quantized_server"]
+)
 def test_eight_concurrent_clients_each_get_their_own_reply(request, kind):
     url, model = request.getfixturevalue(kind)
     client = openai.OpenAI(base_url=f"{url}/v1", api_key=API_KEY, max_retries=0)
@@ -403,3 +414,12 @@ def test_a_signal_mid_request_ends_it_and_the_server_cleanly(tiny_release, tmp_p
         assert json.loads(events[-2])["error"]["code"] == "server_stopping"
         assert process.wait(timeout=60) == 128 + signum
         assert "Aborted" not in log.read_text() and "terminate called" not in log.read_text()
+
+
+def test_quantized_kv_batches_only_from_the_first_token():
+    """A batch cannot hold some sequences quantized and others not: --kv-bits batches with
+    --quantized-kv-start 0, and otherwise says why it serves one request at a time."""
+    assert queue_reason(32, GenerationSettings(kv_bits=4, quantized_kv_start=0)) is None
+    reason = queue_reason(32, GenerationSettings(kv_bits=4))
+    assert "--quantized-kv-start 5000" in reason and "--quantized-kv-start 0" in reason
+    assert queue_reason(1, GenerationSettings()) == "--decode-concurrency 1"

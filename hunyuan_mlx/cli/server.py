@@ -92,7 +92,8 @@ def build_parser(prog: str | None = None) -> argparse.ArgumentParser:
         type=int,
         default=DEFAULT_DECODE_CONCURRENCY,
         help="Decode up to this many requests in one batch (continuous batching); 1 serves "
-        "them one at a time, as does --kv-bits (default: %(default)s)",
+        "them one at a time, as does --kv-bits unless --quantized-kv-start is 0 "
+        "(default: %(default)s)",
     )
     parser.add_argument(
         "--prompt-concurrency",
@@ -130,8 +131,12 @@ def queue_reason(decode_concurrency: int, defaults: GenerationSettings) -> str |
     """Why requests are served one at a time rather than batched (None: they are batched)."""
     if decode_concurrency == 1:
         return "--decode-concurrency 1"
-    if defaults.kv_bits is not None:
-        return "--kv-bits (mlx-lm has no batched quantized KV cache)"
+    if defaults.kv_bits is not None and defaults.quantized_kv_start > 0:
+        return (
+            f"--kv-bits with --quantized-kv-start {defaults.quantized_kv_start} (a batch "
+            "quantizes each sequence's KV cache from its first token: --quantized-kv-start 0 "
+            "batches)"
+        )
     return None
 
 

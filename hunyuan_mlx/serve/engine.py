@@ -33,6 +33,7 @@ from ..distributed import broadcast_json
 from ..generation.settings import GenerationSettings
 from ..generation.stream import stream_generate
 from ..tokenizer import HunYuanTokenizer
+from .batch_cache import BatchableQuantizedKVCache
 from .grammar import Grammars
 from .prompt_cache import PromptCache
 from .protocol import TokenLogprob
@@ -231,9 +232,14 @@ class Engine:
         tokens it holds; tells the job it started."""
         cache, cached = self.prompt_cache.fetch(job.prompt)
         if cache is None:
-            cache = job.settings.make_cache(self.model)
+            cache = self._fresh_cache(job.settings)
         job.events.put(Started(cached))
         return cache, cached
+
+    def _fresh_cache(self, settings: GenerationSettings) -> list[Any]:
+        """An empty KV cache for a job (mlx-lm's generation loop quantizes it at
+        `quantized_kv_start`)."""
+        return settings.make_cache(self.model)
 
     def _constraints(self, job: Job) -> list[LogitsProcessor]:
         """The job's grammar and thinking budget as logits processors (fresh: they hold the
@@ -352,8 +358,10 @@ class BatchEngine(Engine):
     one batch, up to `prompt_concurrency` prefill together (each in `prefill_step_size` chunks).
 
     The caches are mlx-lm's `KVCache`s or, with `max_kv_size`, `RotatingKVCache`s (batched as
-    `BatchKVCache` / `BatchRotatingKVCache`); mlx-lm has no batched quantized KV cache, so
-    `kv_bits` needs `Engine`. Sampling settings, stop tokens and logits processors are per job,
+    `BatchKVCache` / `BatchRotatingKVCache`), or with `kv_bits` quantized from a sequence's first
+    token (`batch_cache.py`: one batch cannot hold some sequences quantized and others not, so
+    a `quantized_kv_start` other than 0 needs `Engine`). Sampling settings, stop tokens and
+    logits processors are per job,
     and so is the PRNG of a job with a seed (`seeded_sampler`): it repeats whatever else runs.
     """
 
@@ -370,6 +378,14 @@ class BatchEngine(Engine):
         self.decode_concurrency = decode_concurrency
         self.prompt_concurrency = prompt_concurrency
         self.prefill_step_size = prefill_step_size
+
+    def _fresh_cache(self, settings: GenerationSettings) -> list[Any]:
+        if settings.kv_bits is None:
+            return settings.make_cache(self.model)
+        return [
+            BatchableQuantizedKVCache(settings.kv_group_size, settings.kv_bits)
+            for _ in self.model.layers
+        ]
 
     def _new_batch(self) -> BatchGenerator:
         return BatchGenerator(
