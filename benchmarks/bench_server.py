@@ -10,7 +10,8 @@ random weights make any text, and only the token counts matter here.
 
 Then, for each of `--systems`, one after the other (one model in memory at a time): `ours` (this
 server as it starts by default: continuous batching), `ours_queue` (one request at a time,
-`--decode-concurrency 1`), `mlxlm` (mlx-lm's server, which batches, running mlx-lm's model) and
+`--decode-concurrency 1`), `ours_kv8` (batching KV caches quantized to 8 bits from the first
+token), `mlxlm` (mlx-lm's server, which batches, running mlx-lm's model) and
 `mlxlm_ours` (mlx-lm's server running this project's model: the same shards, under a config
 naming this project's model file, `--trust-remote-code`):
 - `generate`'s decode tokens/s: `python -m hunyuan_mlx.generate` / `python -m mlx_lm generate`,
@@ -81,6 +82,8 @@ JSON_HEADERS = {"Content-Type": "application/json"}
 SYSTEMS = {
     "ours": (["hunyuan_mlx.server"], "ours"),  # batching, as it starts by default
     "ours_queue": (["hunyuan_mlx.server", "--decode-concurrency", "1"], "ours"),
+    # KV caches quantized to 8 bits from the first token: batched here, one at a time elsewhere.
+    "ours_kv8": (["hunyuan_mlx.server", "--kv-bits", "8", "--quantized-kv-start", "0"], "ours"),
     "mlxlm": (["mlx_lm", "server"], "mlxlm"),
     "mlxlm_ours": (["mlx_lm", "server", "--trust-remote-code"], "mlxlm_ours"),
 }
