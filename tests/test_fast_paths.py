@@ -12,6 +12,7 @@ import pytest
 import torch
 from helpers import FAST_PATHS_CONFIG
 from mlx.utils import tree_flatten, tree_unflatten
+from mlx_lm.generate import generate_step
 from mlx_lm.models.cache import BatchKVCache
 
 from hunyuan_mlx import load_model
@@ -543,3 +544,44 @@ def test_unquantized_experts_avoid_sorted_gather_mm_on_cuda(spy):
     nn.quantize(glu, 32, 4)  # quantized experts use gather_qmm, which is fine there
     experts_call(glu, broken)(x, indices, weights)
     assert spy == [True]
+
+
+def test_queries_over_a_quantized_cache_attend_dequantized_where_mlx_cannot(monkeypatch):
+    """MLX 0.32.4's CUDA quantized_matmul has no kernel for quantized attention over several
+    queries: there a prefill chunk over a quantized KV cache attends over its dequantized keys
+    and values, with the tokens and log-probabilities (1e-4) of mlx-lm's quantized attention."""
+    broken = FastPaths.default(on="cuda", mlx_version="0.32.4")
+    assert broken.dequantize_kv_for_queries
+    assert not FastPaths.default(on="cuda", mlx_version="0.33.0").dequantize_kv_for_queries
+    assert not FastPaths.default(on="metal").dequantize_kv_for_queries
+    calls = []
+    original = fp.scaled_dot_product_attention
+
+    def counted(queries, keys, values, cache, scale, mask):
+        calls.append(hasattr(cache, "bits") and queries.shape[2] > 1)
+        return original(queries, keys, values, cache=cache, scale=scale, mask=mask)
+
+    monkeypatch.setattr(fp, "scaled_dot_product_attention", counted)
+    model = HunYuanMoEV1ForCausalLM(HunYuanMoEV1Config(**FAST_PATHS_CONFIG), PLAIN)
+    model.eval()
+    prompt = mx.array([(5 * i + 2) % 200 for i in range(23)])
+    # Quantized after the first 4-token chunk: the later chunks run over a quantized cache.
+    kv = dict(kv_bits=8, kv_group_size=32, quantized_kv_start=0, prefill_step_size=4)
+    plain = generation(model, prompt, PLAIN, **kv)
+    assert any(calls)  # mlx-lm's quantized attention over several queries ran
+    calls.clear()
+    workaround = dataclasses.replace(PLAIN, dequantize_kv_for_queries=True)
+    dequantized = generation(model, prompt, workaround, **kv)
+    assert calls and not any(calls)
+    assert dequantized[0] == plain[0]
+    assert mx.abs(dequantized[1] - plain[1]).max().item() <= 1e-4
+
+
+def generation(model, prompt, policy: FastPaths, steps: int = 8, **kwargs):
+    """Greedy tokens and stacked log-probabilities of mlx-lm's loop under `policy`."""
+    tokens, logprobs = [], []
+    with fp.using(model, policy):
+        for token, lp in generate_step(prompt, model, max_tokens=steps, **kwargs):
+            tokens.append(int(token))
+            logprobs.append(lp)
+    return tokens, mx.stack(logprobs)

@@ -15,8 +15,8 @@ The fast paths, each the plain path's computation reordered (tests hold them equ
 - **compiled decode step**: a single-token step runs everything but the cache update and
   attention in two `mx.compile`d functions (fewer, fused kernels and no per-op Python).
 
-One workaround for a known MLX bug, named with the version it was seen on and off elsewhere until
-measured there. `FastPaths.off()` is the plain path everywhere, workaround included.
+Workarounds for known MLX bugs, each named with the version it was seen on and off elsewhere
+until seen there. `FastPaths.off()` is the plain path everywhere, workarounds included.
 
 Profiled on an H100 (MLX 0.32.4 CUDA, A13B shape, 4-bit g64; BENCHMARKS.md): for 512 tokens x
 top-8, sorted `gather_qmm` of the fused gate+up experts takes 43 ms (4.7 TFLOP/s); dequantizing
@@ -88,6 +88,11 @@ DECODE_GRAPH_BACKENDS: tuple[str, ...] = ()
 # A13B shape and hit an illegal memory access at 320 rows (BENCHMARKS.md,
 # results/2026-11-25_h100_check_gather_mm.jsonl). Quantized experts (`gather_qmm`) are fine there.
 SORTED_GATHER_MM_BROKEN_ON_CUDA = ("0.32.4",)
+# MLX versions whose CUDA `quantized_matmul` has no kernel for a quantized KV cache's attention
+# over several queries (mlx-lm's `quantized_scaled_dot_product_attention`): an h100 server with
+# `--kv-bits 8 --quantized-kv-start 0` failed every prefill with "No implementation for problem
+# shape: 510x510x128x32, ... bits: 8, group size: 64" (2026-12-06). A single query (decode) runs.
+QUANTIZED_ATTENTION_BROKEN_ON_CUDA = ("0.32.4",)
 
 
 def backend() -> str:
@@ -121,6 +126,9 @@ class FastPaths:
     gathered_piece_rows: int | None = None
     # Unquantized experts avoid sorted gather_mm (padded instead), for MLX's bug above.
     avoid_sorted_gather_mm: bool = False
+    # Several queries over a quantized KV cache attend over its dequantized keys and values, for
+    # MLX's bug above (`attention`).
+    dequantize_kv_for_queries: bool = False
     # QLoRA's step goes a decoder layer at a time (`tuner/layerwise.py`): what bounds its memory
     # on every backend, whichever experts kernel runs.
     layerwise_training: bool = False
@@ -154,6 +162,8 @@ class FastPaths:
             gathered_piece_rows=GATHERED_PIECE_ROWS,
             avoid_sorted_gather_mm=backend_ == "cuda"
             and mlx_version in SORTED_GATHER_MM_BROKEN_ON_CUDA,
+            dequantize_kv_for_queries=backend_ == "cuda"
+            and mlx_version in QUANTIZED_ATTENTION_BROKEN_ON_CUDA,
             layerwise_training=True,
             measured_min_rows=tuple(sorted(measured.items())),
             source=source,
@@ -266,10 +276,23 @@ def compiled_decode_step(
     queries, keys, values, shared_kv = pre(x, mx.array(cache.offset))
     keys, values = cache.update_and_fetch(keys, values)
     attn = layer.self_attn
-    out = scaled_dot_product_attention(
-        queries, keys, values, cache=cache, scale=attn.scale, mask=mask
-    )
+    out = attention(queries, keys, values, cache, attn.scale, mask, attn.fast_paths)
     return post(x, out), shared_kv
+
+
+def attention(
+    queries: mx.array, keys: Any, values: Any, cache: Any, scale: float, mask: Any,
+    policy: FastPaths,
+) -> mx.array:
+    """mlx-lm's `scaled_dot_product_attention` (quantized where `cache` is). Under
+    `policy.dequantize_kv_for_queries` several queries over a quantized cache attend over its
+    keys and values dequantized, with the fused kernel: the same values, for MLX's bug above."""
+    if policy.dequantize_kv_for_queries and queries.shape[2] > 1 and hasattr(cache, "bits"):
+        keys, values = (
+            mx.dequantize(*t, group_size=cache.group_size, bits=cache.bits) for t in (keys, values)
+        )
+        cache = None
+    return scaled_dot_product_attention(queries, keys, values, cache=cache, scale=scale, mask=mask)
 
 
 def _decode_pre(layer: nn.Module, x: mx.array, offset: mx.array) -> tuple[mx.array, ...]:

@@ -13,14 +13,14 @@ from typing import Any
 
 import mlx.core as mx
 import mlx.nn as nn
-from mlx_lm.models.base import create_attention_mask, scaled_dot_product_attention
+from mlx_lm.models.base import create_attention_mask
 from mlx_lm.models.cache import KVCache
 
 from . import hf_compat
 from .config import HunYuanMoEV1Config
 from .decode import decode_graph_step, takes_decode_graph
 from .experts import GatheredGLU
-from .fast_paths import FastPaths, compiled_decode_step, set_fast_paths
+from .fast_paths import FastPaths, attention, compiled_decode_step, set_fast_paths
 from .quantization import ROUTER_DTYPE
 from .rope import HunYuanMoEV1RotaryEmbedding
 from .sharding import (
@@ -76,6 +76,8 @@ class HunYuanMoEV1Attention(nn.Module):
             self.query_layernorm = nn.RMSNorm(self.head_dim, eps=config.rms_norm_eps)
             self.key_layernorm = nn.RMSNorm(self.head_dim, eps=config.rms_norm_eps)
         self.rotary_emb = HunYuanMoEV1RotaryEmbedding(config)
+        # The policy attention over a quantized cache follows; the model gives its own.
+        self.fast_paths = FastPaths.off()
 
     def __call__(
         self,
@@ -90,9 +92,7 @@ class HunYuanMoEV1Attention(nn.Module):
         queries, keys, values, shared_kv = self.project(x, offset, shared_kv, position_ids)
         if cache is not None:
             keys, values = cache.update_and_fetch(keys, values)
-        out = scaled_dot_product_attention(
-            queries, keys, values, cache=cache, scale=self.scale, mask=mask
-        )
+        out = attention(queries, keys, values, cache, self.scale, mask, self.fast_paths)
         return self.output(out), shared_kv
 
     def project(
