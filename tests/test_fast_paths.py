@@ -12,7 +12,7 @@ import pytest
 import torch
 from helpers import FAST_PATHS_CONFIG
 from mlx.utils import tree_flatten, tree_unflatten
-from mlx_lm.generate import generate_step
+from mlx_lm.generate import BatchGenerator, generate_step
 from mlx_lm.models.cache import BatchKVCache
 
 from hunyuan_mlx import load_model
@@ -585,3 +585,41 @@ def generation(model, prompt, policy: FastPaths, steps: int = 8, **kwargs):
             tokens.append(int(token))
             logprobs.append(lp)
     return tokens, mx.stack(logprobs)
+
+
+def test_a_lone_sequence_in_a_batch_decodes_unmasked_as_alone(monkeypatch):
+    """A batch's decode passes an array mask for its sequences' left padding; a lone sequence
+    has none to mask, and decodes without one (CUDA's fused single-token attention takes no
+    mask) to the tokens and log-probabilities (1e-4) it gets outside a batch."""
+    model = tiny_model(True)
+    fp.set_fast_paths(model, FastPaths.default())
+    masks = []
+    original = fp.scaled_dot_product_attention
+
+    def spied(queries, keys, values, cache, scale, mask):
+        if queries.shape[2] == 1:
+            masks.append(mask is None)
+        return original(queries, keys, values, cache=cache, scale=scale, mask=mask)
+
+    monkeypatch.setattr(fp, "scaled_dot_product_attention", spied)
+    prompts = [[(3 * i + 1) % 200 for i in range(n)] for n in (11, 6)]
+
+    def batched(prompts: list[list[int]]) -> dict[int, tuple[list[int], list[mx.array]]]:
+        batch = BatchGenerator(model, stop_tokens=[], completion_batch_size=4)
+        uids = batch.insert(prompts, max_tokens=[6] * len(prompts))
+        got: dict[int, tuple[list[int], list[mx.array]]] = {uid: ([], []) for uid in uids}
+        while sum(len(t) for t, _ in got.values()) < 6 * len(prompts):
+            for r in batch.next()[1]:
+                got[r.uid][0].append(r.token)
+                got[r.uid][1].append(r.logprobs)
+        batch.close()
+        return [got[uid] for uid in uids]
+
+    (alone_in_batch,) = batched(prompts[:1])
+    assert masks and all(masks)
+    tokens, logprobs = generation(model, mx.array(prompts[0]), model.fast_paths, steps=6)
+    assert alone_in_batch[0] == tokens
+    assert mx.abs(mx.stack(alone_in_batch[1]) - logprobs).max().item() <= ATOL
+    masks.clear()
+    batched(prompts)  # unequal prompts: left padding, masked
+    assert masks and not all(masks)
