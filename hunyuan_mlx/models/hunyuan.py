@@ -269,9 +269,9 @@ def attention_mask(h: mx.array, cache: list[Any] | None) -> Mask:
     """mlx-lm's causal mask for `h` over `cache`, but none for one token over a batch's cache
     in which no sequence is left-padded (a lone sequence: mlx-lm's batches drop the padding all
     their sequences share). There the mask is all true, and an array mask costs CUDA its fused
-    single-token attention (MLX 0.32.4's takes none): a lone client decoded 11% slower batched
-    than queued on an H100 (BENCHMARKS.md). The padding is read on the host, where it stays
-    between the admissions and departures that change it."""
+    single-token attention (MLX 0.32.4's takes none; a lone client decoded 11% slower batched
+    than queued on an H100, BENCHMARKS.md). The padding is read on the host; it changes only
+    when sequences join or leave."""
     first = cache[0] if cache else None
     if (
         isinstance(first, BatchKVCache)
