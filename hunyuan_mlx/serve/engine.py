@@ -361,8 +361,8 @@ class BatchEngine(Engine):
     `BatchKVCache` / `BatchRotatingKVCache`), or with `kv_bits` quantized from a sequence's first
     token (`batch_cache.py`: one batch cannot hold some sequences quantized and others not, so
     a `quantized_kv_start` other than 0 needs `Engine`). Sampling settings, stop tokens and
-    logits processors are per job,
-    and so is the PRNG of a job with a seed (`seeded_sampler`): it repeats whatever else runs.
+    logits processors are per job, and so is the PRNG of a job with a seed (`seeded_sampler`): it
+    repeats whatever else runs.
     """
 
     def __init__(
@@ -380,6 +380,7 @@ class BatchEngine(Engine):
         self.prefill_step_size = prefill_step_size
 
     def _fresh_cache(self, settings: GenerationSettings) -> list[Any]:
+        """An empty KV cache for a job, quantized from its first token under `kv_bits`."""
         if settings.kv_bits is None:
             return settings.make_cache(self.model)
         return [
