@@ -148,6 +148,10 @@ def test_cli_verbose_prints_stats(loaded, tiny_release, capsys):
         (["-p", "Hi", "--top-p", "0"], "top_p must be in (0, 1]"),
         (["-p", "Hi", "--top-k", "-3"], "top_k must be >= 0"),
         (["-p", "Hi", "--kv-bits", "7"], "kv_bits must be one of"),
+        (
+            ["-p", "Hi", "--kv-bits", "4", "--kv-group-size", "64"],
+            "kv_group_size 64 does not divide the model's head_dim 32; it takes one of [32]",
+        ),
         (["-p", "Hi", "--max-tokens", "0"], "max_tokens must be > 0"),
         (["-p", "Hi", "--ignore-chat-template", "--no-think"], "needs the chat template"),
         (["-p", "Hi", "--adapter-path", "/nonexistent"], "No adapter_config.json"),

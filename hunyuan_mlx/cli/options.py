@@ -20,7 +20,7 @@ from ..files import parse_size
 from ..generation.settings import GenerationSettings
 from ..interrupts import DEBUG_ENV
 from ..loading import DEFAULT_LOAD_DTYPE, LOAD_DTYPES, load, resolve_model_path
-from ..models import HunYuanMoEV1ForCausalLM
+from ..models import HunYuanMoEV1Config, HunYuanMoEV1ForCausalLM
 from ..models.fast_paths import POLICY_NAMES
 from ..models.quantization import ROUTER_NOTE, has_quantized_router
 from ..tokenizer import HunYuanTokenizer
@@ -217,9 +217,14 @@ def add_generation_arguments(parser: argparse.ArgumentParser, max_tokens: int) -
 
 
 def settings_from_args(args: argparse.Namespace, model_path: Path) -> GenerationSettings:
-    """The parsed flags over the checkpoint's sampling defaults."""
+    """The parsed flags over the checkpoint's sampling defaults, checked against its config."""
     names = [f.name for f in dataclasses.fields(GenerationSettings)]
-    return GenerationSettings.from_checkpoint(model_path, **{n: getattr(args, n) for n in names})
+    settings = GenerationSettings.from_checkpoint(
+        model_path, **{n: getattr(args, n) for n in names}
+    )
+    if settings.kv_bits is not None:
+        settings.check_kv_quantization(HunYuanMoEV1Config.from_pretrained(model_path))
+    return settings
 
 
 def prepare(

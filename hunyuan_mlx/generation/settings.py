@@ -20,7 +20,7 @@ from mlx_lm.models.cache import RotatingKVCache, make_prompt_cache
 from mlx_lm.sample_utils import LogitsProcessor, Sampler, make_logits_processors, make_sampler
 
 from ..files import read_json
-from ..models import HunYuanMoEV1ForCausalLM
+from ..models import HunYuanMoEV1Config, HunYuanMoEV1ForCausalLM
 
 GENERATION_CONFIG_FILE = "generation_config.json"
 DEFAULT_REPETITION_CONTEXT_SIZE = 20  # mlx-lm's make_logits_processors default
@@ -118,6 +118,19 @@ class GenerationSettings:
             RotatingKVCache(max_size=self.max_kv_size, keep=ROTATING_CACHE_KEEP)
             for _ in model.layers
         ]
+
+    def check_kv_quantization(self, config: HunYuanMoEV1Config) -> None:
+        """Refuse a KV cache quantization that the model's heads cannot take, before it loads
+        (`mx.quantize` groups run along the head dimension)."""
+        head_dim = config.head_dim
+        if self.kv_bits is None or head_dim % self.kv_group_size == 0:
+            return
+        fitting = [g for g in KV_GROUP_SIZES if head_dim % g == 0]
+        hint = f"one of {fitting}" if fitting else "no KV cache quantization (--kv-bits)"
+        raise ValueError(
+            f"Invalid generation setting: kv_group_size {self.kv_group_size} does not divide the "
+            f"model's head_dim {head_dim}; it takes {hint}"
+        )
 
     def check_prompt_fits(self, n_tokens: int, model: HunYuanMoEV1ForCausalLM) -> None:
         """Refuse a prompt longer than the model's context or the `max_kv_size` window."""
