@@ -104,6 +104,22 @@ def shared_dir() -> Path:
     return SHARED
 
 
+def greedy_steps(model, prompt, steps: int, cache: list | None = None, **kwargs):
+    """The first `steps` greedy tokens of mlx-lm's generation loop after `prompt` (an mx.array),
+    their log-probabilities stacked, and the KV cache (the model's own kind unless given)."""
+    import mlx.core as mx
+    from mlx_lm.generate import generate_step
+    from mlx_lm.models.cache import make_prompt_cache
+
+    cache = make_prompt_cache(model) if cache is None else cache
+    tokens, logprobs = [], []
+    loop = generate_step(prompt, model, prompt_cache=cache, **kwargs)
+    for (token, lp), _ in zip(loop, range(steps)):
+        tokens.append(int(token))
+        logprobs.append(lp)
+    return tokens, mx.stack(logprobs), cache
+
+
 def build_torch_model(seed: int = 0, model_class: str = "HunYuanMoEV1ForCausalLM", **overrides):
     """A transformers HunYuan model with random weights, norms included, in float32 eval mode."""
     import torch

@@ -6,8 +6,8 @@ from __future__ import annotations
 
 import mlx.core as mx
 import pytest
-from helpers import FAST_PATHS_CONFIG
-from mlx_lm.generate import BatchGenerator, generate_step
+from helpers import FAST_PATHS_CONFIG, greedy_steps
+from mlx_lm.generate import BatchGenerator
 
 from hunyuan_mlx.models import FastPaths, HunYuanMoEV1Config, HunYuanMoEV1ForCausalLM
 from hunyuan_mlx.serve.batch_cache import BatchableQuantizedKVCache, BatchQuantizedKVCache
@@ -32,15 +32,9 @@ def cache(model) -> list[BatchableQuantizedKVCache]:
     return [BatchableQuantizedKVCache(GROUP_SIZE, BITS) for _ in model.layers]
 
 
-def alone(model, prompt: list[int], max_tokens: int) -> tuple[list[int], list[mx.array], list]:
+def alone(model, prompt: list[int], steps: int) -> tuple[list[int], mx.array, list]:
     """Greedy tokens and log-probabilities of `prompt` decoded by itself, and its cache."""
-    c = cache(model)
-    tokens, logprobs = [], []
-    steps = generate_step(mx.array(prompt), model, prompt_cache=c, max_tokens=max_tokens)
-    for token, lp in steps:
-        tokens.append(int(token))
-        logprobs.append(lp)
-    return tokens, logprobs, c
+    return greedy_steps(model, mx.array(prompt), steps, cache(model))
 
 
 def dequantized(buffer, n: int) -> tuple[mx.array, mx.array]:
@@ -93,10 +87,8 @@ def test_a_left_cache_goes_on_in_a_new_batch_as_alone(model):
     _, _, first = alone(model, PROMPTS[1], 4)
     follow_up = [3, 14, 15]
     batch = BatchGenerator(model, stop_tokens=[], completion_batch_size=4, prefill_batch_size=4)
-    done = list(PROMPTS[1]) + [0] * 3  # tokens the cache holds are not re-run: stand-ins
     (uid, _) = batch.insert(
-        [follow_up, PROMPTS[0]], max_tokens=[5, 5], caches=[first, cache(model)],
-        all_tokens=[done[: first[0].offset], []],
+        [follow_up, PROMPTS[0]], max_tokens=[5, 5], caches=[first, cache(model)]
     )
     got = []
     while len(got) < 5:
@@ -104,9 +96,9 @@ def test_a_left_cache_goes_on_in_a_new_batch_as_alone(model):
         got += [(r.token, r.logprobs) for r in responses if r.uid == uid]
     batch.close()
     _, _, again = alone(model, PROMPTS[1], 4)
-    steps = generate_step(mx.array(follow_up), model, prompt_cache=again, max_tokens=5)
-    for (token, lp), (want, want_lp) in zip(got, steps):
-        assert token == int(want)
+    want, want_logprobs = greedy_steps(model, mx.array(follow_up), 5, again)[:2]
+    assert [token for token, _ in got] == want
+    for (_, lp), want_lp in zip(got, want_logprobs):
         assert mx.abs(lp - want_lp).max().item() <= ATOL
 
 

@@ -8,7 +8,7 @@ import dataclasses
 
 import mlx.core as mx
 import pytest
-from helpers import FAST_PATHS_CONFIG
+from helpers import FAST_PATHS_CONFIG, greedy_steps
 from mlx_lm.generate import generate_step
 from mlx_lm.models.cache import (
     ConcatenateKVCache,
@@ -69,14 +69,8 @@ def tiny_model(quantized: bool = True, rope_scaling: dict | None = None) -> HunY
 
 def generation(model, policy: FastPaths, cache=None, **kwargs) -> tuple[list[int], mx.array, list]:
     """Greedy tokens and log-probabilities of `STEPS` steps of mlx-lm's loop under `policy`."""
-    cache = make_prompt_cache(model) if cache is None else cache
-    tokens, logprobs = [], []
     with fp.using(model, policy):
-        for (token, lp), _ in zip(generate_step(PROMPT, model, prompt_cache=cache, **kwargs),
-                                  range(STEPS)):
-            tokens.append(int(token))
-            logprobs.append(lp)
-    return tokens, mx.stack(logprobs), cache
+        return greedy_steps(model, PROMPT, STEPS, cache, **kwargs)
 
 
 def assert_same(fast, plain) -> None:

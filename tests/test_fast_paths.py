@@ -10,9 +10,9 @@ import mlx.optimizers as optim
 import numpy as np
 import pytest
 import torch
-from helpers import FAST_PATHS_CONFIG
+from helpers import FAST_PATHS_CONFIG, greedy_steps
 from mlx.utils import tree_flatten, tree_unflatten
-from mlx_lm.generate import BatchGenerator, generate_step
+from mlx_lm.generate import BatchGenerator
 from mlx_lm.models.cache import BatchKVCache
 
 from hunyuan_mlx import load_model
@@ -579,12 +579,8 @@ def test_queries_over_a_quantized_cache_attend_dequantized_where_mlx_cannot(monk
 
 def generation(model, prompt, policy: FastPaths, steps: int = 8, **kwargs):
     """Greedy tokens and stacked log-probabilities of mlx-lm's loop under `policy`."""
-    tokens, logprobs = [], []
     with fp.using(model, policy):
-        for token, lp in generate_step(prompt, model, max_tokens=steps, **kwargs):
-            tokens.append(int(token))
-            logprobs.append(lp)
-    return tokens, mx.stack(logprobs)
+        return greedy_steps(model, prompt, steps, **kwargs)[:2]
 
 
 def test_a_lone_sequence_in_a_batch_decodes_unmasked_as_alone(monkeypatch):
