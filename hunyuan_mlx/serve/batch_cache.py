@@ -37,13 +37,13 @@ class BatchQuantizedKVCache(BatchKVCache):
         self.group_size = group_size
         self.bits = bits
 
-    def _empty(self, like: mx.array, batch: int, length: int) -> Quantized:
-        """Zeros for `length` positions of `batch` sequences of `like`'s heads, quantized."""
-        _, H, _, D = like.shape
+    def _empty(self, like: mx.array, length: int) -> Quantized:
+        """Zeros for `length` positions of `like`'s sequences and heads, quantized."""
+        B, H, _, D = like.shape
         per_word = 32 // self.bits
-        groups = (batch, H, length, D // self.group_size)
+        groups = (B, H, length, D // self.group_size)
         return (
-            mx.zeros((batch, H, length, D // per_word), dtype=mx.uint32),
+            mx.zeros((B, H, length, D // per_word), dtype=mx.uint32),
             mx.zeros(groups, dtype=like.dtype),
             mx.zeros(groups, dtype=like.dtype),
         )
@@ -54,8 +54,7 @@ class BatchQuantizedKVCache(BatchKVCache):
         prev, n = self._idx, keys.shape[2]
         if self.keys is None or prev + n > self.keys[0].shape[2]:
             length = (self.step + n - 1) // self.step * self.step
-            new = (self._empty(keys, keys.shape[0], length),
-                   self._empty(values, values.shape[0], length))
+            new = (self._empty(keys, length), self._empty(values, length))
             if self.keys is None:
                 self.keys, self.values = new
             else:
