@@ -34,7 +34,7 @@ class Interrupted(KeyboardInterrupt):
 
 
 @contextlib.contextmanager
-def _installed(handler: Callable[[int, FrameType | None], None]) -> Iterator[None]:
+def handling(handler: Callable[[int, FrameType | None], None]) -> Iterator[None]:
     """`handler` for every signal of SIGNALS within the block (only the main thread may)."""
     if threading.current_thread() is not threading.main_thread():
         yield
@@ -55,7 +55,7 @@ def signals_as_interrupts() -> Iterator[None]:
     def handler(signum: int, frame: FrameType | None) -> None:
         raise Interrupted(signum)
 
-    with _installed(handler):
+    with handling(handler):
         yield
 
 
@@ -80,5 +80,5 @@ def deferred() -> Iterator[Deferred]:
     """Within the block, Ctrl-C, SIGTERM and SIGHUP only set `signum` on the object yielded,
     which the loop checks between steps; a second one raises `Interrupted` at once."""
     state = Deferred()
-    with _installed(state.handler):
+    with handling(state.handler):
         yield state

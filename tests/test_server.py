@@ -392,10 +392,11 @@ def test_n_choices_differ_when_sampled_and_agree_when_greedy(server, client):
     assert content == first
 
 
-@pytest.mark.parametrize("signum", [signal.SIGINT, signal.SIGTERM])
+@pytest.mark.parametrize("signum", [signal.SIGINT, signal.SIGTERM, signal.SIGHUP])
 def test_a_signal_mid_request_ends_it_and_the_server_cleanly(tiny_release, tmp_path, signum):
-    """Ctrl-C or SIGTERM while a reply streams: the client gets an error event and [DONE],
-    the process exits with 128 + the signal's number, without an abort."""
+    """Ctrl-C, SIGTERM or SIGHUP (a closed terminal) while a reply streams: the client gets an
+    error event and [DONE], the process exits with 128 + the signal's number, without an abort
+    or a traceback."""
     log = tmp_path / "server.log"
     for process, url in serve_process(server_command(tiny_release), log):
         body = {
@@ -413,7 +414,9 @@ def test_a_signal_mid_request_ends_it_and_the_server_cleanly(tiny_release, tmp_p
         assert events[-1] == "[DONE]"
         assert json.loads(events[-2])["error"]["code"] == "server_stopping"
         assert process.wait(timeout=60) == 128 + signum
-        assert "Aborted" not in log.read_text() and "terminate called" not in log.read_text()
+        text = log.read_text()
+        assert "Aborted" not in text and "terminate called" not in text
+        assert "Traceback" not in text
 
 
 def test_quantized_kv_batches_only_from_the_first_token():

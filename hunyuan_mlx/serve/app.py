@@ -11,13 +11,14 @@ places in the batch.
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import dataclasses
 import hmac
 import json
 import logging
 import socket
 import threading
-from collections.abc import AsyncIterator, Awaitable, Callable
+from collections.abc import AsyncIterator, Awaitable, Callable, Iterator
 from datetime import datetime
 from typing import Any
 
@@ -30,6 +31,7 @@ from jinja2.exceptions import TemplateError
 from starlette.exceptions import HTTPException
 
 from ..generation.settings import GenerationSettings
+from ..interrupts import handling
 from ..tokenizer import HunYuanTokenizer
 from . import anthropic
 from .engine import Engine, EngineClosed, Job, Started, Token
@@ -675,6 +677,13 @@ class _Uvicorn(uvicorn.Server):
     def handle_exit(self, sig: int, frame: Any) -> None:
         self.engine.stopping()
         super().handle_exit(sig, frame)
+
+    @contextlib.contextmanager
+    def capture_signals(self) -> Iterator[None]:
+        """uvicorn's, for SIGHUP too (a closed terminal), which uvicorn leaves to the handler
+        before it: every signal the commands take as Ctrl-C ends the server as gracefully."""
+        with super().capture_signals(), handling(self.handle_exit):
+            yield
 
 
 class Server:
