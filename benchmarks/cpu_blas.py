@@ -12,24 +12,12 @@ from __future__ import annotations
 
 import argparse
 import json
-import statistics
-import time
 from pathlib import Path
 
 import mlx.core as mx
 import numpy as np
 
 from benchmarks import a13b as bg
-
-
-def median_ms(fn, reps: int) -> float:
-    fn()
-    times = []
-    for _ in range(reps):
-        start = time.perf_counter()
-        fn()
-        times.append((time.perf_counter() - start) * 1e3)
-    return statistics.median(times)
 
 
 def blas_libraries() -> list[str]:
@@ -43,27 +31,33 @@ def blas_libraries() -> list[str]:
 
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    ap.add_argument("--rows", default="1,2,4,8,16,64", help="rows of the input (a batch's tokens)")
-    ap.add_argument("--shape", default="4096,256", help="in,out features of the weight")
+    ap.add_argument(
+        "--rows", type=bg.int_list, default=[1, 2, 4, 8, 16, 64],
+        help="rows of the input (a batch's tokens)",
+    )
+    ap.add_argument("--shape", type=bg.int_list, default=[4096, 256], help="in,out features")
     ap.add_argument("--reps", type=int, default=10)
     args = ap.parse_args()
-    d_in, d_out = (int(v) for v in args.shape.split(","))
+    if len(args.shape) != 2:
+        ap.error(f"--shape: two sizes (in,out), got {len(args.shape)}")
+    d_in, d_out = args.shape
     device = bg.device_name()
     weight = mx.random.normal((d_out, d_in))
     quantized = mx.quantize(weight, 64, 4)
     weight_np = np.array(weight)
-    for rows in (int(r) for r in args.rows.split(",")):
+    for rows in args.rows:
         x = mx.random.normal((rows, d_in))
         x_np = np.array(x)
-        kernels = {
-            "mlx float32 matmul": lambda x=x: mx.eval(x @ weight.T),
-            "mlx 4-bit quantized_matmul": lambda x=x: mx.eval(
-                mx.quantized_matmul(x, *quantized, transpose=True, group_size=64, bits=4)
+        kernels = {  # each evaluated by `median_ms` (NumPy's result as it is)
+            "mlx float32 matmul": lambda x=x: x @ weight.T,
+            "mlx 4-bit quantized_matmul": lambda x=x: mx.quantized_matmul(
+                x, *quantized, transpose=True, group_size=64, bits=4
             ),
             "numpy float32 matmul": lambda x_np=x_np: x_np @ weight_np.T,
         }
         for name, fn in kernels.items():
-            ms = median_ms(fn, args.reps)
+            mx.eval(fn())  # warm
+            ms = bg.median_ms(fn, args.reps)
             gflops = 2 * rows * d_in * d_out / ms / 1e6
             print(json.dumps({"kind": "matmul", "device": device, "kernel": name, "rows": rows,
                               "in": d_in, "out": d_out, "ms": ms, "gflops": gflops}))
