@@ -8,8 +8,9 @@
 - `rows`: a 4-bit `quantized_matmul` of `--rows` rows against one weight matrix, median time:
   on a CPU it grows in proportion to the rows, so a batch of B sequences costs B steps there;
 - `decode` (with `--decode-steps N`): the batch's evaluated decode step, median time and tokens/s
-  summed over the batch, under the default policy and with every expert on every token off
-  (`every_expert_from`), in `--rounds` interleaved rounds.
+  summed over the batch, under the default policy, with every expert on every token off
+  (`every_expert_from`) and from each of `--every-expert-from`'s rows, in `--rounds` interleaved
+  rounds.
 
 The model is float32 on the CPU (its dtype), as built (bfloat16) elsewhere.
 
@@ -77,8 +78,10 @@ def decode_rounds(model, args, head: dict, sink) -> None:
     """`decode_ms` for every batch under the default policy and without every-expert decode,
     interleaved over `--rounds` rounds after an untimed one."""
     default = FastPaths.default()
-    without = dataclasses.replace(default, every_expert_from=None)
-    policies = {"default": default, "no every expert": without}
+    policies = {"default": default}
+    for rows in [None, *args.every_expert_from]:
+        name = "no every expert" if rows is None else f"every expert from {rows} rows"
+        policies[name] = dataclasses.replace(default, every_expert_from=rows)
     for rnd in range(args.rounds + 1):
         for b in args.batches:
             for name, policy in policies.items():
@@ -99,6 +102,10 @@ def main() -> None:
     )
     ap.add_argument("--decode-steps", type=int, default=0, help="timed decode steps (0: none)")
     ap.add_argument("--rounds", type=int, default=2, help="timed rounds of the decode steps")
+    ap.add_argument(
+        "--every-expert-from", type=bg.int_list, default=[],
+        help="also time the decode steps with every expert on every token from these routed rows",
+    )
     ap.add_argument("--out", default=None, help="also write the JSON lines here")
     args = ap.parse_args()
     sink = open(args.out, "w") if args.out else None

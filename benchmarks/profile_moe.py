@@ -188,6 +188,24 @@ def main():
                 reps,
             )
             p("all_experts_gather_qmm_down", ms, tflops=2 * T * E * I * D / ms / 1e9)
+            if rows < E:  # as many experts as routed rows: the call's experts on every row
+                some = all_rows[:rows]
+                ms, _ = bench(
+                    lambda: mx.gather_qmm(
+                        x_rows, *gu, lhs_indices=mx.zeros((rows,), mx.uint32), rhs_indices=some,
+                        transpose=True, group_size=64, bits=4,
+                    ),
+                    reps,
+                )
+                p("call_experts_gather_qmm_gate_up", ms, experts=rows)
+                ms, _ = bench(
+                    lambda: mx.gather_qmm(
+                        h_all[:rows], *dn, lhs_indices=some, rhs_indices=some,
+                        transpose=True, group_size=64, bits=4,
+                    ),
+                    reps,
+                )
+                p("call_experts_gather_qmm_down", ms, experts=rows)
             continue
         if T == 1:
             ms, _ = bench(lambda: qmm(x, head), reps)

@@ -19,7 +19,7 @@ from hunyuan_mlx import load_model
 from hunyuan_mlx.models import FastPaths, HunYuanMoEV1Config, HunYuanMoEV1ForCausalLM
 from hunyuan_mlx.models import experts as ex
 from hunyuan_mlx.models import fast_paths as fp
-from hunyuan_mlx.models.experts import GatheredGLU
+from hunyuan_mlx.models.experts import GatheredGLU, call_experts
 from hunyuan_mlx.models.quantization import apply_quantization
 from hunyuan_mlx.tuner import layerwise
 from hunyuan_mlx.tuner.adapters import prepare_model
@@ -190,6 +190,9 @@ def test_every_expert_on_every_token_equals_gathered(quantized, tokens):
     every = experts_call(glu, FastPaths(every_expert_from=4))
     assert every.kernel(indices.size, x.dtype) == ("every expert" if quantized else "gathered")
     assert max_diff(every(x, indices, weights), plain) <= 1e-5
+    # Fewer routed rows than experts run that many experts, every routed one among them.
+    slots = call_experts(indices, 16).tolist()
+    assert len(slots) == min(16, indices.size) and set(indices.flatten().tolist()) <= set(slots)
     every.train()  # measured in inference only: training keeps the gathered kernel
     assert every.kernel(indices.size, x.dtype) == "gathered"
 

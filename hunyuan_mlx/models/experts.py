@@ -65,6 +65,18 @@ def weighted_sum(out: mx.array, weights: mx.array) -> mx.array:
     return (out * weights[..., None]).sum(axis=-2).astype(out.dtype)
 
 
+def call_experts(indices: mx.array, num_experts: int) -> mx.array:
+    """The experts `every_expert` runs for routing `indices` (..., k): all of them in order, or,
+    where the call routes fewer rows than there are experts, that many, every expert it routes
+    to among them (the rest unused, weighted zero). A fixed count, so the step compiles, and no
+    host read of which experts are used."""
+    every = mx.array(np.arange(num_experts, dtype=np.uint32))
+    if indices.size >= num_experts:
+        return every
+    used = (indices.reshape(-1, 1) == every).any(axis=0)
+    return mx.argsort(mx.logical_not(used).astype(mx.uint32))[: indices.size].astype(mx.uint32)
+
+
 @cache
 def gather_mm_supports(dtype: mx.Dtype, device: mx.Device) -> bool:
     """Whether `mx.gather_mm` runs in `dtype` on `device`, found by running it once.
@@ -500,17 +512,19 @@ class GatheredGLU(nn.Module):
         """The call as every expert on every token, each output scaled by its routing weight
         (zero where the token did not choose the expert): each expert's weights are read once
         for all the tokens, where `gather_qmm` on routed rows reads them once a row on CUDA.
-        Arguments and result as `__call__`'s."""
+        A call of fewer routed rows than experts runs only as many experts, those it routes to
+        first (`call_experts`). Arguments and result as `__call__`'s."""
         k = indices.shape[-1]
-        experts = self.gate_up_proj.dims[0]
-        every = mx.array(np.arange(experts, dtype=np.uint32))
+        slots = call_experts(indices, self.gate_up_proj.dims[0])
         tokens = x.reshape(1, -1, x.shape[-1])
-        h = self.gate_up_proj(tokens, every, lhs_indices=mx.zeros((experts,), dtype=mx.uint32))
-        gate, up = mx.split(h, [self.intermediate_size], axis=-1)  # (experts, tokens, I) each
-        chosen = indices.reshape(-1, k)[..., None] == every  # (tokens, k, experts)
+        first = mx.zeros(slots.shape, dtype=mx.uint32)
+        h = self.gate_up_proj(tokens, slots, lhs_indices=first)
+        gate, up = mx.split(h, [self.intermediate_size], axis=-1)  # (slots, tokens, I) each
+        chosen = indices.reshape(-1, k)[..., None] == slots  # (tokens, k, slots)
         scale = (weights.reshape(-1, k)[..., None] * chosen).sum(axis=1).T[..., None]
         h = nn.silu(gate) * up * scale.astype(x.dtype)
-        return self.down_proj(h, every, lhs_indices=every).sum(axis=0).reshape(x.shape)
+        rows = mx.array(np.arange(slots.size, dtype=np.uint32))
+        return self.down_proj(h, slots, lhs_indices=rows).sum(axis=0).reshape(x.shape)
 
     def routed(self, x: mx.array, indices: mx.array) -> mx.array:
         """Each routed row's output (..., k, D), not yet weighted: the gathered kernel on rows
