@@ -10,7 +10,8 @@
   blocks, one expert's each, run as one batched matmul per projection on weights dequantized a
   group of experts at a time; tests hold it equal to the gathered kernel;
 - **every expert** (a batch's decode on CUDA): every expert on every token, scaled by the routing
-  weights, zero where not chosen: each expert's weights read once for all the call's tokens.
+  weights, zero where not chosen: each expert's weights read once for all the call's tokens (in a
+  call of fewer routed rows than experts, only as many experts, those it routes to among them).
 
 A long call goes in parts, each run before the next is built: the padded kernel's expert groups
 (`PaddedGrid`), or the gathered kernel's pieces of whole tokens (`TokenPieces`).

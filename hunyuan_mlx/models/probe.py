@@ -10,7 +10,7 @@ and the thresholds depend on the bits, group size and dtype, which only the user
 tell; without a measurement the built-in thresholds apply, and `--verbose` says which.
 
 The crossover in rows hardly depends on the widths (dequantizing, or every expert, costs
-experts x I x D once, the gathered products rows x I x D), so the probe runs A13B's expert count
+experts x I x D once, or fewer experts below that many rows, the gathered products rows x I x D), so the probe runs A13B's expert count
 at reduced widths. Decode's choice is one of host time (graph nodes, which follow the layers,
 heads and experts) against the graph's attention over a whole buffer (a mask where a backend's
 single-token kernel takes one, else several nodes a layer): the probe runs A13B's layers, heads
