@@ -50,15 +50,16 @@ def build_parser(prog: str | None = None) -> argparse.ArgumentParser:
     )
     add_debug_argument(parser)
     shapes = (
-        (ProbeShape, "", "Probed experts' shape"),
-        (DecodeProbeShape, "decode-", "The decode probe's model"),
+        (ProbeShape.here(), "", "Probed experts' shape"),
+        (DecodeProbeShape(), "decode-", "The decode probe's model"),
     )
     for shape, prefix, what in shapes:
         for field in dataclasses.fields(shape):
             if field.name != "top_k":  # A13B's
-                help_ = f"{what} (default: %(default)s)."
+                help_ = f"{what} (default here: %(default)s)."
                 flag = f"--{prefix}{field.name}"
-                parser.add_argument(flag, type=positive_int, default=field.default, help=help_)
+                default = getattr(shape, field.name)
+                parser.add_argument(flag, type=positive_int, default=default, help=help_)
     return parser
 
 

@@ -9,12 +9,16 @@ seconds more, nor dequantize a group of experts beside a model that may already 
 and the thresholds depend on the bits, group size and dtype, which only the user's checkpoints
 tell; without a measurement the built-in thresholds apply, and `--verbose` says which.
 
-The crossover in rows hardly depends on the widths (dequantizing, or every expert, costs
-experts x I x D once, or fewer experts below that many rows, the gathered products rows x I x D), so the probe runs A13B's expert count
-at reduced widths. Decode's choice is one of host time (graph nodes, which follow the layers,
-heads and experts) against the graph's attention over a whole buffer (a mask where a backend's
-single-token kernel takes one, else several nodes a layer): the probe runs A13B's layers, heads
-and experts at narrow widths.
+On a GPU the experts probe runs one A13B layer's experts (64 of 4096 x 3072, top-8; 4-bit, about
+1.4 GB). At a quarter of those widths an H100's kernels took about 0.5 ms a call whatever the rows,
+a fixed cost that moved the padded kernel's crossover to 2,048 rows, where `benchmarks.profile_moe`
+at A13B's widths puts it at 512 (BENCHMARKS.md). The CPU computes at one slow rate whatever a
+product's size, so it keeps a quarter of the widths and its probe takes seconds, not minutes.
+
+Decode's choice is one of host time (graph nodes, which follow the layers, heads and experts)
+against the graph's attention over a whole buffer (a mask where a backend's single-token kernel
+takes one, else several nodes a layer): the probe runs A13B's layers, heads and experts at narrow
+widths.
 """
 
 from __future__ import annotations
@@ -29,8 +33,8 @@ from mlx_lm.generate import generate_step
 
 from . import thresholds
 from .config import HunYuanMoEV1Config
-from .experts import GatheredGLU
-from .fast_paths import FastPaths, set_fast_paths
+from .experts import GatheredGLU, GatheredLinear, QuantizedGatheredLinear
+from .fast_paths import FastPaths, backend, set_fast_paths
 from .hunyuan import HunYuanMoEV1ForCausalLM
 from .quantization import apply_quantization
 
@@ -48,12 +52,17 @@ CANDIDATES = {
 
 @dataclass(frozen=True)
 class ProbeShape:
-    """The experts the probe runs: A13B's count and top-k, a quarter of its widths."""
+    """The experts the probe runs: one A13B layer's."""
 
     experts: int = 64
-    hidden: int = 1024
-    intermediate: int = 768
+    hidden: int = 4096
+    intermediate: int = 3072
     top_k: int = 8
+
+    @classmethod
+    def here(cls) -> ProbeShape:
+        """The shape for this machine: A13B's on a GPU, a quarter of its widths on the CPU."""
+        return cls(hidden=1024, intermediate=768) if backend() == "cpu" else cls()
 
 
 @dataclass(frozen=True)
@@ -98,24 +107,43 @@ def choose(timings: list[tuple[int, float, float]]) -> int | None:
     return threshold
 
 
+def random_experts(
+    shape: ProbeShape, bits: int | None, group_size: int | None, dtype: mx.Dtype
+) -> GatheredGLU:
+    """Random experts of `shape` in eval mode, `bits`-bit (None: unquantized), for timing only:
+    quantized, every expert is a copy of the first, so that only the quantized arrays are ever
+    whole in memory (A13B's layer in float32 would take 9.7 GB before quantizing)."""
+    glu = GatheredGLU(shape.hidden, shape.intermediate, shape.experts)
+    if bits is not None:
+        for name in ("gate_up_proj", "down_proj"):
+            _, output_dims, input_dims = getattr(glu, name).dims
+            first = GatheredLinear(input_dims, output_dims, 1).weight
+            one = QuantizedGatheredLinear(first, group_size, bits)
+            for key, array in one.parameters().items():
+                # Copies, not a broadcast view: each expert's own memory, read as a model's is.
+                one[key] = mx.contiguous(mx.repeat(array, shape.experts, axis=0))
+            setattr(glu, name, one)
+    glu.set_dtype(dtype)
+    glu.eval()
+    mx.eval(glu.parameters())
+    return glu
+
+
 def probe(
     dtype: mx.Dtype,
     bits: int | None,
     group_size: int | None,
-    shape: ProbeShape = ProbeShape(),
+    shape: ProbeShape | None = None,
     kernel: str = "padded",
     reps: int = 3,
 ) -> tuple[int | None, list[tuple[int, float, float]]]:
     """Time the gathered kernel and `kernel` (`CANDIDATES`) on random experts (`bits`-bit, group
     `group_size`; None: unquantized) and routing in `dtype`; the chosen threshold (`choose`) and
-    the timings."""
+    the timings. `shape` defaults to `ProbeShape.here()`."""
+    shape = shape or ProbeShape.here()
     candidate, rows = CANDIDATES[kernel]
     mx.random.seed(0)
-    glu = GatheredGLU(shape.hidden, shape.intermediate, shape.experts)
-    if bits is not None:
-        nn.quantize(glu, group_size, bits)
-    glu.set_dtype(dtype)
-    glu.eval()
+    glu = random_experts(shape, bits, group_size, dtype)
     timings, wins = [], 0
     for n in rows:
         tokens = max(1, n // shape.top_k)
@@ -193,14 +221,16 @@ def decode_probe(
 def tune(
     dtypes: list[mx.Dtype],
     quantizations: list[tuple[int | None, int | None]],
-    shape: ProbeShape = ProbeShape(),
+    shape: ProbeShape | None = None,
     decode_shape: DecodeProbeShape = DecodeProbeShape(),
     decode_dtype: mx.Dtype | None = None,
 ) -> dict[str, tuple[int | None, list[tuple[int, float, float]]]]:
     """Probe every dtype and (bits, group size), for the padded kernel and (quantized experts)
-    every expert on every token, and decode (in `decode_dtype`, default the first dtype, and the
-    first quantization); cache the results for this device and MLX version, and return them with
-    their timings by `thresholds.key` (and `thresholds.DECODE_GRAPH`)."""
+    every expert on every token, on experts of `shape` (default `ProbeShape.here()`), and decode
+    (in `decode_dtype`, default the first dtype, and the first quantization); cache the results
+    for this device and MLX version, and return them with their timings by `thresholds.key` (and
+    `thresholds.DECODE_GRAPH`)."""
+    shape = shape or ProbeShape.here()
     found = {
         thresholds.key(dtype, bits, group, kernel): probe(dtype, bits, group, shape, kernel)
         for dtype in dtypes
