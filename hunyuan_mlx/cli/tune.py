@@ -63,6 +63,28 @@ def build_parser(prog: str | None = None) -> argparse.ArgumentParser:
     return parser
 
 
+class Progress:
+    """Prints each timing as the probes measure it, under its key's heading."""
+
+    def __init__(self, decode_quant: str):
+        self.decode_quant = decode_quant  # what the decode probe's model is quantized as
+        self.key: str | None = None
+
+    def __call__(self, key: str, timing: tuple[int, float, float]) -> None:
+        if key != self.key:
+            self.key = key
+            what = f" ({self.decode_quant})" if key == thresholds.DECODE_GRAPH else ""
+            print(f"  {key}{what}:", flush=True)
+        if key == thresholds.DECODE_GRAPH:
+            round_, layer, graph = timing
+            line = f"round {round_}: a layer at a time {layer:.2f} ms, one graph {graph:.2f} ms"
+        else:
+            rows, gathered, candidate = timing
+            kernel = thresholds.kernel_of(key)
+            line = f"{rows:>5} rows: gathered {gathered:.2f} ms, {kernel} {candidate:.2f} ms"
+        print(f"    {line}", flush=True)
+
+
 def main(argv: Sequence[str] | None = None, prog: str | None = None) -> None:
     """CLI entry point: probe, cache, and print what was chosen."""
     parser = build_parser(prog)
@@ -75,25 +97,23 @@ def main(argv: Sequence[str] | None = None, prog: str | None = None) -> None:
         # Decode runs in what a loaded model computes in here: float32 on the CPU, else the
         # release's bfloat16.
         decode_dtype = compute_dtype() or mx.bfloat16
+        decode_quant = thresholds.key(decode_dtype, args.bits[0], args.group_size)
+        print(f"{thresholds.device_key()}:", flush=True)
         found = tune(
             [DTYPES[d] for d in args.dtype],
             [(bits, args.group_size) for bits in args.bits],
             shape=shape,
             decode_shape=decode_shape,
             decode_dtype=decode_dtype,
+            report=Progress(decode_quant),
         )
-        print(f"{thresholds.device_key()}:")
-        decode_choice, decode_timings = found.pop(thresholds.DECODE_GRAPH)
-        for key, (threshold, timings) in found.items():
-            kernel = thresholds.kernel_of(key)
-            chosen = "gathered always" if threshold is None else f"{kernel} from {threshold} rows"
-            print(f"  {key}: {chosen}")
-            for rows, gathered, candidate in timings:
-                times = f"gathered {gathered:.2f} ms, {kernel} {candidate:.2f} ms"
-                print(f"    {rows:>5} rows: {times}")
-        chosen = "the whole model as one graph" if decode_choice else "a layer at a time"
-        decode_quant = thresholds.key(decode_dtype, args.bits[0], args.group_size)
-        print(f"  {thresholds.DECODE_GRAPH} ({decode_quant}): {chosen}")
-        for round_, layer, graph in decode_timings:
-            print(f"    round {round_}: a layer at a time {layer:.2f} ms, one graph {graph:.2f} ms")
+        print("chosen:")
+        for key, (threshold, _) in found.items():
+            if key == thresholds.DECODE_GRAPH:
+                graph = "the whole model as one graph" if threshold else "a layer at a time"
+                print(f"  {key} ({decode_quant}): {graph}")
+            elif threshold is None:
+                print(f"  {key}: gathered always")
+            else:
+                print(f"  {key}: {thresholds.kernel_of(key)} from {threshold} rows")
         print(f"cached in {thresholds.cache_path()}")

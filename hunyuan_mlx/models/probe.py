@@ -25,7 +25,9 @@ from __future__ import annotations
 
 import statistics
 import time
+from collections.abc import Callable
 from dataclasses import dataclass, replace
+from functools import partial
 
 import mlx.core as mx
 import mlx.nn as nn
@@ -38,6 +40,9 @@ from .fast_paths import FastPaths, backend, set_fast_paths
 from .hunyuan import HunYuanMoEV1ForCausalLM
 from .quantization import apply_quantization
 
+# Hears each timing of a probe as it is measured: (rows or round, gathered or layer ms,
+# candidate or graph ms).
+Report = Callable[[tuple[int, float, float]], None]
 # Routed rows (tokens x k) measured, in order; the probe stops once the candidate kernel has won
 # at two in a row (it only gets better with more rows).
 PROBE_ROWS = (16, 32, 64, 128, 256, 512, 1024, 2048, 4096)
@@ -136,10 +141,12 @@ def probe(
     shape: ProbeShape | None = None,
     kernel: str = "padded",
     reps: int = 3,
+    report: Report | None = None,
 ) -> tuple[int | None, list[tuple[int, float, float]]]:
     """Time the gathered kernel and `kernel` (`CANDIDATES`) on random experts (`bits`-bit, group
     `group_size`; None: unquantized) and routing in `dtype`; the chosen threshold (`choose`) and
-    the timings. `shape` defaults to `ProbeShape.here()`."""
+    the timings, each also given to `report` as it is measured. `shape` defaults to
+    `ProbeShape.here()`."""
     shape = shape or ProbeShape.here()
     candidate, rows = CANDIDATES[kernel]
     mx.random.seed(0)
@@ -157,6 +164,8 @@ def probe(
             call = lambda x=x, i=indices, w=weights: glu(x, i, w)  # noqa: E731
             row.append(round(median_ms(call, reps), 3))
         timings.append(tuple(row))
+        if report:
+            report(timings[-1])
         wins = wins + 1 if row[2] <= row[1] else 0
         if wins == 2:
             break
@@ -180,11 +189,12 @@ def decode_probe(
     group_size: int | None,
     shape: ProbeShape = ProbeShape(),
     decode_shape: DecodeProbeShape = DecodeProbeShape(),
+    report: Report | None = None,
 ) -> tuple[int | None, list[tuple[int, float, float]]]:
     """Greedy decode on a random model (`decode_shape`, `bits`-bit, weights in `dtype`) with each
     layer's compiled step and with the whole model's graph, in `DECODE_ROUNDS` interleaved rounds:
     1 if the graph's median ms a token was lower (the cache's value: take it), else None; and
-    each round's (round, layer ms, graph ms)."""
+    each round's (round, layer ms, graph ms), also given to `report` as it is measured."""
     mx.random.seed(0)
     config = HunYuanMoEV1Config(
         vocab_size=decode_shape.vocab,
@@ -214,6 +224,8 @@ def decode_probe(
             set_fast_paths(model, replace(policy, decode_graph=graph))
             row.append(round(ms_per_token(model, prompt), 3))
         timings.append(tuple(row))
+        if report:
+            report(timings[-1])
     layer, graph = (statistics.median(t[i] for t in timings) for i in (1, 2))
     return (1 if graph < layer else None), timings
 
@@ -224,22 +236,29 @@ def tune(
     shape: ProbeShape | None = None,
     decode_shape: DecodeProbeShape = DecodeProbeShape(),
     decode_dtype: mx.Dtype | None = None,
+    report: Callable[[str, tuple[int, float, float]], None] | None = None,
 ) -> dict[str, tuple[int | None, list[tuple[int, float, float]]]]:
     """Probe every dtype and (bits, group size), for the padded kernel and (quantized experts)
     every expert on every token, on experts of `shape` (default `ProbeShape.here()`), and decode
     (in `decode_dtype`, default the first dtype, and the first quantization); cache the results
     for this device and MLX version, and return them with their timings by `thresholds.key` (and
-    `thresholds.DECODE_GRAPH`)."""
+    `thresholds.DECODE_GRAPH`). `report(key, timing)` hears each timing as it is measured: the
+    probes take minutes on a slow machine."""
     shape = shape or ProbeShape.here()
-    found = {
-        thresholds.key(dtype, bits, group, kernel): probe(dtype, bits, group, shape, kernel)
-        for dtype in dtypes
-        for bits, group in quantizations
-        for kernel in CANDIDATES
-        if kernel == "padded" or bits is not None
-    }
+
+    def reporter(key: str) -> Report | None:
+        return partial(report, key) if report else None
+
+    found = {}
+    for dtype in dtypes:
+        for bits, group in quantizations:
+            for kernel in CANDIDATES:
+                if kernel == "padded" or bits is not None:
+                    key = thresholds.key(dtype, bits, group, kernel)
+                    found[key] = probe(dtype, bits, group, shape, kernel, report=reporter(key))
     bits, group = quantizations[0]
     decode_dtype = decode_dtype or dtypes[0]
-    found[thresholds.DECODE_GRAPH] = decode_probe(decode_dtype, bits, group, shape, decode_shape)
+    key = thresholds.DECODE_GRAPH
+    found[key] = decode_probe(decode_dtype, bits, group, shape, decode_shape, reporter(key))
     thresholds.store({k: threshold for k, (threshold, _) in found.items()})
     return found
