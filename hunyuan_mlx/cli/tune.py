@@ -19,6 +19,11 @@ from .options import add_debug_argument, command_parser, positive_int
 DTYPES = {"bfloat16": mx.bfloat16, "float16": mx.float16, "float32": mx.float32}
 
 
+def model_dtype() -> mx.Dtype:
+    """What a loaded model computes in here: float32 on the CPU, else the release's bfloat16."""
+    return compute_dtype() or mx.bfloat16
+
+
 def build_parser(prog: str | None = None) -> argparse.ArgumentParser:
     """The tune command's flags."""
     parser = command_parser(
@@ -27,12 +32,13 @@ def build_parser(prog: str | None = None) -> argparse.ArgumentParser:
         "Measure gathered experts against padded ones and every expert on every token here, and "
         "decode a layer at a time against the whole model as one graph; cache the choices.",
     )
+    here = str(model_dtype()).removeprefix("mlx.core.")
     parser.add_argument(
         "--dtype",
         nargs="+",
         choices=DTYPES,
-        default=["bfloat16"],
-        help="Rows' dtypes to probe (default: %(default)s).",
+        default=[here],
+        help=f"Rows' dtypes to probe (default here: {here}, what a loaded model computes in).",
     )
     quantization = quant_params(None, None, DEFAULT_Q_MODE)  # the converter's defaults
     parser.add_argument(
@@ -94,9 +100,7 @@ def main(argv: Sequence[str] | None = None, prog: str | None = None) -> None:
         decode_shape = DecodeProbeShape(
             *(getattr(args, f"decode_{f.name}") for f in dataclasses.fields(DecodeProbeShape))
         )
-        # Decode runs in what a loaded model computes in here: float32 on the CPU, else the
-        # release's bfloat16.
-        decode_dtype = compute_dtype() or mx.bfloat16
+        decode_dtype = model_dtype()
         decode_quant = thresholds.key(decode_dtype, args.bits[0], args.group_size)
         print(f"{thresholds.device_key()}:", flush=True)
         found = tune(
