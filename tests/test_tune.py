@@ -132,3 +132,11 @@ def test_a_probe_shape_below_one_is_refused_naming_its_flag(flag, fast_path_cach
     assert exit_.value.code == 2
     assert f"argument {flag}: must be a positive integer, got '0'" in capsys.readouterr().err
     assert not fast_path_cache.exists()
+
+
+def test_the_cpu_probes_what_a_cpu_run_computes_in_at_a_width_it_can_time():
+    """float32 rows (a CPU load's dtype; bfloat16 there took over 10 minutes) and a quarter of
+    A13B's widths; a GPU probes bfloat16 and A13B's experts themselves."""
+    args = tune_command.build_parser().parse_args([])
+    assert args.dtype == ["float32"] and (args.hidden, args.intermediate) == (1024, 768)
+    assert (probe.ProbeShape().hidden, probe.ProbeShape().intermediate) == (4096, 3072)
