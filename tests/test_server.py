@@ -6,6 +6,8 @@ from __future__ import annotations
 import http.client
 import json
 import signal
+import socket
+import time
 import urllib.error
 import urllib.request
 from concurrent.futures import ThreadPoolExecutor
@@ -331,6 +333,27 @@ def test_a_refused_request_leaves_the_client_able_to_go_on(server):
         assert response.status == 200
         assert json.loads(response.read())["object"] == "chat.completion"
         conn.close()
+
+
+def test_a_refused_body_that_comes_late_still_gets_its_401(server):
+    """A client that sends its body after its headers (as some do) gets the 401 and can go on
+    on the same connection: refused unread, the server closed the connection under the late
+    body, whose arrival reset it, and the anthropic client saw a connection error."""
+    url, _ = server
+    body = json.dumps({"messages": [{"role": "user", "content": "hi"}], "max_tokens": 2})
+    head = (
+        "POST /v1/chat/completions HTTP/1.1\r\nHost: test\r\nContent-Type: application/json\r\n"
+        f"Content-Length: {len(body)}\r\n\r\n"
+    )
+    host, port = url.removeprefix("http://").split(":")
+    with socket.create_connection((host, int(port)), timeout=30) as conn:
+        for _ in range(2):
+            conn.sendall(head.encode())
+            time.sleep(0.3)  # the server answers here if it does not wait for the body
+            conn.sendall(body.encode())
+            time.sleep(0.3)
+            reply = conn.recv(65536).decode()
+            assert reply.startswith("HTTP/1.1 401") and "invalid_api_key" in reply
 
 
 def test_a_seed_makes_sampling_repeat(server, client):

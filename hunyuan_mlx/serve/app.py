@@ -509,7 +509,8 @@ class BackgroundCancel:
 
 async def authorize(http: HTTPRequest) -> None:
     """Refuse a request without the server's API key (when it has one)."""
-    key = http.app.state.service.api_key
+    service: Service = http.app.state.service
+    key = service.api_key
     if key is None:
         return
     bearer = http.headers.get("authorization", "")
@@ -518,6 +519,11 @@ async def authorize(http: HTTPRequest) -> None:
         hmac.compare_digest(bearer.encode(), f"Bearer {key}".encode())
         or hmac.compare_digest(anthropic_key.encode(), key.encode())
     ):
+        # Read the body first: refused unread, the connection closes under the client's body,
+        # and a body that arrives after the close makes the client see a reset, not the 401 (a
+        # test's anthropic client did). Over the size limit it stays unread, and that is all.
+        with contextlib.suppress(APIError):
+            await read_body(http, service.max_request_bytes)
         raise APIError(
             401,
             "Missing or incorrect API key (Authorization: Bearer, or x-api-key)",
