@@ -13,7 +13,8 @@ On a GPU the experts probe runs one A13B layer's experts (64 of 4096 x 3072, top
 1.4 GB). At a quarter of those widths an H100's kernels took about 0.5 ms a call whatever the rows,
 a fixed cost that moved the padded kernel's crossover to 2,048 rows, where `benchmarks.profile_moe`
 at A13B's widths puts it at 512 (BENCHMARKS.md). The CPU computes at one slow rate whatever a
-product's size, so it keeps a quarter of the widths and its probe takes seconds, not minutes.
+product's size, so it keeps a quarter of the widths: its probes took 8.5 minutes on a 2-core CPU,
+and A13B's widths are 16 times the computation.
 
 Decode's choice is one of host time (graph nodes, which follow the layers, heads and experts)
 against the graph's attention over a whole buffer (a mask where a backend's single-token kernel
