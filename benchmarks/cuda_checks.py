@@ -10,28 +10,25 @@
     python -m benchmarks.cuda_checks
 """
 
-import json
+import statistics
 import time
 
 import mlx.core as mx
 from mlx_lm.models.base import create_causal_mask
 from mlx_lm.models.cache import QuantizedKVCache
 
+from benchmarks.a13b import device_name, versions
+from benchmarks.a13b import log as log_record
 from hunyuan_mlx.models import FastPaths
 from hunyuan_mlx.models.fast_paths import attention
 
 
-def log(**kw):
-    print(json.dumps(kw), flush=True)
+def log(**record) -> None:
+    log_record(record, None)
 
 
 def main() -> None:
-    log(
-        kind="setup",
-        device=str(mx.default_device()),
-        info=str(mx.device_info().get("device_name")),
-        mlx=mx.__version__,
-    )
+    log(kind="setup", device=device_name(), versions=versions())
     mx.random.seed(0)
     B, H, KV, D, L = 1, 32, 8, 128, 510
     q = mx.random.normal((B, H, L, D)).astype(mx.bfloat16)
@@ -76,7 +73,7 @@ def main() -> None:
                 mx.eval(outs)
                 if rep:
                     times[name].append((time.perf_counter() - tic) * 1e3)
-        med = {n: sorted(t)[len(t) // 2] for n, t in times.items()}
+        med = {n: statistics.median(t) for n, t in times.items()}
         log(
             kind="single_token_attention_32_layers",
             keys=S,
