@@ -76,11 +76,14 @@ class Progress:
         self.decode_quant = decode_quant  # what the decode probe's model is quantized as
         self.key: str | None = None
 
+    def label(self, key: str) -> str:
+        """A probe's heading: its key, and the decode probe's quantization."""
+        return f"{key} ({self.decode_quant})" if key == thresholds.DECODE_GRAPH else key
+
     def __call__(self, key: str, timing: tuple[int, float, float]) -> None:
         if key != self.key:
             self.key = key
-            what = f" ({self.decode_quant})" if key == thresholds.DECODE_GRAPH else ""
-            print(f"  {key}{what}:", flush=True)
+            print(f"  {self.label(key)}:", flush=True)
         if key == thresholds.DECODE_GRAPH:
             round_, layer, graph = timing
             line = f"round {round_}: a layer at a time {layer:.2f} ms, one graph {graph:.2f} ms"
@@ -101,7 +104,7 @@ def main(argv: Sequence[str] | None = None, prog: str | None = None) -> None:
             *(getattr(args, f"decode_{f.name}") for f in dataclasses.fields(DecodeProbeShape))
         )
         decode_dtype = model_dtype()
-        decode_quant = thresholds.key(decode_dtype, args.bits[0], args.group_size)
+        progress = Progress(thresholds.key(decode_dtype, args.bits[0], args.group_size))
         print(f"{thresholds.device_key()}:", flush=True)
         found = tune(
             [DTYPES[d] for d in args.dtype],
@@ -109,15 +112,15 @@ def main(argv: Sequence[str] | None = None, prog: str | None = None) -> None:
             shape=shape,
             decode_shape=decode_shape,
             decode_dtype=decode_dtype,
-            report=Progress(decode_quant),
+            report=progress,
         )
         print("chosen:")
         for key, (threshold, _) in found.items():
             if key == thresholds.DECODE_GRAPH:
-                graph = "the whole model as one graph" if threshold else "a layer at a time"
-                print(f"  {key} ({decode_quant}): {graph}")
+                choice = "the whole model as one graph" if threshold else "a layer at a time"
             elif threshold is None:
-                print(f"  {key}: gathered always")
+                choice = "gathered always"
             else:
-                print(f"  {key}: {thresholds.kernel_of(key)} from {threshold} rows")
+                choice = f"{thresholds.kernel_of(key)} from {threshold} rows"
+            print(f"  {progress.label(key)}: {choice}")
         print(f"cached in {thresholds.cache_path()}")
