@@ -140,3 +140,26 @@ def test_the_cpu_probes_what_a_cpu_run_computes_in_at_a_width_it_can_time():
     args = tune_command.build_parser().parse_args([])
     assert args.dtype == ["float32"] and (args.hidden, args.intermediate) == (1024, 768)
     assert (probe.ProbeShape().hidden, probe.ProbeShape().intermediate) == (4096, 3072)
+
+
+@pytest.mark.parametrize(
+    ("flags", "message"),
+    [
+        (["--bits", "9"], "--bits 9 --group-size 64: MLX cannot quantize"),
+        (["--group-size", "48"], "--bits 4 --group-size 48: MLX cannot quantize"),
+        (
+            ["--group-size", "128", "--hidden", "64"],
+            "--hidden 64 is not a multiple of --group-size",
+        ),
+    ],
+)
+def test_a_quantization_mlx_cannot_probe_is_refused_naming_its_flags(
+    flags, message, fast_path_cache, capsys
+):
+    """Refused before probing (it failed after the device line with MLX's words alone)."""
+    with pytest.raises(SystemExit) as exit_:
+        tune_command.main(flags)
+    assert exit_.value.code == 2
+    out, err = capsys.readouterr()
+    assert message in err and out == ""
+    assert not fast_path_cache.exists()

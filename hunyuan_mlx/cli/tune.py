@@ -94,10 +94,26 @@ class Progress:
         print(f"    {line}", flush=True)
 
 
+def check_quantization(parser: argparse.ArgumentParser, args: argparse.Namespace) -> None:
+    """Refuse, naming the flags, bits and a group size MLX cannot quantize with, or a group size
+    that a probed width is not a multiple of, before any probing."""
+    for bits in args.bits:
+        try:
+            quant_params(bits, args.group_size, DEFAULT_Q_MODE)
+        except ValueError as e:
+            parser.error(f"--bits {bits} --group-size {args.group_size}: {e}")
+    for name in ("hidden", "intermediate", "decode_hidden", "decode_intermediate"):
+        width = getattr(args, name)
+        if width % args.group_size:
+            flag = "--" + name.replace("_", "-")
+            parser.error(f"{flag} {width} is not a multiple of --group-size {args.group_size}")
+
+
 def main(argv: Sequence[str] | None = None, prog: str | None = None) -> None:
     """CLI entry point: probe, cache, and print what was chosen."""
     parser = build_parser(prog)
     args = parser.parse_args(argv)
+    check_quantization(parser, args)
     with run_main(parser.prog, args.debug):
         shape = ProbeShape(args.experts, args.hidden, args.intermediate)
         decode_shape = DecodeProbeShape(
