@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import http.client
 import json
+import shutil
 import signal
 import socket
 import time
@@ -354,6 +355,24 @@ def test_a_refused_body_that_comes_late_still_gets_its_401(server):
             time.sleep(0.3)
             reply = conn.recv(65536).decode()
             assert reply.startswith("HTTP/1.1 401") and "invalid_api_key" in reply
+
+
+def test_a_model_without_a_chat_template_refuses_chat_by_name_and_completes(
+    tiny_release, tmp_path
+):
+    """A checkpoint without tokenizer_config.json: chat is a 400 naming `messages` and what to
+    do instead (it was a plain-text 500 and a traceback in the log); completions still work."""
+    model = tmp_path / "model"
+    shutil.copytree(tiny_release, model)
+    (model / "tokenizer_config.json").unlink()
+    for url, _ in start_server(model, tmp_path / "server.log"):
+        messages = [{"role": "user", "content": "hi"}]
+        status, error = post(url, "/v1/chat/completions", {"messages": messages, "max_tokens": 2})
+        assert status == 400 and error["error"]["param"] == "messages"
+        assert "no chat template" in error["error"]["message"]
+        assert "/v1/completions" in error["error"]["message"]
+        status, reply = post(url, "/v1/completions", {"prompt": "hi", "max_tokens": 2})
+        assert status == 200 and reply["object"] == "text_completion"
 
 
 def test_a_seed_makes_sampling_repeat(server, client):

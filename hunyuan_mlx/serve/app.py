@@ -176,6 +176,12 @@ class Service:
         the context."""
         if request.chat:
             param = "messages"
+            if self.tokenizer.chat_template is None:  # a checkpoint without tokenizer_config.json
+                raise invalid(
+                    param,
+                    "The model has no chat template (tokenizer_config.json): send a prompt to "
+                    "/v1/completions instead",
+                )
             for key in RESERVED_TEMPLATE_KWARGS:
                 if key in request.template_kwargs:
                     raise invalid(f"chat_template_kwargs.{key}", f"{key} cannot be set here")
